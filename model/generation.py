@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
 from .modeling_gpt4roi import GPT4RoIForCausalLM, ImageFeatures
 from .prompts import ASSISTANT_ROLE, STOP_STRING, build_prompt, parse_answer
@@ -52,6 +51,23 @@ class GenerationConfig:
     top_p: float = 1.0
 
 
+def split_prefix(sequences: Sequence[Sequence[int]], im_end_id: int) -> tuple[list[int], list[list[int]]]:
+    """Split prompts after their `<im_end>`: the shared prefix (identical for all) and each prompt's rest."""
+    prefix: list[int] | None = None
+    rests = []
+    for seq in sequences:
+        seq = list(seq)
+        if im_end_id not in seq:
+            raise ValueError("every prompt needs an image block (<image> in the first human message)")
+        split = len(seq) - seq[::-1].index(im_end_id)
+        if prefix is None:
+            prefix = seq[:split]
+        elif seq[:split] != prefix:
+            raise ValueError("prompts in one batch must share the text before the image")
+        rests.append(seq[split:])
+    return prefix or [], rests
+
+
 @torch.no_grad()
 def generate(
     model: GPT4RoIForCausalLM,
@@ -65,22 +81,22 @@ def generate(
     """Answers for a batch of tokenized prompts, each stopped on its own at `###` or EOS.
 
     `prompt_ids[i]` uses image `image_index[i]` of `image_features` and `boxes[i]` (normalized xyxy).
+    The prompt text up to the image runs once per image; each prompt's rest is left-padded.
     Returns parsed answers (`Assistant:` and the stop string removed).
     """
     config = config or GenerationConfig()
     device = image_features.tokens.device
-    input_ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
-    embeds = model.embed_inputs(input_ids, image_features, boxes, image_index)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config.text_config)
-    out = model.language_model(
-        inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-        logits_to_keep=1,
+    prefix, rests = split_prefix(prompt_ids, tokenizer.im_end_token_id)
+    cache = model.image_prefix_cache(torch.tensor(prefix, device=device), image_features, image_index)
+    rest_ids, rest_mask = left_pad(rests, tokenizer.pad_token_id, device)
+    out = model.forward_after_prefix(
+        cache, rest_ids, rest_mask, image_features, boxes, image_index, logits_to_keep=1
     )
-    batch = input_ids.shape[0]
+    batch = rest_ids.shape[0]
+    mask = torch.cat([rest_mask.new_ones(batch, len(prefix)), rest_mask], dim=1)
+    next_position = mask.sum(-1, keepdim=True)
     generated: list[list[int]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    next_position = positions[:, -1:] + 1
     for _ in range(config.max_new_tokens):
         next_ids = _pick(out.logits[:, -1].float(), config)
         next_ids = torch.where(done, torch.full_like(next_ids, tokenizer.pad_token_id), next_ids)
@@ -136,11 +152,14 @@ def sequence_log_likelihood(
 ) -> torch.Tensor:
     """Sum of log-probabilities of the labelled tokens of each `(ids, labels)` sequence → `[n]`."""
     device = image_features.tokens.device
-    ids, mask = left_pad([s[0] for s in sequences], tokenizer.pad_token_id, device)
-    labels, _ = left_pad([s[1] for s in sequences], IGNORE_INDEX, device)
-    logits = model(
-        input_ids=ids, attention_mask=mask, boxes=boxes, image_index=image_index, image_features=image_features
-    ).logits.float()
+    prefix, rests = split_prefix([ids for ids, _ in sequences], tokenizer.im_end_token_id)
+    rest_labels = [labels[len(prefix):] for _, labels in sequences]
+    if any(label != IGNORE_INDEX for _, labels in sequences for label in labels[: len(prefix)]):
+        raise ValueError("scored tokens must come after the image block")
+    cache = model.image_prefix_cache(torch.tensor(prefix, device=device), image_features, image_index)
+    ids, mask = left_pad(rests, tokenizer.pad_token_id, device)
+    labels, _ = left_pad(rest_labels, IGNORE_INDEX, device)
+    logits = model.forward_after_prefix(cache, ids, mask, image_features, boxes, image_index).logits.float()
     log_probs = F.log_softmax(logits[:, :-1], dim=-1)
     targets = labels[:, 1:]
     picked = log_probs.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
-from transformers import Cache, CLIPVisionModel, LlamaForCausalLM, PreTrainedModel
+from transformers import Cache, CLIPVisionModel, DynamicCache, LlamaForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_gpt4roi import GPT4RoIConfig
@@ -323,4 +323,45 @@ class GPT4RoIForCausalLM(GPT4RoIPreTrainedModel):
             use_cache=use_cache,
             labels=labels,
             **kwargs,
+        )
+
+    def image_prefix_cache(
+        self, prefix_ids: torch.Tensor, image_features: ImageFeatures, image_index: Sequence[int] | torch.Tensor
+    ) -> DynamicCache:
+        """Run the prompt part shared by every question about an image once per image.
+
+        Every prompt starts with the same tokens up to `<im_end>` (system prompt, `### Human: The`, the image
+        block); only the spliced image features differ. `prefix_ids` `[P]` are those tokens; the returned
+        cache holds their keys and values per image, repeated for each row of `image_index`, ready for
+        [`forward_after_prefix`]. Gradients flow through it, so training uses it too.
+        """
+        n_images = image_features.tokens.shape[0]
+        ids = prefix_ids.reshape(1, -1).expand(n_images, -1)
+        embeds = self.embed_inputs(ids, image_features, None)
+        cache = DynamicCache(config=self.config.text_config)
+        self.language_model(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1)
+        cache.reorder_cache(torch.as_tensor(image_index, dtype=torch.long, device=ids.device))
+        return cache
+
+    def forward_after_prefix(
+        self,
+        cache: DynamicCache,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_features: ImageFeatures,
+        boxes: Sequence[torch.Tensor],
+        image_index: Sequence[int] | torch.Tensor,
+        labels: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutputWithPast:
+        """The rest of each prompt (`[B, S]`, padded on either side) after a shared [`image_prefix_cache`]."""
+        prefix_len = cache.get_seq_length()
+        batch = input_ids.shape[0]
+        embeds = self.embed_inputs(input_ids, image_features, boxes, image_index)
+        prefix_mask = attention_mask.new_ones(batch, prefix_len)
+        full_mask = torch.cat([prefix_mask, attention_mask], dim=1)
+        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_len:]
+        return self.language_model(
+            inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions, cache=cache, use_cache=True,
+            labels=labels, logits_to_keep=logits_to_keep,
         )
