@@ -1,0 +1,326 @@
+"""Spatial instruction tuning: one loop for the demo model, stage-1/2-style training and LoRA fine-tuning.
+
+Data are [`RegionSample`] records (see `model.data_format`). Batches are built per image: a batch takes a
+few images and every record about them, so each image is encoded once however many questions it has.
+The loss is the usual next-token cross-entropy on the assistant answers and their `###` stop string
+(`GPT4RoIProcessor.encode_conversation` marks them).
+
+What trains is chosen by `TrainingConfig.trainable`:
+    "region"          the region module only (the paper's stage 1)
+    "all_but_vision"  everything except the CLIP tower (stage 2)
+    "all"             everything (a model trained from scratch, such as the demo)
+    "lora"            LoRA adapters on the LLM (through `peft`) + the full region module and projector
+                      (incremental fine-tuning on annotator corrections)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from .data_format import RegionSample
+from .modeling_gpt4roi import GPT4RoIForCausalLM
+from .processing_gpt4roi import GPT4RoIProcessor, normalize_boxes
+
+Trainable = Literal["region", "all_but_vision", "all", "lora"]
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_DIR = "adapter"
+REGION_WEIGHTS = "region_module.safetensors"
+
+
+@dataclass
+class TrainingConfig:
+    """Hyper-parameters of one training run. Defaults suit LoRA fine-tuning of a converted model."""
+
+    trainable: Trainable = "lora"
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    epochs: float = 1.0
+    max_steps: int | None = None
+    images_per_batch: int = 4
+    max_records_per_image: int = 16
+    gradient_accumulation: int = 1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    bf16: bool | None = None  # None: bf16 autocast on CUDA, fp32 elsewhere
+    gradient_checkpointing: bool = False
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    max_length: int | None = None
+    log_every: int = 10
+    progress: bool = True
+
+
+@dataclass
+class TrainingResult:
+    steps: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def first_loss(self) -> float:
+        return self.losses[0] if self.losses else math.nan
+
+    @property
+    def last_loss(self) -> float:
+        tail = self.losses[-max(1, len(self.losses) // 10):]
+        return sum(tail) / len(tail) if tail else math.nan
+
+
+# ---------------------------------------------------------------- trainable parts
+def configure_trainable(model: GPT4RoIForCausalLM, config: TrainingConfig) -> GPT4RoIForCausalLM:
+    """Freeze and unfreeze parameters for `config.trainable`; for "lora" also inject the adapters."""
+    mode = config.trainable
+    if mode not in ("region", "all_but_vision", "all", "lora"):
+        raise ValueError(f"trainable must be region, all_but_vision, all or lora; got {mode!r}")
+    model.requires_grad_(mode == "all")
+    if mode in ("region", "all_but_vision", "lora"):
+        model.spi_module.requires_grad_(True)
+        model.mm_projector.requires_grad_(mode != "region")
+    if mode == "all_but_vision":
+        model.language_model.requires_grad_(True)
+    if mode == "lora":
+        add_lora(model, config)
+    return model
+
+
+def add_lora(model: GPT4RoIForCausalLM, config: TrainingConfig) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_targets), task_type="CAUSAL_LM",
+    )
+    model.language_model = get_peft_model(model.language_model, lora)
+
+
+def has_lora(model: GPT4RoIForCausalLM) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model.language_model, PeftModel)
+
+
+def merge_lora(model: GPT4RoIForCausalLM) -> GPT4RoIForCausalLM:
+    """Fold the adapters into the LLM weights, leaving a plain model that `save_pretrained` writes whole."""
+    if has_lora(model):
+        model.language_model = model.language_model.merge_and_unload()
+    return model
+
+
+def save_adapter(model: GPT4RoIForCausalLM, directory: str | Path) -> Path:
+    """Save the LoRA adapter and the (fully trained) region module and projector, without the base."""
+    directory = Path(directory)
+    if not has_lora(model):
+        raise ValueError("the model has no LoRA adapter to save")
+    model.language_model.save_pretrained(directory / ADAPTER_DIR)
+    region = {f"spi_module.{k}": v for k, v in model.spi_module.state_dict().items()}
+    region |= {f"mm_projector.{k}": v for k, v in model.mm_projector.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in region.items()}, directory / REGION_WEIGHTS)
+    return directory
+
+
+def load_adapter(model: GPT4RoIForCausalLM, directory: str | Path) -> GPT4RoIForCausalLM:
+    """Attach an adapter written by [`save_adapter`] to a base model (unmerged)."""
+    from peft import PeftModel
+
+    directory = Path(directory)
+    if not (directory / ADAPTER_DIR).is_dir():
+        raise FileNotFoundError(f"{directory / ADAPTER_DIR} not found: not an adapter directory")
+    model.language_model = PeftModel.from_pretrained(model.language_model, directory / ADAPTER_DIR)
+    _, unexpected = model.load_state_dict(load_file(directory / REGION_WEIGHTS), strict=False)
+    if unexpected:
+        raise ValueError(f"{directory / REGION_WEIGHTS} has unknown keys: {unexpected[:5]}")
+    return model
+
+
+# ---------------------------------------------------------------------- data
+class ImageCache:
+    """Decoded, preprocessed images by path, least recently used dropped first."""
+
+    def __init__(self, processor: GPT4RoIProcessor, size: int = 4096) -> None:
+        self.processor = processor
+        self.size = size
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def pixels(self, path: str) -> torch.Tensor:
+        if path not in self._items:
+            with Image.open(path) as image:
+                self._items[path] = self.processor.preprocess_images([image])[0]
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        self._items.move_to_end(path)
+        return self._items[path]
+
+
+def image_batches(
+    samples: Sequence[RegionSample], images_per_batch: int, max_records_per_image: int, rng: random.Random
+) -> Iterator[list[RegionSample]]:
+    """One epoch of batches: shuffled images, each with (up to a cap of) its records."""
+    by_image: dict[str, list[RegionSample]] = defaultdict(list)
+    for sample in samples:
+        by_image[str(sample.image)].append(sample)
+    keys = list(by_image)
+    rng.shuffle(keys)
+    for start in range(0, len(keys), images_per_batch):
+        batch: list[RegionSample] = []
+        for key in keys[start: start + images_per_batch]:
+            records = by_image[key]
+            batch += rng.sample(records, min(len(records), max_records_per_image))
+        yield batch
+
+
+def collate(
+    samples: Sequence[RegionSample], processor: GPT4RoIProcessor, cache: ImageCache, max_length: int | None = None
+) -> dict:
+    """A batch split at `<im_end>`: the prefix every record shares (ids only; the image features are
+    spliced per image), each record's right-padded rest with labels, one pixel row per distinct image,
+    and each record's image index and normalized boxes."""
+    paths: dict[str, int] = {}
+    prefix: list[int] | None = None
+    rests, boxes, image_index = [], [], []
+    end_id = processor.tokenizer.im_end_token_id
+    for sample in samples:
+        ids, labels = processor.encode_conversation(sample.conversations, max_length=max_length)
+        split = int((ids == end_id).nonzero()[-1]) + 1
+        if prefix is None:
+            prefix = ids[:split].tolist()
+        elif ids[:split].tolist() != prefix:
+            raise ValueError(f"record {sample.id} does not start with the shared image prefix")
+        if (labels[:split] != -100).any():
+            raise ValueError(f"record {sample.id} has training targets inside the image prefix")
+        rests.append((ids[split:], labels[split:]))
+        kept = int((ids == processor.tokenizer.bbox_token_id).sum())
+        boxes.append(normalize_boxes(sample.boxes, sample.width, sample.height)[:kept])
+        image_index.append(paths.setdefault(str(sample.image), len(paths)))
+    length = max(len(ids) for ids, _ in rests)
+    pad = processor.tokenizer.pad_token_id
+    input_ids = torch.full((len(rests), length), pad, dtype=torch.long)
+    labels = torch.full((len(rests), length), -100, dtype=torch.long)
+    mask = torch.zeros((len(rests), length), dtype=torch.long)
+    for row, (ids, lab) in enumerate(rests):
+        input_ids[row, : len(ids)], labels[row, : len(ids)], mask[row, : len(ids)] = ids, lab, 1
+    return {
+        "prefix_ids": torch.tensor(prefix),
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "pixel_values": torch.stack([cache.pixels(path) for path in paths]),
+        "image_index": torch.tensor(image_index),
+        "boxes": boxes,
+    }
+
+
+def batch_loss(model: GPT4RoIForCausalLM, batch: dict) -> torch.Tensor:
+    """Mean next-token loss of a [`collate`]d batch; each image and the shared prefix run once."""
+    features = model.encode_images(batch["pixel_values"])
+    cache = model.image_prefix_cache(batch["prefix_ids"], features, batch["image_index"])
+    return model.forward_after_prefix(
+        cache, batch["input_ids"], batch["attention_mask"], features, batch["boxes"], batch["image_index"],
+        labels=batch["labels"],
+    ).loss
+
+
+# ---------------------------------------------------------------------- loop
+def train(
+    model: GPT4RoIForCausalLM,
+    processor: GPT4RoIProcessor,
+    samples: Sequence[RegionSample],
+    config: TrainingConfig,
+    on_log: Callable[[int, float], None] | None = None,
+) -> TrainingResult:
+    """Train `model` in place on `samples`; returns the loss curve. The caller saves the result."""
+    if not samples:
+        raise ValueError("no training samples")
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    configure_trainable(model, config)
+    device = model.device
+    use_bf16 = device.type == "cuda" if config.bf16 is None else config.bf16
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"nothing to train with trainable={config.trainable!r}")
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+    n_images = len({str(s.image) for s in samples})
+    batches_per_epoch = math.ceil(n_images / config.images_per_batch)
+    steps = config.max_steps or max(1, math.ceil(config.epochs * batches_per_epoch / config.gradient_accumulation))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps), steps)
+    cache = ImageCache(processor)
+
+    def batches() -> Iterator[list[RegionSample]]:
+        while True:
+            yield from image_batches(samples, config.images_per_batch, config.max_records_per_image, rng)
+
+    model.train()
+    result = TrainingResult(steps=steps, seconds=0.0)
+    started = time.perf_counter()
+    stream = batches()
+    bar = tqdm(range(steps), desc=f"train ({config.trainable})", disable=not config.progress, unit="step")
+    for step in bar:
+        total = 0.0
+        for _ in range(config.gradient_accumulation):
+            batch = collate(next(stream), processor, cache, config.max_length)
+            batch = {k: _to(v, device) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = batch_loss(model, batch) / config.gradient_accumulation
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(total):
+            raise FloatingPointError(f"loss became {total} at step {step}; lower the learning rate")
+        result.losses.append(total)
+        bar.set_postfix(loss=f"{total:.4f}")
+        if on_log and (step % config.log_every == 0 or step == steps - 1):
+            on_log(step, total)
+    model.eval()
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _to(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    return value
+
+
+def save_checkpoint(
+    model: GPT4RoIForCausalLM, processor: GPT4RoIProcessor, directory: str | Path, metadata: dict | None = None
+) -> Path:
+    """`save_pretrained` of the (merged) model and the processor, plus an optional `training.json`."""
+    directory = Path(directory)
+    merge_lora(model).save_pretrained(directory)
+    processor.save_pretrained(directory)
+    if metadata is not None:
+        (directory / "training.json").write_text(json.dumps(metadata, indent=2, default=_jsonable))
+    return directory
+
+
+def _jsonable(value):
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    return str(value)

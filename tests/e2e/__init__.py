@@ -1,0 +1,1 @@
+"""End-to-end tests against a real Label Studio server (marked ``e2e``)."""
