@@ -41,6 +41,9 @@ class DemoRecipe:
     learning_rate: float = 1e-3
     images_per_batch: int = 2
     records_per_image: int = 16
+    # The vision tower stays frozen at its random initialisation, as GPT4RoI keeps CLIP frozen: random
+    # patch projections keep colour and shape, and training it from scratch here only slowed learning.
+    trainable: str = "all_but_vision"
     seed: int = 0
 
 
@@ -93,15 +96,15 @@ def build_demo(out_dir: Path, recipe: DemoRecipe | None = None, progress: bool =
         log(f"[demo] generating {recipe.train_images} + {recipe.heldout_images} synthetic images "
             f"(shape '{HELD_OUT_SHAPE}' held back)")
         train_path = generate_dataset(work, recipe.train_images, recipe.train_seed, "train",
-                                      exclude_shapes=[HELD_OUT_SHAPE])
+                                      exclude_shapes=[HELD_OUT_SHAPE], workers=1)
         heldout_path = generate_dataset(work, recipe.heldout_images, recipe.heldout_seed, "heldout",
-                                        exclude_shapes=[HELD_OUT_SHAPE])
+                                        exclude_shapes=[HELD_OUT_SHAPE], workers=1)
         tokenizer = train_sentencepiece(corpus_texts(), vocab_size=recipe.tokenizer_vocab)
         config = GPT4RoIConfig.from_preset("demo", vocab_size=len(tokenizer))
         model = GPT4RoIForCausalLM(config)
         processor = GPT4RoIProcessor(tokenizer, config.image_size, config.num_image_tokens)
         training = TrainingConfig(
-            trainable="all", learning_rate=recipe.learning_rate, max_steps=recipe.steps, warmup_ratio=0.05,
+            trainable=recipe.trainable, learning_rate=recipe.learning_rate, max_steps=recipe.steps, warmup_ratio=0.05,
             images_per_batch=recipe.images_per_batch, max_records_per_image=recipe.records_per_image,
             seed=recipe.seed, progress=progress,
         )
@@ -112,6 +115,7 @@ def build_demo(out_dir: Path, recipe: DemoRecipe | None = None, progress: bool =
         heldout = read_jsonl(heldout_path)
         annotator = RegionAnnotator(model, processor)
         evaluation = report(heldout, predict(annotator, heldout, progress=progress))
+        evaluation["confusion"] = {k: v.to_text() for k, v in evaluation["confusion"].items()}
         print_report(evaluation, file=sys.stdout if progress else open(os.devnull, "w"))  # noqa: SIM115
 
         staging = out_dir.with_name(out_dir.name + ".partial")

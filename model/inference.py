@@ -16,10 +16,17 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .generation import GenerationConfig, answer_ids, generate, generation_prompt, sequence_log_likelihood
+from .generation import (
+    GenerationConfig,
+    answer_ids,
+    generate,
+    generation_prompt,
+    sequence_log_likelihood,
+    split_prefix,
+)
 from .modeling_gpt4roi import GPT4RoIForCausalLM, ImageFeatures
 from .processing_gpt4roi import GPT4RoIProcessor, sanitize_boxes
-from .prompts import check_bbox_count
+from .prompts import caption_question, check_bbox_count
 
 Box = tuple[float, float, float, float]
 
@@ -56,6 +63,9 @@ class RegionAnnotator:
         self._cache_size = image_cache_size
         self.cache_hits = 0
         self.cache_misses = 0
+        # Every prompt starts with the same tokens up to the image block; they are run once per image.
+        probe = self.tokenizer.encode(processor.expand_image_tokens(generation_prompt(caption_question())))
+        self._prefix_ids, _ = split_prefix([probe], self.tokenizer.im_end_token_id)
 
     @classmethod
     def from_pretrained(
@@ -88,15 +98,12 @@ class RegionAnnotator:
             chunk = missing[start: start + self.max_batch_size]
             pixels = self.processor.preprocess_images([images[i] for i in chunk]).to(self.device)
             with torch.no_grad():
-                features = self.model.encode_images(pixels)
+                features = self.model.with_prefix_cache(self._prefix_ids, self.model.encode_images(pixels))
             for row, i in enumerate(chunk):
                 self._cache[keys[i]] = features.select([row])
         for key in keys:
             self._cache.move_to_end(key)
-        stacked = ImageFeatures(
-            tokens=torch.cat([self._cache[key].tokens for key in keys]),
-            pyramid=[torch.cat(levels) for levels in zip(*(self._cache[key].pyramid for key in keys), strict=True)],
-        )
+        stacked = ImageFeatures.concat([self._cache[key] for key in keys])
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return stacked

@@ -39,10 +39,35 @@ class ImageFeatures:
 
     tokens: torch.Tensor
     pyramid: list[torch.Tensor]
+    # Optional keys/values of the shared prompt prefix per LLM layer, `[B, heads, P, head_dim]` each, and the
+    # prefix they were computed for (see `GPT4RoIForCausalLM.image_prefix_cache`).
+    prefix_ids: tuple[int, ...] | None = None
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def select(self, index: torch.Tensor | Sequence[int]) -> ImageFeatures:
         index = torch.as_tensor(index, device=self.tokens.device, dtype=torch.long)
-        return ImageFeatures(self.tokens[index], [level[index] for level in self.pyramid])
+        kv = None if self.prefix_kv is None else [(k[index], v[index]) for k, v in self.prefix_kv]
+        return ImageFeatures(self.tokens[index], [level[index] for level in self.pyramid], self.prefix_ids, kv)
+
+    @staticmethod
+    def concat(parts: Sequence[ImageFeatures]) -> ImageFeatures:
+        """Stack per-image features; prefix keys/values are kept only when every part has the same prefix."""
+        prefix_ids = parts[0].prefix_ids
+        same_prefix = prefix_ids is not None and all(
+            p.prefix_ids == prefix_ids and p.prefix_kv is not None for p in parts
+        )
+        kv = None
+        if same_prefix:
+            kv = [
+                (torch.cat([p.prefix_kv[i][0] for p in parts]), torch.cat([p.prefix_kv[i][1] for p in parts]))
+                for i in range(len(parts[0].prefix_kv))
+            ]
+        return ImageFeatures(
+            tokens=torch.cat([p.tokens for p in parts]),
+            pyramid=[torch.cat(levels) for levels in zip(*(p.pyramid for p in parts), strict=True)],
+            prefix_ids=prefix_ids if same_prefix else None,
+            prefix_kv=kv,
+        )
 
 
 class FuseConv(nn.Module):
@@ -335,13 +360,27 @@ class GPT4RoIForCausalLM(GPT4RoIPreTrainedModel):
         cache holds their keys and values per image, repeated for each row of `image_index`, ready for
         [`forward_after_prefix`]. Gradients flow through it, so training uses it too.
         """
+        index = torch.as_tensor(image_index, dtype=torch.long, device=prefix_ids.device)
+        if image_features.prefix_kv is not None and image_features.prefix_ids == tuple(prefix_ids.tolist()):
+            kv = [(k[index], v[index]) for k, v in image_features.prefix_kv]
+            return DynamicCache(ddp_cache_data=kv, config=self.config.text_config)
         n_images = image_features.tokens.shape[0]
         ids = prefix_ids.reshape(1, -1).expand(n_images, -1)
         embeds = self.embed_inputs(ids, image_features, None)
         cache = DynamicCache(config=self.config.text_config)
         self.language_model(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1)
-        cache.reorder_cache(torch.as_tensor(image_index, dtype=torch.long, device=ids.device))
+        cache.reorder_cache(index)
         return cache
+
+    @torch.no_grad()
+    def with_prefix_cache(self, prefix_ids: Sequence[int], image_features: ImageFeatures) -> ImageFeatures:
+        """`image_features` plus the keys/values of `prefix_ids` on each image, so later prompts on these
+        images skip the prefix entirely (an annotator drawing a second box on the same image)."""
+        ids = torch.as_tensor(list(prefix_ids), device=image_features.tokens.device)
+        n_images = image_features.tokens.shape[0]
+        cache = self.image_prefix_cache(ids, image_features, range(n_images))
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        return ImageFeatures(image_features.tokens, image_features.pyramid, tuple(ids.tolist()), kv)
 
     def forward_after_prefix(
         self,
