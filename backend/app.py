@@ -1,0 +1,216 @@
+"""HTTP layer of the ML backend: the routes Label Studio 1.23 calls, plus `/metrics`.
+
+| route | answer |
+|---|---|
+| `GET /health` | `{"status": "UP", "model_class": "GPT4RoIBackend"}`, constant |
+| `POST /setup` | `{"model_version": "<current>"}` from the registry pointer |
+| `POST /predict` | `{"results": [...]}`, one item per task (see `backend.labelstudio_backend`) |
+| `POST /webhook` | `{"status": "ok", …}` once the event is stored; no Basic auth, optional secret header |
+| `GET /versions` | `{"versions": [...], "current_version": "…"}` |
+| `GET /metrics` | Prometheus text |
+| `POST /train` | legacy training trigger, recorded like a START_TRAINING webhook |
+
+Errors are JSON `{"status": <code>, "detail": "<message>"}`: 400/422 for requests the backend cannot use,
+401 for missing credentials, 503 when Redis (or the model registry) is unavailable, 504 when an
+interactive prediction misses INTERACTIVE_TIMEOUT, 500 for anything else. Blocking work (waiting on jobs,
+storing events) runs on bounded thread pools, so `/health` and `/setup` answer while predictions wait.
+
+This module never imports torch: the model lives in the workers.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from backend import registry
+from backend.jobs import JobQueue, QueueUnavailable, connect
+from backend.labelconfig import ConfigError
+from backend.labelstudio_backend import GPT4RoIBackend, PredictionFailed, PredictionTimeout, RequestError
+from backend.metrics import Metrics
+from backend.settings import Settings
+from backend.webhooks import SECRET_HEADER, WebhookError, parse_event, secret_matches
+
+log = logging.getLogger(__name__)
+
+OPEN_ROUTES = frozenset({"/webhook"})
+
+
+def create_app(settings: Settings | None = None, redis_url: str | None = None) -> FastAPI:
+    """The ASGI app (`uvicorn --factory backend.app:create_app`); settings default to the environment."""
+    settings = settings or Settings.from_env()
+    url = redis_url or settings.effective_redis_url
+    queue = JobQueue(settings, connect(url, settings), url)
+    metrics = Metrics(queue, version=lambda: registry.current_version(settings))
+    backend = GPT4RoIBackend(settings, queue, observer=metrics)
+    predict_threads = anyio.CapacityLimiter(settings.threads)
+    event_threads = anyio.CapacityLimiter(max(4, settings.threads // 2))
+
+    app = FastAPI(title="GPT4RoI ML backend for Label Studio", docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.settings = settings
+    app.state.backend = backend
+    app.state.metrics = metrics
+
+    @app.middleware("http")
+    async def auth_and_measure(request: Request,
+                               call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        path = request.url.path
+        if settings.basic_auth_enabled and path not in OPEN_ROUTES and not _basic_auth_ok(request, settings):
+            response: Response = _error(401, "Basic auth required: send BASIC_AUTH_USER / BASIC_AUTH_PASS",
+                                        headers={"WWW-Authenticate": 'Basic realm="gpt4roi"'})
+        else:
+            response = await call_next(request)
+        route = path if path in _ROUTES else "other"
+        metrics.requests.labels(route, str(response.status_code)).inc()
+        metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "UP", "model_class": type(backend).__name__}
+
+    @app.post("/setup")
+    async def setup(request: Request) -> dict[str, str]:
+        body = await _json_object(request)
+        return backend.setup(_optional_str(body, "project"), _optional_str(body, "schema"),
+                             body.get("extra_params"))
+
+    @app.get("/versions")
+    async def versions() -> dict[str, Any]:
+        return backend.versions()
+
+    def answer_predict(raw: bytes) -> list[dict[str, Any]]:
+        body = _parse_json(raw)
+        if not isinstance(body, dict):
+            raise RequestError(f"the body must be a JSON object, got {type(body).__name__}", status=400)
+        if "tasks" not in body:
+            raise RequestError("the body has no 'tasks' list", status=400)
+        params = body.get("params") or {}
+        if not isinstance(params, dict):
+            raise RequestError("'params' must be an object", status=400)
+        return backend.predict(body["tasks"], params.get("context"), label_config=_optional_str(body, "label_config"),
+                               project=_optional_str(body, "project"))
+
+    @app.post("/predict")
+    async def predict(request: Request) -> Response:
+        # Parsing runs on the thread too: a batch of thousands of tasks is megabytes of JSON, and the event
+        # loop must stay free for /health and /setup.
+        results = await anyio.to_thread.run_sync(answer_predict, await request.body(), limiter=predict_threads)
+        return JSONResponse({"results": results})
+
+    @app.post("/webhook")
+    async def webhook(request: Request) -> Response:
+        if not secret_matches(settings, request.headers.get(SECRET_HEADER)):
+            return _error(401, f"missing or wrong {SECRET_HEADER} header (WEBHOOK_SECRET is set)")
+        event = parse_event(await _json_body(request))
+        stored = await anyio.to_thread.run_sync(backend.fit, event["action"], event, limiter=event_threads)
+        return JSONResponse({"status": "ok", "action": event["action"], "stored": stored})
+
+    @app.post("/train")
+    async def train(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        body = _parse_json(raw) if raw.strip() else {}
+        data = body if isinstance(body, dict) else {"body": body}
+        stored = await anyio.to_thread.run_sync(backend.fit, "START_TRAINING", data, limiter=event_threads)
+        return {"status": "ok", "action": "START_TRAINING", "stored": stored}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        body, content_type = await anyio.to_thread.run_sync(metrics.render, limiter=event_threads)
+        return Response(body, media_type=content_type)
+
+    _install_error_handlers(app)
+    return app
+
+
+_ROUTES = frozenset({"/health", "/setup", "/predict", "/webhook", "/versions", "/metrics", "/train"})
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    def handler(status: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+        async def respond(request: Request, exc: Exception) -> JSONResponse:
+            return _error(getattr(exc, "status", status), str(exc))
+        return respond
+
+    app.add_exception_handler(RequestError, handler(422))
+    app.add_exception_handler(WebhookError, handler(400))
+    app.add_exception_handler(ConfigError, handler(422))
+    app.add_exception_handler(QueueUnavailable, handler(503))
+    app.add_exception_handler(registry.RegistryError, handler(503))
+    app.add_exception_handler(PredictionTimeout, handler(504))
+    app.add_exception_handler(PredictionFailed, handler(500))
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        return _error(exc.status_code, str(exc.detail))
+
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error(500, f"{type(exc).__name__}: {exc}")
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)
+
+
+def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"status": status, "detail": detail}, status_code=status, headers=headers)
+
+
+async def _json_body(request: Request) -> Any:
+    return _parse_json(await request.body())
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    body = await _json_body(request)
+    if not isinstance(body, dict):
+        raise RequestError(f"the body must be a JSON object, got {type(body).__name__}", status=400)
+    return body
+
+
+def _parse_json(raw: bytes) -> Any:
+    if not raw.strip():
+        raise RequestError("empty body: expected JSON", status=400)
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+        raise RequestError(f"the body is not valid JSON: {exc}", status=400) from None
+
+
+def _reject_constant(name: str) -> Any:
+    # Python's parser accepts NaN and Infinity, which are not JSON and could not be echoed back.
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _optional_str(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise RequestError(f"'{key}' must be a string", status=400)
+    return str(value)
+
+
+def _basic_auth_ok(request: Request, settings: Settings) -> bool:
+    header = request.headers.get("authorization", "")
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        user, _, password = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    return hmac.compare_digest(user.encode(), settings.basic_auth_user.encode()) and hmac.compare_digest(
+        password.encode(), settings.basic_auth_pass.encode())

@@ -1,0 +1,592 @@
+"""Fine-tune the current model version on annotators' corrections; promote the result only if it is not worse.
+
+    python backend/finetune.py [--min-new N] [--steps N] [--device DEV]    (cron-able; settings from env)
+    python -m backend finetune [same options]
+    python -m backend finetune-worker      (serves the fine-tune queue: START_TRAINING, every N corrections)
+
+One run, under a lock in Redis (`<prefix>:finetune:lock`, FINETUNE_LOCK_TTL, renewed while the run lives and
+released when it ends, however it ends), so two fine-tunes never run at once:
+
+1. **Data.** Corrected regions stored since the last finished run are the *new* ones; with fewer than
+   `--min-new` (FINETUNE_MIN_NEW) the run does nothing. Tasks are split by a hash of their id: a fixed share
+   (FINETUNE_EVAL_FRACTION) is held out for evaluation, the rest trains. The training set is the new
+   regions plus a replay sample of earlier ones (FINETUNE_REPLAY_RATIO per new region) and, when
+   FINETUNE_BASE_DATA names the first model's training set, records drawn from it (FINETUNE_BASE_RATIO per
+   new record), against forgetting. Images are fetched once into DATA_DIR's content-addressed cache.
+2. **Training.** LoRA adapters on the language model plus the full region module and projector
+   (`model.training`, `trainable="lora"`), starting from the current version; FINETUNE_STEPS steps, or
+   FINETUNE_EPOCHS passes.
+3. **Evaluation.** The candidate (reloaded from what was written) and the current version answer the
+   held-out regions exactly as the worker would (same questions, same choice selection); each proposed
+   field is compared with the annotator's final value (`backend.stats`). With FINETUNE_BASE_EVAL, both also
+   answer that set of earlier concepts (exact match).
+4. **Promotion rule.** The candidate becomes current when its held-out field accuracy is at least the
+   current version's minus FINETUNE_MAX_REGRESSION (default 0: "not worse"), and, with FINETUNE_BASE_EVAL,
+   its accuracy there is at least the current version's minus FINETUNE_MAX_FORGETTING. No held-out region
+   means no promotion.
+5. **Versions.** The candidate is written as an immutable folder `MODEL_DIR/v<NNNN>-<UTC time>/`: the merged
+   `save_pretrained` checkpoint, the LoRA adapter and region module alone (`lora/`), and `version.json`
+   (parent, data counts, metrics of both, decision, time, training config and loss). A rejected candidate is
+   deleted unless FINETUNE_KEEP_REJECTED. Workers load the new current version before their next job;
+   `/setup` answers it at once. `python -m backend versions` lists versions and the last run,
+   `python -m backend rollback VERSION` moves the pointer back.
+
+Every run is recorded in the corrections store (`finetune_runs`): promoted, rejected, failed (with the
+reason: bad data, unreachable images, an exception in training) or interrupted (killed: detected by its
+stale heartbeat at the next run). A failed run leaves the current version serving and its corrections
+count as new for the next run.
+
+Hardware. Weights are trained in fp32 and, on CUDA, the training loop runs under bf16 autocast (standard
+mixed precision); a model of more than a billion parameters (GPT4RoI-7B) also gets gradient checkpointing.
+For the 7B that is 27 GB of fp32 weights plus small LoRA/region-module gradients and optimizer state and
+checkpointed bf16 activations, which should fit one 80 GB GPU; the merged version is stored in the dtype
+of its parent's checkpoint (fp16 for a converted 7B). What was actually run: the CPU path, with the demo and
+tiny models (tests and `bench/hitl_bench.py`); the CUDA path, and so the 7B memory estimate, have not been
+run by this project yet. Several GPUs: one fine-tune uses
+one device (FINETUNE_DEVICE, e.g. `cuda:1` beside a worker on `cuda:0`). The training loop does not wrap the
+model for data parallelism, so `torchrun`/`accelerate launch` would start independent, competing runs (the
+lock lets only one proceed); spreading one fine-tune over several GPUs needs the loop in `model/training.py`
+to be prepared with `accelerate.Accelerator` first, which has not been done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import logging
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    # Run as a script (`python backend/finetune.py`): import from the repository root, not from backend/,
+    # whose module names (settings, jobs, metrics…) must not shadow anything.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from backend import registry
+from backend.corrections import (
+    CorrectedRegion,
+    CorrectionsStore,
+    local_images,
+    predicted_fields,
+    split_held_out,
+    training_records,
+)
+from backend.settings import Settings, SettingsError
+from backend.stats import AcceptanceStats
+
+log = logging.getLogger("backend.finetune")
+
+JOB_FUNCTION = "backend.finetune.run_job"
+LOCK_KEY = "finetune:lock"
+# Models above this many parameters are trained with gradient checkpointing on CUDA.
+LARGE_MODEL_PARAMETERS = 1_000_000_000
+
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('expire', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+class FinetuneError(RuntimeError):
+    """A fine-tune that cannot go on; the message says why (it is recorded as the run's reason)."""
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """What a run may override; everything else comes from the settings."""
+
+    min_new: int | None = None
+    steps: int | None = None
+    device: str | None = None
+    trigger: str = "manual"
+    seed: int = 0
+
+
+@dataclass
+class FinetuneOutcome:
+    """How a run ended: `promoted`, `rejected`, `skipped`, `busy` or `failed`."""
+
+    status: str
+    message: str
+    run_id: int | None = None
+    parent: str | None = None
+    candidate: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """False only for a failed run."""
+        return self.status != "failed"
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON (the RQ job's result)."""
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------- lock
+class FinetuneLock:
+    """A Redis lock with a TTL, owned by a random token: only its owner renews or releases it."""
+
+    def __init__(self, connection: Any, settings: Settings):
+        self.connection = connection
+        self.key = f"{settings.key_prefix}:{LOCK_KEY}"
+        self.ttl = settings.finetune_lock_ttl
+        self.token = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    def acquire(self) -> bool:
+        """Take the lock if nobody holds it."""
+        return bool(self.connection.set(self.key, self.token, nx=True, ex=self.ttl))
+
+    def holder(self) -> str | None:
+        """Who holds the lock now (its token), if anyone."""
+        value = self.connection.get(self.key)
+        return value.decode() if isinstance(value, bytes) else value
+
+    def renew(self) -> bool:
+        """Extend the TTL; False if the lock is no longer ours."""
+        return bool(self.connection.eval(_RENEW, 1, self.key, self.token, self.ttl))
+
+    def release(self) -> None:
+        """Give the lock up if it is still ours."""
+        self.connection.eval(_RELEASE, 1, self.key, self.token)
+
+
+class _Heartbeat:
+    """Renews the lock and the run's heartbeat from a side thread while the run works."""
+
+    def __init__(self, lock: FinetuneLock, store: CorrectionsStore, run_id: int):
+        self.lock = lock
+        self.store = store
+        self.run_id = run_id
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="finetune-heartbeat", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        interval = max(1.0, self.lock.ttl / 3)
+        while not self._stop.wait(interval):
+            try:
+                if not self.lock.renew():
+                    self.lost.set()
+                self.store.heartbeat_run(self.run_id)
+            except Exception:
+                log.warning("fine-tune heartbeat failed", exc_info=True)
+
+
+# ---------------------------------------------------------------------- queue
+def finetune_queue_name(settings: Settings) -> str:
+    """Full RQ name of the fine-tune queue."""
+    return f"{settings.key_prefix}-{settings.finetune_queue}"
+
+
+_connections: dict[str, Any] = {}
+_connections_lock = threading.Lock()
+
+
+def request_finetune(settings: Settings, trigger: str, min_new: int | None = None, connection: Any = None) -> str:
+    """Queue a fine-tune job unless one is already waiting (a running one does not count: corrections that
+    arrive during a run are trained by the next). Returns what happened, for logs and the webhook answer."""
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+
+    from backend.jobs import connect
+
+    if connection is None:
+        with _connections_lock:
+            connection = _connections.get(settings.effective_redis_url)
+            if connection is None:
+                connection = _connections[settings.effective_redis_url] = connect(settings.effective_redis_url,
+                                                                                  settings)
+    queue = Queue(finetune_queue_name(settings), connection=connection, serializer=JSONSerializer)
+    if queue.count:
+        return "already queued"
+    job = queue.enqueue_call(
+        JOB_FUNCTION, args=({"trigger": trigger, "min_new": min_new},), timeout=settings.finetune_job_timeout,
+        result_ttl=7 * 86_400, failure_ttl=7 * 86_400, job_id=f"finetune-{uuid.uuid4().hex[:12]}",
+        description=f"fine-tune ({trigger})")
+    log.info("fine-tune %s queued (%s)", job.id, trigger)
+    return f"queued {job.id}"
+
+
+def run_job(options: Mapping[str, Any]) -> dict[str, Any]:
+    """RQ job function (`backend.finetune.run_job`): one run with settings from the environment. A failed
+    run raises, so RQ lists the job as failed too; the reason is also in the run record."""
+    settings = Settings.from_env()
+    known = {f.name for f in dataclasses.fields(FinetuneOptions)}
+    outcome = run_finetune(settings, FinetuneOptions(**{k: v for k, v in options.items() if k in known}))
+    if not outcome.ok:
+        raise FinetuneError(outcome.message)
+    return outcome.to_json()
+
+
+def run_finetune_worker(settings: Settings, *, burst: bool = False, name: str | None = None) -> None:
+    """Serve the fine-tune queue. RQ's forking worker runs every job in a fresh child process, so the
+    memory of one fine-tune is given back before the next; this process itself never imports torch."""
+    from rq import Queue, Worker
+    from rq.serializers import JSONSerializer
+
+    from backend.jobs import connect
+
+    connection = connect(settings.effective_redis_url, settings)
+    queue = Queue(finetune_queue_name(settings), connection=connection, serializer=JSONSerializer)
+    worker = Worker([queue], connection=connection, serializer=JSONSerializer, name=name)
+    log.info("fine-tune worker %s listening on %s", worker.name, queue.name)
+    worker.work(burst=burst, logging_level=settings.log_level.upper())
+
+
+# ---------------------------------------------------------------------- one run
+def run_finetune(settings: Settings, options: FinetuneOptions | None = None, connection: Any = None,
+                 store: CorrectionsStore | None = None) -> FinetuneOutcome:
+    """One fine-tune run (see the module docstring); never raises for a failed run, it reports it."""
+    options = options or FinetuneOptions()
+    store = store or CorrectionsStore.for_settings(settings)
+    if connection is None:
+        from backend.jobs import connect
+
+        connection = connect(settings.effective_redis_url, settings)
+    lock = FinetuneLock(connection, settings)
+    if not lock.acquire():
+        return FinetuneOutcome("busy", f"another fine-tune is running ({lock.key} held by {lock.holder()}); "
+                               "nothing done")
+    run_id: int | None = None
+    parent: str | None = None
+    seen: int | None = None
+    try:
+        # Holding the lock, any run still marked running is one that died without recording its end.
+        store.mark_abandoned_runs(0)
+        registry.discard_staging(settings)
+        parent = registry.current_version(settings)
+        watermark = store.watermark()
+        regions = store.regions()
+        new = sum(r.seq > watermark for r in regions)
+        min_new = options.min_new or settings.finetune_min_new
+        if new < min_new:
+            return FinetuneOutcome("skipped", f"{new} new corrected region(s), fewer than {min_new}; nothing done",
+                                   parent=parent)
+        seen = store.max_seq()
+        run_id = store.start_run(options.trigger, parent)
+        log.info("fine-tune run %s from %s: %d new corrected regions (%s)", run_id, parent, new, options.trigger)
+        with _Heartbeat(lock, store, run_id) as beat:
+            outcome = _run(settings, options, store, parent, regions, watermark, beat)
+        outcome.run_id = run_id
+        store.finish_run(run_id, outcome.status, outcome.message, candidate=outcome.candidate,
+                         watermark=max((r.seq for r in regions), default=watermark), details=outcome.details)
+        log.info("fine-tune run %s %s: %s", run_id, outcome.status, outcome.message)
+        return outcome
+    except (Exception, KeyboardInterrupt, SystemExit) as exc:
+        interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
+        message = _failure_message(exc)
+        if interrupted:
+            log.error("fine-tune run %s interrupted: %s", run_id, message)
+        else:
+            log.error("fine-tune run %s failed: %s", run_id, message, exc_info=not isinstance(exc, FinetuneError))
+        if run_id is not None:
+            store.finish_run(run_id, "interrupted" if interrupted else "failed", message, watermark=seen)
+        if interrupted:
+            raise
+        return FinetuneOutcome("failed", message, run_id=run_id, parent=parent)
+    finally:
+        with contextlib.suppress(Exception):
+            registry.discard_staging(settings)
+        with contextlib.suppress(Exception):
+            lock.release()
+
+
+def _run(settings: Settings, options: FinetuneOptions, store: CorrectionsStore, parent: str,
+         regions: Sequence[CorrectedRegion], watermark: int, beat: _Heartbeat) -> FinetuneOutcome:
+    started = time.perf_counter()
+    parent_path = registry.checkpoint_path(settings, parent)
+    train_side, held_out = split_held_out(regions, settings.finetune_eval_fraction)
+    new_train = [r for r in train_side if r.seq > watermark]
+    if not new_train:
+        raise FinetuneError(f"all {sum(r.seq > watermark for r in regions)} new corrected regions belong to "
+                            "held-out tasks; nothing new to train on until more tasks are annotated")
+    earlier = [r for r in train_side if r.seq <= watermark]
+    rng = random.Random(f"{options.seed}:{watermark}:{len(regions)}")
+    replay = rng.sample(earlier, min(len(earlier), round(settings.finetune_replay_ratio * len(new_train))))
+    evaluated = [r for r in held_out if r.plan is not None][-settings.finetune_eval_max:]
+
+    images, failed = local_images(settings, [(r.image, r.task_id) for r in [*new_train, *replay, *evaluated]])
+    for reason in list(failed.values())[:5]:
+        log.warning("image left out of the fine-tune: %s", reason)
+    new_records = training_records(new_train, images)
+    if not new_records:
+        reasons = "; ".join(list(failed.values())[:3]) or "the new corrections have no caption, choice or label"
+        raise FinetuneError(f"no usable training record among {len(new_train)} new corrected regions: {reasons}")
+    records = new_records + training_records(replay, images)
+    base = _base_records(settings, round(settings.finetune_base_ratio * len(new_records)), rng)
+    evaluated = [r for r in evaluated if r.image in images]
+    if not evaluated:
+        raise FinetuneError("no held-out corrected region (with its labeling config and image) to compare the "
+                            "candidate with the current version; annotate more tasks or raise FINETUNE_EVAL_FRACTION")
+    data = {"new_regions": len(new_train), "replay_regions": len(replay), "base_records": len(base),
+            "train_records": len(records) + len(base), "eval_regions": len(evaluated),
+            "eval_tasks": len({r.task_id for r in evaluated}), "images_unavailable": len(failed),
+            "watermark": max((r.seq for r in regions), default=watermark)}
+    log.info("fine-tune data: %s", data)
+
+    import torch
+
+    from model.training import TrainingConfig, merge_lora, save_adapter, save_checkpoint, train
+
+    device = _device(options.device or settings.finetune_device)
+    model, processor, stored_dtype = _load(parent_path, device)
+    large = sum(p.numel() for p in model.parameters()) > LARGE_MODEL_PARAMETERS
+    config = TrainingConfig(
+        trainable="lora", learning_rate=settings.finetune_learning_rate, epochs=settings.finetune_epochs,
+        max_steps=options.steps or settings.finetune_steps or None, lora_rank=settings.finetune_lora_rank,
+        lora_alpha=2 * settings.finetune_lora_rank, seed=options.seed,
+        gradient_checkpointing=large and device.type == "cuda", progress=False)
+    result = train(model, processor, [*records, *base], config)
+    log.info("trained %d steps in %.1f s, loss %.3f -> %.3f", result.steps, result.seconds, result.first_loss,
+             result.last_loss)
+    name = registry.next_version_name(settings)
+    staging = registry.staging_dir(settings, name)
+    save_adapter(model, staging / "lora")
+    merge_lora(model)
+    save_checkpoint(model.to(stored_dtype), processor, staging)
+    del model
+    _free_memory(torch)
+
+    candidate = _evaluate(settings, staging, evaluated, images, device)
+    current = _evaluate(settings, parent_path, evaluated, images, device)
+    base_eval = _base_eval(settings, staging, parent_path, device)
+    promoted, reason = decide(settings, candidate, current, base_eval)
+    if beat.lost.is_set():
+        raise FinetuneError("the fine-tune lock expired during the run (FINETUNE_LOCK_TTL too short, or Redis "
+                            "was unreachable); the candidate is discarded so that two runs never publish")
+    metadata = {
+        "parent": parent,
+        "promoted": promoted,
+        "decision": reason,
+        "trigger": options.trigger,
+        "data": data,
+        "metrics": {"candidate": candidate.to_json(), "parent": current.to_json(), **base_eval},
+        "training": {**dataclasses.asdict(config), "steps": result.steps, "seconds": round(result.seconds, 2),
+                     "first_loss": result.first_loss, "last_loss": result.last_loss, "device": str(device)},
+        "wall_seconds": round(time.perf_counter() - started, 2),
+    }
+    details = {"data": data, "metrics": metadata["metrics"], "wall_seconds": metadata["wall_seconds"],
+               "train_seconds": round(result.seconds, 2)}
+    if promoted or settings.finetune_keep_rejected:
+        registry.publish(settings, staging, name, metadata)
+    if promoted:
+        registry.set_current(settings, name, reason=f"fine-tune from {parent}: {reason}")
+        return FinetuneOutcome("promoted", f"{name} promoted: {reason}", parent=parent, candidate=name,
+                               details=details)
+    shutil.rmtree(staging, ignore_errors=True)
+    kept = " (kept, not current)" if settings.finetune_keep_rejected else ""
+    return FinetuneOutcome("rejected", f"{name} not promoted{kept}: {reason}", parent=parent, candidate=name,
+                           details=details)
+
+
+def decide(settings: Settings, candidate: AcceptanceStats, current: AcceptanceStats,
+           base_eval: Mapping[str, Any]) -> tuple[bool, str]:
+    """The promotion rule (see the module docstring): (promote?, the reason in words)."""
+    new_score, old_score = candidate.overall_field_accuracy, current.overall_field_accuracy
+    if new_score is None or old_score is None:
+        return False, "no held-out field to compare on"
+    verdict = new_score >= old_score - settings.finetune_max_regression
+    reason = (f"held-out field accuracy {new_score:.3f} vs {old_score:.3f} "
+              f"(allowed drop {settings.finetune_max_regression:g})")
+    if "base_candidate" in base_eval:
+        kept = base_eval["base_candidate"] >= base_eval["base_parent"] - settings.finetune_max_forgetting
+        reason += (f"; earlier concepts {base_eval['base_candidate']:.3f} vs {base_eval['base_parent']:.3f} "
+                   f"(allowed drop {settings.finetune_max_forgetting:g})")
+        verdict = verdict and kept
+    return verdict, reason
+
+
+# ---------------------------------------------------------------------- model side
+def _device(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FinetuneError(f"FINETUNE_DEVICE={name} but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def _load(path: Path, device: Any) -> tuple[Any, Any, Any]:
+    """The model in fp32 on `device` (standard mixed precision: fp32 weights, bf16 autocast on CUDA), its
+    processor, and the dtype its checkpoint is stored in (the new version is stored the same way)."""
+    import json
+
+    import torch
+
+    from model.modeling_gpt4roi import GPT4RoIForCausalLM
+    from model.processing_gpt4roi import GPT4RoIProcessor
+
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    stored = config.get("dtype") or config.get("torch_dtype") or "float32"
+    stored_dtype = getattr(torch, str(stored), torch.float32)
+    model = GPT4RoIForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.to(device), GPT4RoIProcessor.from_pretrained(path), stored_dtype
+
+
+def _annotator(path: Path, device: Any) -> Any:
+    from model.inference import RegionAnnotator
+
+    return RegionAnnotator.from_pretrained(path, device=str(device))
+
+
+def _evaluate(settings: Settings, checkpoint: Path, regions: Sequence[CorrectedRegion],
+              images: Mapping[str, tuple[Path, int, int]], device: Any) -> AcceptanceStats:
+    """Ask a checkpoint about held-out regions as the worker would and compare with the final values."""
+    from PIL import Image
+
+    from backend.worker import Predictor
+
+    predictor = Predictor(settings)
+    predictor.annotator = _annotator(checkpoint, device)
+    stats = AcceptanceStats()
+    groups: dict[tuple[str, Any], list[CorrectedRegion]] = {}
+    for region in regions:
+        groups.setdefault((region.image, region.plan), []).append(region)
+    for (reference, plan), group in groups.items():
+        if plan is None:
+            continue
+        with Image.open(images[reference][0]) as opened:
+            image = opened.convert("RGB")
+        answers = predictor.describe(image, plan, [r.region for r in group], False, settings.max_new_tokens)
+        for region, answer in zip(group, answers, strict=True):
+            stats.add(predicted_fields(plan, region.region, answer, keep_drawn_label=False), region.final)
+    predictor.images.loader.close()
+    del predictor
+    _free_memory()
+    return stats
+
+
+def _base_eval(settings: Settings, candidate: Path, parent: Path, device: Any) -> dict[str, Any]:
+    if not settings.finetune_base_eval:
+        return {}
+    from model.data_format import read_jsonl
+    from model.evaluate import predict
+
+    samples = read_jsonl(settings.finetune_base_eval)
+    samples = random.Random(0).sample(samples, min(len(samples), settings.finetune_eval_max))
+    scores = {}
+    for key, path in (("base_candidate", candidate), ("base_parent", parent)):
+        answers = predict(_annotator(path, device), samples, progress=False)
+        truth = [s.conversations[1]["value"] for s in samples]
+        scores[key] = sum(a.strip() == t.strip() for a, t in zip(answers, truth, strict=True)) / len(samples)
+        _free_memory()
+    scores["base_records"] = len(samples)
+    return scores
+
+
+def _base_records(settings: Settings, count: int, rng: random.Random) -> list[Any]:
+    if not settings.finetune_base_data or count <= 0:
+        return []
+    from model.data_format import read_jsonl
+
+    samples = read_jsonl(settings.finetune_base_data)
+    return rng.sample(samples, min(count, len(samples)))
+
+
+def _free_memory(torch: Any = None) -> None:
+    gc.collect()
+    if torch is None:
+        with contextlib.suppress(ImportError):
+            import torch
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _failure_message(exc: BaseException) -> str:
+    if isinstance(exc, FinetuneError):
+        return str(exc)
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return "interrupted by a signal before it finished; the current version keeps serving"
+    return f"{type(exc).__name__}: {exc}"
+
+
+# ---------------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `finetune.py` (shared with `python -m backend finetune`)."""
+    parser.add_argument("--min-new", type=int, default=None,
+                        help="fewest new corrected regions needed to train (default: FINETUNE_MIN_NEW)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps (default: FINETUNE_STEPS, or FINETUNE_EPOCHS passes)")
+    parser.add_argument("--device", default=None, help="torch device (default: FINETUNE_DEVICE)")
+    parser.add_argument("--trigger", default="manual", help="what started the run, recorded with it")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the replay sample and of training")
+
+
+def run_from_args(settings: Settings, args: argparse.Namespace) -> int:
+    """Run once from parsed arguments; prints the outcome; exit code 0 unless the run failed."""
+    for name in ("min_new", "steps"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            print(f"--{name.replace('_', '-')} must be positive, got {value}", file=sys.stderr)
+            return 2
+    options = FinetuneOptions(min_new=args.min_new, steps=args.steps, device=args.device, trigger=args.trigger,
+                              seed=args.seed)
+    outcome = run_finetune(settings, options)
+    print(f"{outcome.status}: {outcome.message}")
+    return 0 if outcome.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python backend/finetune.py`: one run with settings from the environment."""
+    parser = argparse.ArgumentParser(
+        prog="finetune.py", description=__doc__.splitlines()[0],
+        epilog="Settings (MODEL_DIR, DATA_DIR, REDIS_URL, FINETUNE_*) come from the environment; "
+               "`python -m backend settings` lists them.")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        with _terminate_as_interrupt():
+            return run_from_args(settings, args)
+    except KeyboardInterrupt:
+        print("interrupted: the run is recorded as interrupted and the current version keeps serving",
+              file=sys.stderr)
+        return 130
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    # SIGTERM (cron's timeout, `docker stop`) unwinds like Ctrl-C: the run is recorded and the lock released.
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

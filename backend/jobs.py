@@ -1,0 +1,282 @@
+"""The job queue between the API and the workers: RQ on Redis, JSON payloads only.
+
+Two queues: `interactive` (drawn boxes, single tasks: someone is waiting) and `batch`; every worker listens
+to both and empties `interactive` first. Jobs name their function by dotted path (`JOB_FUNCTION`), so the
+API never imports the worker module, and use RQ's JSON serializer: a payload is plain data (image
+reference, regions, controls to fill, model version), never a pickle or a tensor.
+
+A job id is a hash of its payload, so an identical request while a job is queued, running or recently
+finished waits on that job instead of computing it again.
+
+Hand-off of slow batch tasks (`claim_push` / `claim_return`): when `/predict` stops waiting for a task,
+it claims the job for "push" and the worker pushes the prediction through the Label Studio API when it
+finishes; a worker that finishes first claims it for "return" and the API includes the result in its
+answer. The claim is one `SET NX`, so each prediction is stored exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from rq import Queue, Retry
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.results import Result
+from rq.serializers import JSONSerializer
+
+from backend.settings import Settings
+
+JOB_FUNCTION = "backend.worker.run_job"
+CLAIM_PUSH = "push"
+CLAIM_RETURN = "return"
+# Longest single blocking read; waits are sliced so a Redis outage surfaces within a socket timeout.
+_BLOCK_SLICE_S = 1.0
+_ACTIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
+
+
+class QueueUnavailable(RuntimeError):
+    """Redis cannot be reached; the message names it without its password."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a job ended: `value` (the job's JSON result) or `error` (why it failed for good)."""
+
+    job_id: str
+    value: dict[str, Any] | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the job returned a value (which may still report an input error, see the worker)."""
+        return self.error is None
+
+
+def connect(url: str, settings: Settings) -> redis.Redis:
+    """A Redis client with bounded connect and command times, so an outage answers fast."""
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=settings.redis_socket_timeout,
+        socket_timeout=settings.redis_socket_timeout + _BLOCK_SLICE_S,
+        health_check_interval=30,
+    )
+
+
+def redacted(url: str) -> str:
+    """A Redis URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def job_id_for(payload: Mapping[str, Any], queue_name: str) -> str:
+    """The id of the job computing `payload` on `queue_name`."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    digest = hashlib.sha256(f"{queue_name}\n{canonical}".encode()).hexdigest()[:32]
+    return f"predict-{digest}"
+
+
+class JobQueue:
+    """Enqueue prediction jobs and wait for their results (the API side of the queue)."""
+
+    def __init__(self, settings: Settings, connection: redis.Redis, url: str | None = None):
+        self.settings = settings
+        self.connection = connection
+        self.url = redacted(url or settings.effective_redis_url)
+        self.interactive = Queue(settings.interactive_queue_name, connection=connection,
+                                 serializer=JSONSerializer)
+        self.batch = Queue(settings.batch_queue_name, connection=connection, serializer=JSONSerializer)
+
+    # ------------------------------------------------------------------ submit
+    def submit(self, payload: Mapping[str, Any], *, interactive: bool, push: bool = False) -> str:
+        """Enqueue a prediction job (or join an identical one) and return its id.
+
+        With `push`, the job's prediction is pushed to Label Studio by the worker (prelabel runs).
+        """
+        queue = self.interactive if interactive else self.batch
+        job_id = job_id_for(payload, queue.name)
+        with self._guard():
+            if push:
+                self.connection.set(self._claim_key(job_id), CLAIM_PUSH, ex=self._claim_ttl)
+            # A pushed job must run to push; a finished one may have been answered to nobody.
+            if self._reusable(job_id, allow_finished=not push):
+                return job_id
+            settings = self.settings
+            timeout = settings.interactive_job_timeout if interactive else settings.batch_job_timeout
+            queue.enqueue_call(
+                JOB_FUNCTION,
+                args=(dict(payload),),
+                job_id=job_id,
+                timeout=timeout,
+                result_ttl=self.settings.result_ttl,
+                failure_ttl=self.settings.result_ttl,
+                retry=Retry(max=self.settings.job_retries) if self.settings.job_retries else None,
+                description=f"predict task {payload.get('task_id')}",
+            )
+        return job_id
+
+    def _reusable(self, job_id: str, allow_finished: bool) -> bool:
+        try:
+            job = Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
+        except NoSuchJobError:
+            return False
+        status = job.get_status(refresh=False)
+        if status in _ACTIVE:
+            return True
+        if status == JobStatus.FINISHED and allow_finished:
+            latest = Result.fetch_latest(job, serializer=JSONSerializer)
+            value = latest.return_value if latest is not None else None
+            # An input error (say, an image server that was down) is worth another try.
+            return isinstance(value, dict) and "error" not in value
+        return False
+
+    # ------------------------------------------------------------------ wait
+    def wait(self, job_ids: Sequence[str], timeout: float) -> dict[str, Outcome]:
+        """Block until every job ended or `timeout` seconds passed; returns the outcomes of the ended ones."""
+        deadline = time.monotonic() + timeout
+        cursors = {Result.get_key(job_id): "0-0" for job_id in job_ids}
+        ids_by_key = {Result.get_key(job_id): job_id for job_id in job_ids}
+        outcomes: dict[str, Outcome] = {}
+        with self._guard():
+            while cursors:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                block_ms = max(1, int(min(left, _BLOCK_SLICE_S) * 1000))
+                response = self.connection.xread(cursors, block=block_ms)
+                for key, entries in response or []:
+                    key = key.decode() if isinstance(key, bytes) else key
+                    for entry_id, fields in entries:
+                        entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                        cursors[key] = entry_id
+                        outcome = self._outcome(ids_by_key[key], entry_id, fields)
+                        if outcome is not None:
+                            outcomes[outcome.job_id] = outcome
+                            cursors.pop(key, None)
+                            break
+                if not response:
+                    self._expire_lost(cursors, ids_by_key, outcomes)
+        return outcomes
+
+    def _outcome(self, job_id: str, entry_id: str, fields: dict) -> Outcome | None:
+        result = Result.restore(job_id, entry_id, fields, connection=self.connection,
+                                serializer=JSONSerializer)
+        if result.type == Result.Type.SUCCESSFUL:
+            value = result.return_value
+            if not isinstance(value, dict):
+                return Outcome(job_id, error=f"job {job_id} returned {type(value).__name__}, not an object")
+            return Outcome(job_id, value=value)
+        if result.type == Result.Type.RETRIED:
+            return None
+        return Outcome(job_id, error=_failure_message(result))
+
+    def _expire_lost(self, cursors: dict[str, str], ids_by_key: Mapping[str, str],
+                     outcomes: dict[str, Outcome]) -> None:
+        # A job deleted or cancelled while we wait never writes a result: report it instead of waiting on.
+        keys = list(cursors)
+        with self.connection.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hget(Job.key_for(ids_by_key[key]), "status")
+            statuses = pipe.execute()
+        for key, raw in zip(keys, statuses, strict=True):
+            status = _text(raw)
+            if status is None or status in {JobStatus.CANCELED.value, JobStatus.STOPPED.value}:
+                job_id = ids_by_key[key]
+                outcomes[job_id] = Outcome(job_id, error=f"job {job_id} was {status or 'deleted'} before it ended")
+                cursors.pop(key)
+
+    def cancel_if_queued(self, job_id: str) -> None:
+        """Drop a job nobody waits for any more, unless a worker already started it."""
+        with self._guard():
+            try:
+                job = Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
+            except NoSuchJobError:
+                return
+            if job.get_status(refresh=False) == JobStatus.QUEUED:
+                job.cancel()
+                job.delete()
+
+    # ------------------------------------------------------------------ hand-off
+    @property
+    def _claim_ttl(self) -> int:
+        return self.settings.result_ttl + self.settings.batch_job_timeout * (self.settings.job_retries + 1)
+
+    def _claim_key(self, job_id: str) -> str:
+        return f"{self.settings.key_prefix}:claim:{job_id}"
+
+    def claim_push(self, job_id: str) -> bool:
+        """Ask the worker to push this job's prediction to Label Studio; False if it already finished."""
+        with self._guard():
+            if self.connection.set(self._claim_key(job_id), CLAIM_PUSH, nx=True, ex=self._claim_ttl):
+                return True
+            return _text(self.connection.get(self._claim_key(job_id))) == CLAIM_PUSH
+
+    def claim_return(self, job_id: str) -> bool:
+        """The worker's side: True if the API will return this result, False if the worker must push it."""
+        with self._guard():
+            if self.connection.set(self._claim_key(job_id), CLAIM_RETURN, nx=True, ex=self._claim_ttl):
+                return True
+            return _text(self.connection.get(self._claim_key(job_id))) != CLAIM_PUSH
+
+    # ------------------------------------------------------------------ status
+    def depths(self) -> dict[str, int]:
+        """Jobs waiting in each queue."""
+        with self._guard():
+            return {q.name: q.count for q in (self.interactive, self.batch)}
+
+    def running(self) -> dict[str, int]:
+        """Jobs being executed, per queue."""
+        with self._guard():
+            return {q.name: StartedJobRegistry(queue=q).count for q in (self.interactive, self.batch)}
+
+    def failed(self) -> dict[str, int]:
+        """Jobs that failed for good (kept for JOB_RESULT_TTL), per queue."""
+        with self._guard():
+            return {q.name: FailedJobRegistry(queue=q).count for q in (self.interactive, self.batch)}
+
+    def ping(self) -> None:
+        """Raise `QueueUnavailable` unless Redis answers."""
+        with self._guard():
+            self.connection.ping()
+
+    def _guard(self) -> _RedisGuard:
+        return _RedisGuard(self.url)
+
+
+class _RedisGuard:
+    """Turns Redis connection failures into `QueueUnavailable` with a message an operator can act on."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+            raise QueueUnavailable(
+                f"the job queue (Redis at {self.url}) is unreachable: {exc}. Predictions resume once it is "
+                "back; check REDIS_URL and that Redis is running") from None
+        return False
+
+
+def _failure_message(result: Result) -> str:
+    text = (result.exc_string or "").strip()
+    if "AbandonedJobError" in text:
+        return "the worker running this job died and the job ran out of retries (JOB_RETRIES)"
+    last = text.splitlines()[-1] if text else f"job ended as {result.type.name}"
+    return last
+
+
+def _text(value: Any) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,381 @@
+"""What the backend fills in a Label Studio project, and the results it sends back.
+
+From the labeling config (`FillPlan.from_label_config`): the Image, its rectangle tool (Rectangle or
+RectangleLabels), the per-region TextAreas (generated captions) and the per-region Choices (closed-set
+scoring of their values). From a request: the regions to describe (`regions_from_context`,
+`regions_from_task`). From the worker's answers: Label Studio results in the per-region format (one id
+shared by the rectangle and its caption and choices, percent coordinates), checked with
+`LabelInterface.validate_prediction` before they leave (`build_prediction`).
+
+Pure Python on purpose: the API process uses it and must not import torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from label_studio_sdk.label_interface import LabelInterface
+
+RECTANGLE_TAGS = ("Rectangle", "RectangleLabels")
+RECTANGLE_TYPES = ("rectangle", "rectanglelabels")
+# Boxes smaller than this (normalized) were never seen in training; they are grown to it, centred.
+MIN_BOX_SIZE = 0.01
+
+
+class ConfigError(ValueError):
+    """The labeling config has nothing this backend can fill (no Image, no rectangle tool, bad XML)."""
+
+
+class TaskError(ValueError):
+    """A task or interactive context does not have the shape Label Studio sends."""
+
+
+class PredictionInvalid(ValueError):
+    """A built prediction was rejected by `LabelInterface.validate_prediction`."""
+
+    def __init__(self, errors: Sequence[str]):
+        super().__init__("prediction rejected by the labeling config: " + "; ".join(errors))
+        self.errors = list(errors)
+
+
+@dataclass(frozen=True)
+class ChoiceControl:
+    """A per-region Choices control: its name is the attribute asked about, its values the candidates."""
+
+    name: str
+    candidates: tuple[str, ...]
+    multiple: bool
+
+
+@dataclass(frozen=True)
+class FillPlan:
+    """Which controls of a labeling config the backend fills for every rectangle."""
+
+    image: str
+    image_key: str | None
+    image_constant: str | None
+    rectangle: str
+    rectangle_type: str
+    labels: tuple[str, ...]
+    captions: tuple[str, ...]
+    choices: tuple[ChoiceControl, ...]
+
+    @classmethod
+    def from_label_config(cls, label_config: str) -> FillPlan:
+        """Read a labeling config; raises `ConfigError` with the reason when it cannot be filled."""
+        return _plan_cached(label_config)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON for a job payload."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> FillPlan:
+        """Inverse of `to_json`."""
+        return cls(
+            image=data["image"],
+            image_key=data["image_key"],
+            image_constant=data["image_constant"],
+            rectangle=data["rectangle"],
+            rectangle_type=data["rectangle_type"],
+            labels=tuple(data["labels"]),
+            captions=tuple(data["captions"]),
+            choices=tuple(ChoiceControl(c["name"], tuple(c["candidates"]), bool(c["multiple"]))
+                          for c in data["choices"]),
+        )
+
+    def image_reference(self, task: Mapping[str, Any]) -> str:
+        """The image URL or path of a task (`task.data[<Image value>]`)."""
+        if self.image_constant is not None:
+            return self.image_constant
+        data = task.get("data")
+        if not isinstance(data, Mapping):
+            raise TaskError(f"task {task.get('id')!r} has no 'data' object")
+        reference = data.get(self.image_key)
+        if not isinstance(reference, str) or not reference.strip():
+            raise TaskError(
+                f"task {task.get('id')!r} has no image: data[{self.image_key!r}] should be the image URL "
+                f"(Image tag {self.image!r} reads ${self.image_key})")
+        return reference.strip()
+
+
+@dataclass(frozen=True)
+class Region:
+    """One rectangle to describe, in Label Studio's terms (percent of the image, top-left corner)."""
+
+    id: str
+    x: float
+    y: float
+    width: float
+    height: float
+    rotation: float = 0.0
+    original_width: int | None = None
+    original_height: int | None = None
+    image_rotation: float = 0.0
+    labels: tuple[str, ...] = ()
+    drawn: dict[str, Any] | None = field(default=None, compare=False)
+
+    def box(self) -> tuple[float, float, float, float]:
+        """Normalized xyxy for the model: axis-aligned bounds of the (possibly rotated) box, clamped, at
+        least `MIN_BOX_SIZE` wide and high."""
+        x1, y1, x2, y2 = self._bounds()
+        x1, x2 = _grow(max(0.0, x1), min(1.0, x2))
+        y1, y2 = _grow(max(0.0, y1), min(1.0, y2))
+        return (x1, y1, x2, y2)
+
+    def _bounds(self) -> tuple[float, float, float, float]:
+        x, y, w, h = self.x / 100, self.y / 100, self.width / 100, self.height / 100
+        if not self.rotation:
+            return (x, y, x + w, y + h)
+        # Label Studio rotates around the top-left corner, in pixel space (y down); without the image
+        # size the image is treated as square.
+        sx = float(self.original_width or 1)
+        sy = float(self.original_height or 1)
+        theta = math.radians(self.rotation)
+        cos, sin = math.cos(theta), math.sin(theta)
+        xs, ys = [], []
+        for dx, dy in ((0.0, 0.0), (w * sx, 0.0), (w * sx, h * sy), (0.0, h * sy)):
+            xs.append(x + (dx * cos - dy * sin) / sx)
+            ys.append(y + (dx * sin + dy * cos) / sy)
+        return (min(xs), min(ys), max(xs), max(ys))
+
+    def geometry(self) -> dict[str, float]:
+        """The `value` geometry keys Label Studio stores for this region."""
+        return {"x": self.x, "y": self.y, "width": self.width, "height": self.height,
+                "rotation": self.rotation}
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON for a job payload."""
+        data = asdict(self)
+        data["labels"] = list(self.labels)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Region:
+        """Inverse of `to_json`."""
+        values = dict(data)
+        values["labels"] = tuple(values.get("labels", ()))
+        return cls(**values)
+
+
+def regions_from_context(plan: FillPlan, context: Mapping[str, Any]) -> list[Region]:
+    """Drawn rectangles of an interactive request (`params.context.result`), kept verbatim for the echo."""
+    items = context.get("result")
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise TaskError("params.context.result must be a list of regions")
+    return _rectangles(plan, items, keep_drawn=True)
+
+
+def regions_from_task(plan: FillPlan, task: Mapping[str, Any]) -> list[Region]:
+    """Rectangles of a task's newest non-cancelled annotation that has any, else of its newest prediction
+    that has any (for example a detector's boxes imported as predictions)."""
+    for key in ("annotations", "predictions"):
+        entries = task.get(key) or []
+        if not isinstance(entries, list):
+            raise TaskError(f"task {task.get('id')!r}: '{key}' must be a list")
+        candidates = [e for e in entries if isinstance(e, Mapping) and not e.get("was_cancelled")]
+        candidates.sort(key=lambda e: str(e.get("updated_at") or e.get("created_at") or ""), reverse=True)
+        for entry in candidates:
+            result = entry.get("result")
+            if isinstance(result, list):
+                regions = _rectangles(plan, result, keep_drawn=False)
+                if regions:
+                    return regions
+    return []
+
+
+def _rectangles(plan: FillPlan, items: list[Any], *, keep_drawn: bool) -> list[Region]:
+    regions: list[Region] = []
+    seen: set[str] = set()
+    for index, item in enumerate(items):
+        if not isinstance(item, Mapping) or str(item.get("type", "")).lower() not in RECTANGLE_TYPES:
+            continue
+        if item.get("to_name") not in (None, plan.image):
+            continue
+        value = item.get("value")
+        if not isinstance(value, Mapping):
+            raise TaskError(f"region {index}: 'value' must be an object with x, y, width, height")
+        try:
+            x, y, w, h = (float(value[k]) for k in ("x", "y", "width", "height"))
+            rotation = float(value.get("rotation") or 0.0)
+        except (KeyError, TypeError, ValueError):
+            raise TaskError(f"region {index}: value needs numeric x, y, width and height (percent)") from None
+        if not all(math.isfinite(v) for v in (x, y, w, h, rotation)):
+            raise TaskError(f"region {index}: coordinates must be finite numbers")
+        if w <= 0 or h <= 0:
+            raise TaskError(f"region {index}: width and height must be positive, got {w} x {h}")
+        region_id = str(item.get("id") or f"r{index + 1}")
+        while region_id in seen:
+            region_id += "_"
+        seen.add(region_id)
+        labels = value.get("rectanglelabels") or value.get("labels") or ()
+        regions.append(Region(
+            id=region_id, x=x, y=y, width=w, height=h, rotation=rotation,
+            original_width=_positive_int(item.get("original_width")),
+            original_height=_positive_int(item.get("original_height")),
+            image_rotation=float(item.get("image_rotation") or 0.0),
+            labels=tuple(str(label) for label in labels) if isinstance(labels, list) else (),
+            drawn=dict(item) if keep_drawn else None,
+        ))
+    return regions
+
+
+def select_choices(distribution: Mapping[str, float], multiple: bool) -> list[str]:
+    """The choices proposed from a normalized distribution: the most likely one, and for a multiple-choice
+    control also every other candidate more likely than chance (1 / number of candidates)."""
+    if not distribution:
+        return []
+    ranked = sorted(distribution.items(), key=lambda kv: kv[1], reverse=True)
+    if not multiple:
+        return [ranked[0][0]]
+    chance = 1.0 / len(ranked)
+    return [name for i, (name, p) in enumerate(ranked) if i == 0 or p > chance]
+
+
+def build_prediction(
+    plan: FillPlan,
+    regions: Sequence[Region],
+    answers: Sequence[Mapping[str, Any]],
+    model_version: str,
+    image_size: tuple[int, int] | None = None,
+    keep_drawn_label: bool = True,
+) -> dict[str, Any]:
+    """One Label Studio prediction (`{"result", "score", "model_version"}`) from the worker's answers.
+
+    `answers[i]` belongs to `regions[i]` and holds `caption` (text or None), `choices` (control name →
+    distribution over its values) and `label` (distribution over the RectangleLabels values, or None).
+    A drawn region is echoed with its id, geometry and its annotator's label (unless `keep_drawn_label` is
+    false or it has none). The score is the mean probability of the chosen closed-set answers; with no
+    closed-set control to answer it is 1.0.
+    """
+    if len(answers) != len(regions):
+        raise ValueError(f"{len(answers)} answers for {len(regions)} regions")
+    result: list[dict[str, Any]] = []
+    chosen_probabilities: list[float] = []
+    for region, answer in zip(regions, answers, strict=True):
+        common = {
+            "id": region.id,
+            "to_name": plan.image,
+            "original_width": region.original_width or (image_size[0] if image_size else None),
+            "original_height": region.original_height or (image_size[1] if image_size else None),
+            "image_rotation": region.image_rotation,
+        }
+        common = {k: v for k, v in common.items() if v is not None}
+        rectangle, label_probability = _rectangle_item(plan, region, common, answer.get("label"),
+                                                       keep_drawn_label)
+        if label_probability is not None:
+            chosen_probabilities.append(label_probability)
+        result.append(rectangle)
+        caption = answer.get("caption")
+        for name in plan.captions:
+            if caption is not None:
+                result.append({**common, "from_name": name, "type": "textarea",
+                               "value": {**region.geometry(), "text": [caption]}})
+        distributions = answer.get("choices") or {}
+        for control in plan.choices:
+            distribution = distributions.get(control.name)
+            if not distribution:
+                continue
+            picked = select_choices(distribution, control.multiple)
+            chosen_probabilities.append(float(distribution[picked[0]]))
+            result.append({**common, "from_name": control.name, "type": "choices",
+                           "value": {**region.geometry(), "choices": picked}})
+    score = sum(chosen_probabilities) / len(chosen_probabilities) if chosen_probabilities else 1.0
+    if not regions:
+        score = 0.0
+    return {"result": result, "score": round(score, 6), "model_version": model_version}
+
+
+def _rectangle_item(plan: FillPlan, region: Region, common: dict[str, Any],
+                    label_distribution: Mapping[str, float] | None,
+                    keep_drawn_label: bool) -> tuple[dict[str, Any], float | None]:
+    if region.drawn is not None:
+        item = dict(region.drawn)
+        item["value"] = dict(item.get("value") or {})
+    else:
+        item = {**common, "from_name": plan.rectangle, "type": plan.rectangle_type,
+                "value": region.geometry()}
+    labelled = item.get("type") == "rectanglelabels" and wants_label(plan, region, keep_drawn_label)
+    if label_distribution and labelled:
+        best = select_choices(label_distribution, multiple=False)[0]
+        probability = float(label_distribution[best])
+        item["value"]["rectanglelabels"] = [best]
+        item["score"] = round(probability, 6)
+        return item, probability
+    return item, None
+
+
+def wants_label(plan: FillPlan, region: Region, keep_drawn_label: bool) -> bool:
+    """Whether the model should score a label for this region."""
+    if plan.rectangle_type != "rectanglelabels" or not plan.labels:
+        return False
+    return not (keep_drawn_label and region.drawn is not None and region.labels)
+
+
+def validate_prediction(label_config: str, prediction: Mapping[str, Any]) -> None:
+    """Raise `PredictionInvalid` unless Label Studio's own validator accepts the prediction."""
+    errors = _interface(label_config).validate_prediction(dict(prediction), return_errors=True)
+    if errors:
+        raise PredictionInvalid(errors)
+
+
+@functools.lru_cache(maxsize=64)
+def _interface(label_config: str) -> LabelInterface:
+    try:
+        return LabelInterface(label_config)
+    except Exception as exc:
+        raise ConfigError(f"the labeling config cannot be parsed: {exc}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _plan_cached(label_config: str) -> FillPlan:
+    if not isinstance(label_config, str) or not label_config.strip():
+        raise ConfigError("the labeling config is empty")
+    interface = _interface(label_config)
+    images = [obj for obj in interface.objects if obj.tag == "Image"]
+    if not images:
+        raise ConfigError("the labeling config has no <Image> tag; this backend describes image regions")
+    controls = list(interface.controls)
+    for image in images:
+        rectangles = [c for c in controls if c.tag in RECTANGLE_TAGS and image.name in c.to_name]
+        if not rectangles:
+            continue
+        rect = rectangles[0]
+        per_region = [c for c in controls
+                      if image.name in c.to_name and str(c.attr.get("perRegion", "")).lower() == "true"]
+        value = str(image.value or "")
+        return FillPlan(
+            image=image.name,
+            image_key=value[1:] if value.startswith("$") else None,
+            image_constant=None if value.startswith("$") else value,
+            rectangle=rect.name,
+            rectangle_type=rect.tag.lower(),
+            labels=tuple(getattr(rect, "labels", None) or ()),
+            captions=tuple(c.name for c in per_region if c.tag == "TextArea"),
+            choices=tuple(ChoiceControl(c.name, tuple(c.labels), c.attr.get("choice") == "multiple")
+                          for c in per_region if c.tag == "Choices" and c.labels),
+        )
+    raise ConfigError(
+        "the labeling config has no <Rectangle> or <RectangleLabels> tool on an <Image>; "
+        "the backend needs boxes to describe")
+
+
+def _grow(low: float, high: float) -> tuple[float, float]:
+    if high - low >= MIN_BOX_SIZE:
+        return low, high
+    centre = min(max((low + high) / 2, MIN_BOX_SIZE / 2), 1 - MIN_BOX_SIZE / 2)
+    return centre - MIN_BOX_SIZE / 2, centre + MIN_BOX_SIZE / 2
+
+
+def _positive_int(value: Any) -> int | None:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None

