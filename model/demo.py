@@ -105,7 +105,8 @@ def build_demo(out_dir: Path, recipe: DemoRecipe | None = None, progress: bool =
         model = GPT4RoIForCausalLM(config)
         processor = GPT4RoIProcessor(tokenizer, config.image_size, config.num_image_tokens)
         training = TrainingConfig(
-            trainable=recipe.trainable, learning_rate=recipe.learning_rate, region_lr_scale=recipe.region_lr_scale, max_steps=recipe.steps, warmup_ratio=0.05,
+            trainable=recipe.trainable, learning_rate=recipe.learning_rate,
+            region_lr_scale=recipe.region_lr_scale, max_steps=recipe.steps, warmup_ratio=0.05,
             images_per_batch=recipe.images_per_batch, max_records_per_image=recipe.records_per_image,
             seed=recipe.seed, progress=progress,
         )
