@@ -1,0 +1,457 @@
+"""Human-in-the-loop benchmark: pre-annotate, correct, fine-tune, pre-annotate again, through the real backend.
+
+    python bench/hitl_bench.py [--before 48] [--after 32] [--steps 160] [--workdir DIR] [--redis-url URL]
+
+The demo model (`model.demo`) never saw the shape `cross`. This script:
+
+1. draws synthetic scenes (`model.synthetic`), every other one with at least one cross, writes them under
+   a LOCAL_FILES_DOCUMENT_ROOT and turns them into Label Studio tasks whose boxes come from a "detector"
+   prediction, with the labeling config `labelstudio_config/demo_shapes.xml`;
+2. starts the backend as in production: `python -m backend serve-api` and `python -m backend worker` on
+   Redis (a private `redis-server` unless `--redis-url`), MODEL_DIR holding the demo model;
+3. asks `/predict` for pre-annotations of the first batch, and a simulated annotator "corrects" every
+   region from the ground truth, posting `ANNOTATION_CREATED` webhooks shaped like Label Studio's;
+4. runs `python backend/finetune.py` (LoRA on the corrections, base-data replay, held-out comparison,
+   promotion), and checks that `/setup` now answers the new version;
+5. asks `/predict` for a second batch of new scenes, pre-annotated by the new version.
+
+It prints the share of regions whose pre-annotation the annotator accepts unchanged (caption, label,
+color, size and texture all right) on the new concept and on the old ones, before and after, the fine-tune
+wall time, and `python -m backend report`. `tests/test_hitl.py` runs the same loop, smaller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from backend.corrections import parse_annotation_regions  # noqa: E402
+from backend.labelconfig import FillPlan  # noqa: E402
+from backend.stats import compare_fields  # noqa: E402
+from model.synthetic import ObjectSpec, image_seed, make_image  # noqa: E402
+
+LABEL_CONFIG_FILE = REPO / "labelstudio_config" / "demo_shapes.xml"
+NEW_SHAPE = "cross"
+CHOICE_CONTROLS = ("color", "size", "texture")
+PROJECT_ID = 1
+
+
+# ---------------------------------------------------------------------- Label Studio-shaped data
+@dataclass(frozen=True)
+class SceneTask:
+    """A Label Studio task made from a synthetic scene, with the scene's ground truth."""
+
+    task_id: int
+    reference: str
+    width: int
+    height: int
+    objects: tuple[ObjectSpec, ...]
+
+    def region_id(self, index: int) -> str:
+        """The id of object `index`'s region (shared by the detector box, the prediction and the annotation)."""
+        return f"t{self.task_id}-r{index + 1}"
+
+
+def make_tasks(root: Path, batch: str, first_id: int, count: int, seed: int) -> list[SceneTask]:
+    """`count` scenes saved under `root/batch/`; every other scene contains at least one cross."""
+    (root / batch).mkdir(parents=True, exist_ok=True)
+    tasks = []
+    for index in range(count):
+        attempt = 0
+        while True:
+            image, objects = make_image(image_seed(seed, index * 1000 + attempt))
+            if index % 2 or any(o.shape == NEW_SHAPE for o in objects):
+                break
+            attempt += 1
+        name = f"{batch}/{first_id + index:06d}.png"
+        image.save(root / name)
+        tasks.append(SceneTask(first_id + index, f"/data/local-files/?d={name}", image.width, image.height,
+                               tuple(objects)))
+    return tasks
+
+
+def _geometry(obj: ObjectSpec, task: SceneTask) -> dict[str, float]:
+    x1, y1, x2, y2 = obj.box
+    return {"x": 100 * x1 / task.width, "y": 100 * y1 / task.height, "width": 100 * (x2 - x1) / task.width,
+            "height": 100 * (y2 - y1) / task.height, "rotation": 0}
+
+
+def _item(task: SceneTask, index: int, from_name: str, kind: str, value: dict[str, Any]) -> dict[str, Any]:
+    return {"id": task.region_id(index), "from_name": from_name, "to_name": "image", "type": kind,
+            "origin": "manual", "original_width": task.width, "original_height": task.height,
+            "image_rotation": 0, "value": {**_geometry(task.objects[index], task), **value}}
+
+
+def task_json(task: SceneTask) -> dict[str, Any]:
+    """The task as Label Studio sends it to `/predict`: data plus a detector's unlabeled boxes."""
+    boxes = [_item(task, i, "bbox", "rectanglelabels", {}) for i in range(len(task.objects))]
+    return {"id": task.task_id, "data": {"image": task.reference}, "annotations": [],
+            "predictions": [{"model_version": "detector", "result": boxes, "score": 1.0}]}
+
+
+def ground_truth_result(task: SceneTask) -> list[dict[str, Any]]:
+    """What a careful annotator submits: per region the label, the caption and the three attributes."""
+    result = []
+    for index, obj in enumerate(task.objects):
+        result.append(_item(task, index, "bbox", "rectanglelabels", {"rectanglelabels": [obj.shape]}))
+        result.append(_item(task, index, "caption", "textarea", {"text": [obj.caption]}))
+        for control in CHOICE_CONTROLS:
+            result.append(_item(task, index, control, "choices", {"choices": [getattr(obj, control)]}))
+    return result
+
+
+def annotation_event(task: SceneTask, annotation_id: int, label_config: str,
+                     action: str = "ANNOTATION_CREATED") -> dict[str, Any]:
+    """An annotation webhook with the keys Label Studio 1.23 sends (see the `09_*` capture)."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+    annotation = {
+        "id": annotation_id, "result": ground_truth_result(task), "was_cancelled": False, "ground_truth": False,
+        "created_at": now, "updated_at": now, "draft_created_at": None, "lead_time": 7.5, "prediction": {},
+        "result_count": len(task.objects), "unique_id": f"hitl-{annotation_id}", "import_id": None,
+        "last_action": None, "bulk_created": False, "task": task.task_id, "project": PROJECT_ID, "completed_by": 1,
+        "updated_by": 1, "parent_prediction": None, "parent_annotation": None, "last_created_by": None,
+    }
+    return {
+        "action": action,
+        "annotation": annotation,
+        "task": {"id": task.task_id, "data": {"image": task.reference}, "meta": {}, "is_labeled": True,
+                 "project": PROJECT_ID},
+        "project": {"id": PROJECT_ID, "title": "hitl-bench", "label_config": label_config, "model_version": ""},
+    }
+
+
+def region_outcomes(task: SceneTask, prediction: Mapping[str, Any],
+                    plan: FillPlan) -> list[tuple[str, dict[str, bool]]]:
+    """For each object: its shape and, per proposed field, whether the proposal equals the ground truth."""
+    proposed = parse_annotation_regions(prediction.get("result") or [], plan)
+    truth = parse_annotation_regions(ground_truth_result(task), plan)
+    outcomes = []
+    for index, obj in enumerate(task.objects):
+        region_id = task.region_id(index)
+        fields = proposed.get(region_id)
+        if fields is None:
+            outcomes.append((obj.shape, {"region": False}))
+            continue
+        outcomes.append((obj.shape, compare_fields(fields, truth[region_id])))
+    return outcomes
+
+
+@dataclass
+class Acceptance:
+    """Regions accepted unchanged, split into the new concept and the old ones."""
+
+    new: list[bool] = field(default_factory=list)
+    old: list[bool] = field(default_factory=list)
+    fields: dict[str, list[bool]] = field(default_factory=dict)
+
+    def add(self, shape: str, kept: Mapping[str, bool]) -> None:
+        """Count one region."""
+        accepted = bool(kept) and all(kept.values())
+        (self.new if shape == NEW_SHAPE else self.old).append(accepted)
+        for name, ok in kept.items():
+            self.fields.setdefault(f"{'new' if shape == NEW_SHAPE else 'old'} {name}", []).append(ok)
+
+    @staticmethod
+    def rate(values: Sequence[bool]) -> float:
+        """Share of True (NaN when empty)."""
+        return sum(values) / len(values) if values else float("nan")
+
+    def to_json(self) -> dict[str, Any]:
+        """Rates and counts."""
+        return {"new_concept": self.rate(self.new), "new_regions": len(self.new),
+                "old_concepts": self.rate(self.old), "old_regions": len(self.old),
+                "fields": {name: self.rate(v) for name, v in sorted(self.fields.items())}}
+
+
+# ---------------------------------------------------------------------- processes
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def private_redis(directory: Path) -> Iterator[str]:
+    """A throw-away `redis-server` on a free port; yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server not found: install it or pass --redis-url")
+    port = free_port()
+    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                                "no", "--dir", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+class Backend:
+    """`serve-api` and one `worker` as subprocesses, and an HTTP client for the API."""
+
+    def __init__(self, env: Mapping[str, str], logs: Path):
+        import httpx
+
+        self.env = dict(env)
+        self.logs = logs
+        self.port = free_port()
+        self.env.update({"PORT": str(self.port), "HOST": "127.0.0.1"})
+        self.processes: list[subprocess.Popen] = []
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=900)
+
+    def _start(self, args: list[str], log_name: str) -> subprocess.Popen:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with open(self.logs / log_name, "ab") as log:
+            process = subprocess.Popen([sys.executable, "-m", "backend", *args], cwd=REPO, env=self.env, stdout=log,
+                                       stderr=subprocess.STDOUT)
+        self.processes.append(process)
+        return process
+
+    def start(self, timeout: float = 180) -> None:
+        """Start both processes; return once the API answers and the worker has loaded the model."""
+        import httpx
+        import redis
+
+        api = self._start(["serve-api"], "api.log")
+        worker = self._start(["worker", "--name", f"hitl-{os.getpid()}"], "worker.log")
+        connection = redis.Redis.from_url(self.env["REDIS_URL"])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for process, name in ((api, "api.log"), (worker, "worker.log")):
+                if process.poll() is not None:
+                    raise RuntimeError(f"{name[:-4]} exited:\n{self.tail(name)}")
+            with contextlib.suppress(httpx.HTTPError):
+                if self.client.get("/health").status_code == 200 and connection.exists(f"rq:worker:hitl-{os.getpid()}"):
+                    return
+            time.sleep(0.2)
+        raise RuntimeError(f"the backend did not start within {timeout:.0f} s:\n{self.tail('worker.log')}")
+
+    def tail(self, name: str, lines: int = 30) -> str:
+        """The end of a process log."""
+        path = self.logs / name
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def stop(self) -> None:
+        """Stop both processes."""
+        self.client.close()
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    def model_version(self) -> str:
+        """What `/setup` answers."""
+        response = self.client.post("/setup", json={"project": f"{PROJECT_ID}.1", "schema": ""})
+        response.raise_for_status()
+        return response.json()["model_version"]
+
+    def predict(self, tasks: Sequence[SceneTask], label_config: str, chunk: int = 8) -> list[dict[str, Any]]:
+        """Pre-annotations of `tasks`, `chunk` tasks per `/predict` (as Label Studio's "Retrieve Predictions")."""
+        predictions = []
+        for start in range(0, len(tasks), chunk):
+            part = tasks[start:start + chunk]
+            body = {"tasks": [task_json(t) for t in part], "label_config": label_config,
+                    "project": f"{PROJECT_ID}.1", "params": {"login": None, "password": None, "context": None}}
+            response = self.client.post("/predict", json=body)
+            if response.status_code != 200:
+                raise RuntimeError(f"/predict answered {response.status_code}: {response.text[:500]}")
+            results = response.json()["results"]
+            missing = [t.task_id for t, r in zip(part, results, strict=True) if "result" not in r]
+            if missing:
+                raise RuntimeError(f"no prediction for tasks {missing}: {results[0].get('detail')}")
+            predictions += results
+        return predictions
+
+    def webhook(self, event: Mapping[str, Any]) -> float:
+        """Post one webhook; returns how long the answer took (seconds)."""
+        started = time.perf_counter()
+        response = self.client.post("/webhook", json=event)
+        if response.status_code != 200:
+            raise RuntimeError(f"/webhook answered {response.status_code}: {response.text[:500]}")
+        return time.perf_counter() - started
+
+
+# ---------------------------------------------------------------------- the loop
+@dataclass
+class LoopResult:
+    """What one run of the loop measured."""
+
+    base_version: str
+    new_version: str
+    before: Acceptance
+    after: Acceptance
+    finetune_seconds: float
+    finetune_output: str
+    webhook_seconds_max: float
+    predict_seconds: dict[str, float]
+    report: str
+
+    def summary(self) -> dict[str, Any]:
+        """Plain JSON of the figures."""
+        return {"base_version": self.base_version, "new_version": self.new_version,
+                "before": self.before.to_json(), "after": self.after.to_json(),
+                "finetune_seconds": round(self.finetune_seconds, 1),
+                "webhook_seconds_max": round(self.webhook_seconds_max, 3),
+                "predict_seconds": {k: round(v, 1) for k, v in self.predict_seconds.items()}}
+
+
+def finetune_env(steps: int, base_data: Path | None) -> dict[str, str]:
+    """FINETUNE_* settings of the loop (tuned for the demo model on a CPU)."""
+    env = {"FINETUNE_STEPS": str(steps), "FINETUNE_LEARNING_RATE": "1e-3", "FINETUNE_LORA_RANK": "16",
+           "FINETUNE_EVAL_FRACTION": "0.2", "FINETUNE_REPLAY_RATIO": "1.0", "FINETUNE_DEVICE": "cpu"}
+    if base_data is not None:
+        env.update({"FINETUNE_BASE_DATA": str(base_data), "FINETUNE_BASE_RATIO": "1.0"})
+    return env
+
+
+def run_loop(workdir: Path, redis_url: str, *, before: int, after: int, steps: int, base_images: int = 120,
+             checkpoint: Path | None = None, key_prefix: str = "hitl", extra_env: Mapping[str, str] | None = None,
+             log: Any = print) -> LoopResult:
+    """The whole loop (see the module docstring) in `workdir`; returns what it measured."""
+    from model.demo import HELD_OUT_SHAPE, ensure_demo_checkpoint
+    from model.synthetic import generate_dataset
+
+    if HELD_OUT_SHAPE != NEW_SHAPE:
+        raise RuntimeError(f"the demo model holds back {HELD_OUT_SHAPE!r}, the bench expects {NEW_SHAPE!r}")
+    checkpoint = checkpoint or ensure_demo_checkpoint()
+    label_config = LABEL_CONFIG_FILE.read_text(encoding="utf-8")
+    plan = FillPlan.from_label_config(label_config)
+    images = workdir / "images"
+    model_dir = workdir / "models"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    base_version = "demo"
+    (model_dir / base_version).symlink_to(checkpoint.resolve(), target_is_directory=True)
+    (model_dir / "current").write_text(base_version + "\n")
+    base_data = None
+    if base_images:
+        base_data = generate_dataset(workdir / "base", base_images, 4242, "base", exclude_shapes=[NEW_SHAPE],
+                                     tasks=("caption", "attribute"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_", "FINETUNE_"))}
+    env.update({
+        "REDIS_URL": redis_url, "REDIS_KEY_PREFIX": key_prefix, "MODEL_DIR": str(model_dir),
+        "DATA_DIR": str(workdir / "data"), "LOCAL_FILES_DOCUMENT_ROOT": str(images), "DEVICE": "cpu",
+        "BATCH_PREDICT_DEADLINE": "900", "INTERACTIVE_TIMEOUT": "300", "BATCH_JOB_TIMEOUT": "900",
+        "LOG_LEVEL": "WARNING", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        **finetune_env(steps, base_data), **(extra_env or {}),
+    })
+    log(f"[hitl] tasks: {before} before, {after} after; demo checkpoint {checkpoint}")
+    first = make_tasks(images, "before", 1, before, seed=7001)
+    second = make_tasks(images, "after", 10_001, after, seed=7002)
+    backend = Backend(env, workdir / "logs")
+    timings: dict[str, float] = {}
+    try:
+        backend.start()
+        version = backend.model_version()
+        started = time.perf_counter()
+        predictions = backend.predict(first, label_config)
+        timings["predict_before"] = time.perf_counter() - started
+        acceptance_before = _acceptance(first, predictions, version, plan)
+        log(f"[hitl] before ({version}): {json.dumps(acceptance_before.to_json())}")
+        webhook_max = max(backend.webhook(annotation_event(task, 100 + i, label_config))
+                          for i, task in enumerate(first))
+
+        started = time.perf_counter()
+        finetune = subprocess.run([sys.executable, str(REPO / "backend" / "finetune.py"), "--min-new", "1",
+                                   "--trigger", "hitl-bench"], cwd=REPO, env=env, capture_output=True, text=True)
+        finetune_seconds = time.perf_counter() - started
+        output = (finetune.stdout + finetune.stderr).strip()
+        verdict = finetune.stdout.strip().splitlines()[-1:] or ["(no output)"]
+        log(f"[hitl] finetune.py exit {finetune.returncode} in {finetune_seconds:.0f} s: {verdict[0]}")
+        new_version = backend.model_version()
+
+        started = time.perf_counter()
+        predictions = backend.predict(second, label_config)
+        timings["predict_after"] = time.perf_counter() - started
+        acceptance_after = _acceptance(second, predictions, new_version, plan)
+        log(f"[hitl] after ({new_version}): {json.dumps(acceptance_after.to_json())}")
+        for i, task in enumerate(second):
+            webhook_max = max(webhook_max, backend.webhook(annotation_event(task, 10_000 + i, label_config)))
+        report = subprocess.run([sys.executable, "-m", "backend", "report", "--png", str(workdir / "acceptance.png")],
+                                cwd=REPO, env=env, capture_output=True, text=True)
+        versions = subprocess.run([sys.executable, "-m", "backend", "versions"], cwd=REPO, env=env,
+                                  capture_output=True, text=True)
+    finally:
+        backend.stop()
+    return LoopResult(version, new_version, acceptance_before, acceptance_after, finetune_seconds, output,
+                      webhook_max, timings, (versions.stdout + "\n" + report.stdout + report.stderr).strip())
+
+
+def _acceptance(tasks: Sequence[SceneTask], predictions: Sequence[Mapping[str, Any]], version: str,
+                plan: FillPlan) -> Acceptance:
+    acceptance = Acceptance()
+    for task, prediction in zip(tasks, predictions, strict=True):
+        if prediction.get("model_version") != version:
+            raise RuntimeError(f"prediction of version {prediction.get('model_version')!r}, /setup says {version!r}")
+        for shape, kept in region_outcomes(task, prediction, plan):
+            acceptance.add(shape, kept)
+    return acceptance
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the loop and print its figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", type=int, default=48, help="tasks pre-annotated and corrected before")
+    parser.add_argument("--after", type=int, default=32, help="tasks pre-annotated by the new version")
+    parser.add_argument("--steps", type=int, default=160, help="fine-tune optimizer steps")
+    parser.add_argument("--base-images", type=int, default=120, help="synthetic base images for replay (0: none)")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep everything here (default: a temp dir)")
+    parser.add_argument("--redis-url", default=None, help="Redis to use (default: a private redis-server)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="model to start from (default: the demo model, trained first if not cached)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
+    args = parser.parse_args(argv)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="hitl-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        url = args.redis_url or stack.enter_context(private_redis(workdir))
+        result = run_loop(workdir, url, before=args.before, after=args.after, steps=args.steps,
+                          base_images=args.base_images, checkpoint=args.checkpoint,
+                          key_prefix=f"hitl-{os.getpid()}")
+    before, after = result.before.to_json(), result.after.to_json()
+    print()
+    print(f"accepted unchanged, new concept '{NEW_SHAPE}': {before['new_concept']:.1%} ({before['new_regions']} "
+          f"regions, {result.base_version}) -> {after['new_concept']:.1%} ({after['new_regions']} regions, "
+          f"{result.new_version})")
+    print(f"accepted unchanged, old concepts: {before['old_concepts']:.1%} ({before['old_regions']} regions) -> "
+          f"{after['old_concepts']:.1%} ({after['old_regions']} regions)")
+    print(f"fine-tune wall time: {result.finetune_seconds:.0f} s; slowest webhook answer: "
+          f"{1000 * result.webhook_seconds_max:.0f} ms")
+    print(f"per-field acceptance before: {json.dumps(before['fields'])}")
+    print(f"per-field acceptance after:  {json.dumps(after['fields'])}")
+    print()
+    print(result.report)
+    print(f"\nworking files: {workdir}")
+    if args.json:
+        args.json.write_text(json.dumps(result.summary(), indent=2))
+    return 0 if result.new_version != result.base_version else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
