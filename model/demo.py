@@ -41,6 +41,7 @@ class DemoRecipe:
     learning_rate: float = 1e-3
     images_per_batch: int = 2
     records_per_image: int = 16
+    pairs_per_relation: int = 1
     # The vision tower stays frozen at its random initialisation, as GPT4RoI keeps CLIP frozen: random
     # patch projections keep colour and shape, and training it from scratch here only slowed learning.
     trainable: str = "all_but_vision"
@@ -97,7 +98,8 @@ def build_demo(out_dir: Path, recipe: DemoRecipe | None = None, progress: bool =
         log(f"[demo] generating {recipe.train_images} + {recipe.heldout_images} synthetic images "
             f"(shape '{HELD_OUT_SHAPE}' held back)")
         train_path = generate_dataset(work, recipe.train_images, recipe.train_seed, "train",
-                                      exclude_shapes=[HELD_OUT_SHAPE], workers=1)
+                                      exclude_shapes=[HELD_OUT_SHAPE], workers=1,
+                                      pairs_per_relation=recipe.pairs_per_relation)
         heldout_path = generate_dataset(work, recipe.heldout_images, recipe.heldout_seed, "heldout",
                                         exclude_shapes=[HELD_OUT_SHAPE], workers=1)
         tokenizer = train_sentencepiece(corpus_texts(), vocab_size=recipe.tokenizer_vocab)
@@ -147,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="checkpoint directory (default: the cache)")
     parser.add_argument("--force", action="store_true", help="train again even if a checkpoint exists")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    # One thread: these matrices are small, and two threads on two busy cores spin far more than they compute.
+    torch.set_num_threads(1)
     out = args.out or default_checkpoint_dir()
     if args.force or not (out / "demo_report.json").is_file():
         build_demo(out)
