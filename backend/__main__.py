@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -141,6 +142,8 @@ def _serve_all(settings: Settings) -> int:
         log.info("embedded Redis at %s", redis_url)
     env = {**os.environ, "REDIS_URL": redis_url}
     worker = subprocess.Popen([sys.executable, "-m", "backend", "worker"], env=env)
+    # Fine-tunes (START_TRAINING, every FINETUNE_EVERY_N corrections) have their own queue and process.
+    finetuner = subprocess.Popen([sys.executable, "-m", "backend", "finetune-worker"], env=env)
     stopping = threading.Event()
     threading.Thread(target=_watch_worker, args=(worker, stopping), daemon=True).start()
     # uvicorn re-raises the SIGTERM/SIGINT it handled once it has shut down; turning that into SystemExit
@@ -148,14 +151,16 @@ def _serve_all(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_on_signal)
     try:
-        return _serve_api(settings, redis_url)
+        return _serve_api(dataclasses.replace(settings, redis_url=redis_url), redis_url)
     finally:
         stopping.set()
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        for process in (worker, finetuner):
+            process.terminate()
+        for process in (worker, finetuner):
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
         if embedded is not None:
             embedded.shutdown()
 

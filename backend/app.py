@@ -40,6 +40,7 @@ from backend.labelconfig import ConfigError
 from backend.labelstudio_backend import GPT4RoIBackend, PredictionFailed, PredictionTimeout, RequestError
 from backend.metrics import Metrics
 from backend.settings import Settings
+from backend.stats import register_metrics
 from backend.webhooks import SECRET_HEADER, WebhookError, parse_event, secret_matches
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     url = redis_url or settings.effective_redis_url
     queue = JobQueue(settings, connect(url, settings), url)
     metrics = Metrics(queue, version=lambda: registry.current_version(settings))
+    register_metrics(metrics.registry, settings)
     backend = GPT4RoIBackend(settings, queue, observer=metrics)
     predict_threads = anyio.CapacityLimiter(settings.threads)
     event_threads = anyio.CapacityLimiter(max(4, settings.threads // 2))

@@ -19,7 +19,8 @@ prediction result, and otherwise from the `predictions` table, which the worker 
 (`record_job_output`, or `record_prediction` for one region), keyed by task id and region id: Label
 Studio keeps a prediction's region ids when an annotator accepts and edits it.
 
-The schema is plain SQL (five tables, no SQLite-only types), so another database could replace this file.
+The schema is plain SQL (six small tables, no SQLite-only types), so another database could replace this
+file.
 `DATA_DIR` must be shared by the API and the workers (one machine or one volume); SQLite in WAL mode
 lets several processes read and write it, not a network file system.
 """
@@ -316,7 +317,7 @@ class CorrectionsStore:
     def record_event(self, event: Mapping[str, Any]) -> dict[str, Any]:
         """Store one webhook event and what it implies, in one transaction; returns a short summary."""
         action = str(event.get("action"))
-        body = json.dumps(event, ensure_ascii=False, separators=(",", ":"), default=str)
+        body = json.dumps(_redacted(event), ensure_ascii=False, separators=(",", ":"), default=str)
         annotation = event.get("annotation") if isinstance(event.get("annotation"), Mapping) else None
         annotation_id = _int_or_none(annotation.get("id")) if annotation else None
         summary: dict[str, Any] = {"action": action, "samples": 0}
@@ -751,6 +752,18 @@ def _run_from_row(row: sqlite3.Row) -> FinetuneRun:
         finished_at=row["finished_at"], heartbeat_at=row["heartbeat_at"], trigger=row["trigger_name"],
         parent=row["parent"], candidate=row["candidate"], watermark=row["watermark"], message=row["message"],
         details=json.loads(row["details"]) if row["details"] else {})
+
+
+def _redacted(event: Mapping[str, Any]) -> dict[str, Any]:
+    # The project object carries its share token and task-data credentials; the store never needs them.
+    project = event.get("project")
+    if not isinstance(project, Mapping) or not any(key in project for key in _PROJECT_SECRETS):
+        return dict(event)
+    clean = {k: ("***" if k in _PROJECT_SECRETS and v else v) for k, v in project.items()}
+    return {**event, "project": clean}
+
+
+_PROJECT_SECRETS = frozenset({"token", "task_data_login", "task_data_password"})
 
 
 def _int_or_none(value: Any) -> int | None:
