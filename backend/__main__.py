@@ -27,7 +27,7 @@ import sys
 import threading
 from pathlib import Path
 
-from backend.settings import Settings, SettingsError, settings_table_markdown
+from backend.settings import Settings, load_for_command, settings_table_markdown
 
 log = logging.getLogger("backend")
 
@@ -63,12 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "settings":
         print(settings_table_markdown())
         return 0
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_for_command()
     if args.command == "serve-api":
         return _serve_api(settings, settings.effective_redis_url)
     if args.command == "worker":

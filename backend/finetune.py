@@ -83,7 +83,7 @@ from backend.corrections import (
     split_held_out,
     training_records,
 )
-from backend.settings import Settings, SettingsError
+from backend.settings import Settings, load_for_command
 from backend.stats import AcceptanceStats
 
 log = logging.getLogger("backend.finetune")
@@ -560,12 +560,7 @@ def main(argv: list[str] | None = None) -> int:
                "`python -m backend settings` lists them.")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_for_command()
     try:
         with _terminate_as_interrupt():
             return run_from_args(settings, args)

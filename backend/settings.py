@@ -266,6 +266,21 @@ class Settings:
         return (netloc.rsplit("@", 1)[-1].lower(),) if netloc else ()
 
 
+def load_for_command() -> Settings:
+    """Settings from the environment for a command-line entry point, with logging configured; a bad value
+    ends the process with status 2 and a message naming the variable."""
+    import logging
+    import sys
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return settings
+
+
 @dataclass(frozen=True)
 class SettingInfo:
     """One row of the configuration table."""

@@ -84,8 +84,15 @@ def settings_env_names() -> set[str]:
     return {f.metadata["env"] for f in dataclasses.fields(Settings)}
 
 
-def test_compose_has_the_five_services(services: dict[str, Any]):
-    assert set(services) == {"label-studio", "redis", "backend", "worker", "finetune"}
+def test_compose_has_every_service(services: dict[str, Any]):
+    assert set(services) == {"label-studio", "redis", "backend", "worker", "finetune-worker", "finetune"}
+
+
+def test_the_finetune_queue_has_a_consumer_with_its_own_gpu(services: dict[str, Any]):
+    consumer = services["finetune-worker"]
+    assert consumer["command"] == ["python", "-m", "backend", "finetune-worker"]
+    devices = consumer["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
 
 
 def test_label_studio_is_the_official_image_allowed_to_reach_the_backend(services: dict[str, Any]):
