@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .data_format import RegionSample, read_jsonl
 from .inference import RegionAnnotator, RegionQuery
 from .metrics import attribute_match, caption_metrics, confusion_table, format_table
+from .processing_gpt4roi import normalize_boxes
 from .synthetic import parse_caption
 
 
@@ -50,10 +51,7 @@ def predict(annotator: RegionAnnotator, samples: Sequence[RegionSample], batch_i
             image = Image.open(path).convert("RGB")
             for i in order[path]:
                 sample = samples[i]
-                boxes = tuple(
-                    (x1 / sample.width, y1 / sample.height, x2 / sample.width, y2 / sample.height)
-                    for x1, y1, x2, y2 in sample.boxes
-                )
+                boxes = tuple(map(tuple, normalize_boxes(sample.boxes, sample.width, sample.height).tolist()))
                 queries.append(RegionQuery(image, boxes, sample.conversations[0]["value"]))
                 rows.append(i)
         for row, answer in zip(rows, annotator.answer(queries), strict=True):

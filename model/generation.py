@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from .modeling_gpt4roi import GPT4RoIForCausalLM, ImageFeatures
+from .processing_gpt4roi import IGNORE_INDEX, pad_sequences
 from .prompts import ASSISTANT_ROLE, STOP_STRING, build_prompt, parse_answer
 from .tokenization_gpt4roi import GPT4RoITokenizer
 
 ANSWER_PREFIX = f"{ASSISTANT_ROLE}:"
-IGNORE_INDEX = -100
 
 
 def generation_prompt(question: str) -> str:
@@ -33,12 +33,7 @@ def generation_prompt(question: str) -> str:
 def left_pad(
     sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, length - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
-        mask[row, length - len(seq):] = 1
+    ids, mask = pad_sequences(sequences, pad_id, left=True)
     return ids.to(device), mask.to(device)
 
 

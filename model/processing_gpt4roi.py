@@ -43,6 +43,7 @@ __all__ = [
     "boxes_from_percent",
     "clip_preprocess",
     "normalize_boxes",
+    "pad_sequences",
     "sanitize_boxes",
     "to_rgb",
 ]
@@ -328,7 +329,7 @@ class GPT4RoIProcessor:
                 )
             sequences.append(ids)
             clean_boxes.append(sanitized)
-        input_ids, attention_mask = _pad(sequences, self.tokenizer.pad_token_id, left=True)
+        input_ids, attention_mask = pad_sequences(sequences, self.tokenizer.pad_token_id, left=True)
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -441,10 +442,10 @@ class GPT4RoIProcessor:
                 raise ValueError(
                     f"sample {i} has {found} {BBOX_TOKEN} tokens but {len(sample['boxes'])} boxes"
                 )
-        input_ids, attention_mask = _pad(
+        input_ids, attention_mask = pad_sequences(
             [s["input_ids"].tolist() for s in samples], self.tokenizer.pad_token_id
         )
-        labels, _ = _pad([s["labels"].tolist() for s in samples], IGNORE_INDEX)
+        labels, _ = pad_sequences([s["labels"].tolist() for s in samples], IGNORE_INDEX)
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -487,7 +488,7 @@ class GPT4RoIProcessor:
         )
 
 
-def _pad(
+def pad_sequences(
     sequences: Sequence[Sequence[int]], value: int, left: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad to the longest sequence; returns the padded ids and the 0/1 mask of real tokens."""

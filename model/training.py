@@ -33,7 +33,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .data_format import RegionSample
 from .modeling_gpt4roi import GPT4RoIForCausalLM
-from .processing_gpt4roi import GPT4RoIProcessor, normalize_boxes
+from .processing_gpt4roi import IGNORE_INDEX, GPT4RoIProcessor, normalize_boxes, pad_sequences
 
 Trainable = Literal["region", "all_but_vision", "all", "lora"]
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -205,19 +205,14 @@ def collate(
             prefix = ids[:split].tolist()
         elif ids[:split].tolist() != prefix:
             raise ValueError(f"record {sample.id} does not start with the shared image prefix")
-        if (labels[:split] != -100).any():
+        if (labels[:split] != IGNORE_INDEX).any():
             raise ValueError(f"record {sample.id} has training targets inside the image prefix")
         rests.append((ids[split:], labels[split:]))
         kept = int((ids == processor.tokenizer.bbox_token_id).sum())
         boxes.append(normalize_boxes(sample.boxes, sample.width, sample.height)[:kept])
         image_index.append(paths.setdefault(str(sample.image), len(paths)))
-    length = max(len(ids) for ids, _ in rests)
-    pad = processor.tokenizer.pad_token_id
-    input_ids = torch.full((len(rests), length), pad, dtype=torch.long)
-    labels = torch.full((len(rests), length), -100, dtype=torch.long)
-    mask = torch.zeros((len(rests), length), dtype=torch.long)
-    for row, (ids, lab) in enumerate(rests):
-        input_ids[row, : len(ids)], labels[row, : len(ids)], mask[row, : len(ids)] = ids, lab, 1
+    input_ids, mask = pad_sequences([ids.tolist() for ids, _ in rests], processor.tokenizer.pad_token_id)
+    labels, _ = pad_sequences([lab.tolist() for _, lab in rests], IGNORE_INDEX)
     return {
         "prefix_ids": torch.tensor(prefix),
         "input_ids": input_ids,
