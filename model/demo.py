@@ -92,6 +92,10 @@ def build_demo(out_dir: Path, recipe: DemoRecipe | None = None, progress: bool =
     recipe = recipe or DemoRecipe()
     started = time.perf_counter()
     torch.manual_seed(recipe.seed)
+    # One thread wherever it is called from: the same numbers every time (the thread count changes the
+    # order of float sums), and these small matrices gain nothing from two busy cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="gpt4roi-demo-"))
     try:
         log = print if progress else (lambda *a, **k: None)
@@ -141,6 +145,7 @@ def build_demo(out_dir: Path, recipe: DemoRecipe | None = None, progress: bool =
         log(f"[demo] wrote {out_dir} in {summary['wall_seconds']:.0f} s wall time")
         return out_dir
     finally:
+        torch.set_num_threads(threads)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -149,8 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="checkpoint directory (default: the cache)")
     parser.add_argument("--force", action="store_true", help="train again even if a checkpoint exists")
     args = parser.parse_args(argv)
-    # One thread: these matrices are small, and two threads on two busy cores spin far more than they compute.
-    torch.set_num_threads(1)
     out = args.out or default_checkpoint_dir()
     if args.force or not (out / "demo_report.json").is_file():
         build_demo(out)
