@@ -246,6 +246,11 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
+    def end_headers(self) -> None:
+        # The labeling UI downloads images with cross-origin fetches, which a browser refuses without this.
+        self.send_header("Access-Control-Allow-Origin", "*")
+        super().end_headers()
+
 
 class ImageServer:
     """Serves the files of one folder over HTTP on 127.0.0.1, from a background thread."""
@@ -440,6 +445,10 @@ class LabelStudioClient:
             raise ValueError("pass exactly one of task_id and project_id")
         params = {"task": task_id} if task_id is not None else {"project": project_id}
         return self.request("GET", "/api/predictions", params=params)
+
+    def delete_prediction(self, prediction_id: int) -> None:
+        """``DELETE /api/predictions/{id}``."""
+        self.request("DELETE", f"/api/predictions/{prediction_id}")
 
     def wait_for_predictions(self, task_id: int, count: int = 1, timeout_s: float = 60.0,
                              poll_s: float = 0.5) -> list[dict[str, Any]]:
