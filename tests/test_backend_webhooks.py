@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import pytest
 
@@ -54,6 +56,24 @@ def test_with_the_corrections_store_events_go_there(tmp_path):
     settings = Settings(data_dir=tmp_path, model_dir=tmp_path / "models")
     assert store_event(settings, capture("14")["request"]["json"]) == "corrections"
     assert not event_log_path(settings).exists()
+
+
+def test_concurrent_events_are_all_stored_and_a_malformed_one_fails_alone(tmp_path):
+    corrections = pytest.importorskip("backend.corrections")
+    settings = Settings(data_dir=tmp_path, model_dir=tmp_path / "models")
+    events = []
+    for annotation_id in range(1, 21):
+        event = copy.deepcopy(capture("09")["request"]["json"])
+        event["annotation"]["id"] = event["task"]["id"] = annotation_id
+        events.append(event)
+    events[6]["annotation"]["id"] = "seven"
+    with ThreadPoolExecutor(max_workers=len(events)) as pool:
+        answers = [pool.submit(store_event, settings, event) for event in events]
+        wait(answers)
+    assert [a.result() for i, a in enumerate(answers) if i != 6] == ["corrections"] * 19
+    with pytest.raises(corrections.CorrectionsError, match="no integer 'id'"):
+        answers[6].result()
+    assert corrections.CorrectionsStore.for_settings(settings).annotation_ids() == set(range(1, 21)) - {7}
 
 
 def test_concurrent_appends_keep_every_line_whole(tmp_path):

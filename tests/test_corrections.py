@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import io
+import os
+import signal
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -320,13 +325,19 @@ def test_a_redis_outage_does_not_lose_the_event(settings):
     assert [e["action"] for e in store_of(settings).events()] == ["START_TRAINING"]
 
 
-def test_concurrent_webhooks_are_all_stored(settings):
+def test_concurrent_webhooks_are_all_stored_once_and_committed_before_each_call_returns(settings):
+    path = store_of(settings).path
     errors: list[BaseException] = []
 
     def send(offset: int) -> None:
         try:
             for k in range(10):
                 corrections.record_event(settings, annotation(offset + k, offset + k, f"caption {offset + k}"))
+                # Another connection (another process, after a crash) already sees it.
+                with contextlib.closing(sqlite3.connect(path)) as fresh:
+                    found = fresh.execute("SELECT caption FROM samples WHERE annotation_id = ?",
+                                          (offset + k,)).fetchall()
+                assert found == [(f"caption {offset + k}",)]
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -338,6 +349,135 @@ def test_concurrent_webhooks_are_all_stored(settings):
     assert errors == []
     assert len(store_of(settings).annotation_ids()) == 160
     assert store_of(settings).count_regions() == 160
+    assert len(store_of(settings).events()) == 160
+
+
+@pytest.fixture
+def held_writer(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[list[int], threading.Event]]:
+    """Records the size of every committed group; the first group waits for the event, so that what is
+    written meanwhile queues up behind it."""
+    sizes: list[int] = []
+    release = threading.Event()
+    commit = corrections._commit_group
+
+    def held(db: sqlite3.Connection, group: Any) -> Any:
+        sizes.append(len(group))
+        if len(sizes) == 1:
+            release.wait(30)
+        return commit(db, group)
+
+    monkeypatch.setattr(corrections, "_commit_group", held)
+    yield sizes, release
+    release.set()
+
+
+def burst(store: CorrectionsStore, events: list[dict[str, Any]]) -> tuple[list[threading.Thread], list[Any]]:
+    """Record `events` from one thread each and return once all of them wait for the held writer: the
+    threads, and the list where each call's summary or error will be."""
+    outcomes: list[Any] = [None] * len(events)
+
+    def send(index: int) -> None:
+        try:
+            outcomes[index] = store.record_event(events[index])
+        except Exception as exc:
+            outcomes[index] = exc
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(events))]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while store._writes is None or store._writes.qsize() < len(events):
+        assert time.monotonic() < deadline, "the burst never reached the writer"
+        time.sleep(0.01)
+    return threads, outcomes
+
+
+def test_a_burst_of_events_is_committed_in_one_transaction(settings, held_writer):
+    sizes, release = held_writer
+    store = store_of(settings)
+    first = threading.Thread(target=store.record_event, args=(annotation(1, 1, "first"),))
+    first.start()
+    while not sizes:
+        time.sleep(0.01)
+    threads, outcomes = burst(store, [annotation(i, i, f"caption {i}") for i in range(2, 22)])
+    assert all(outcome is None for outcome in outcomes), "no call may return before its commit"
+    release.set()
+    for thread in [first, *threads]:
+        thread.join(timeout=30)
+    assert sizes == [1, 20]
+    assert outcomes == [{"action": "ANNOTATION_CREATED", "samples": 1}] * 20
+    assert store.annotation_ids() == set(range(1, 22))
+
+
+def test_a_malformed_event_in_a_burst_fails_alone(settings, held_writer):
+    sizes, release = held_writer
+    store = store_of(settings)
+    first = threading.Thread(target=store.record_event, args=(annotation(1, 1, "first"),))
+    first.start()
+    while not sizes:
+        time.sleep(0.01)
+    broken = annotation(5, 5, "broken")
+    broken["annotation"]["id"] = "not a number"
+    events = [annotation(i, i, f"caption {i}") for i in range(2, 5)] + [broken] + [annotation(6, 6, "caption 6")]
+    threads, outcomes = burst(store, events)
+    release.set()
+    for thread in [first, *threads]:
+        thread.join(timeout=30)
+    assert sizes == [1, 5]
+    assert isinstance(outcomes[3], corrections.CorrectionsError) and "no integer 'id'" in str(outcomes[3])
+    assert [o for i, o in enumerate(outcomes) if i != 3] == [{"action": "ANNOTATION_CREATED", "samples": 1}] * 4
+    assert store.annotation_ids() == {1, 2, 3, 4, 6}
+    # Nothing of the malformed event is kept, not even its verbatim copy.
+    assert len(store.events()) == 5
+
+
+def test_a_failed_commit_fails_its_group_and_the_writer_goes_on(settings, monkeypatch):
+    commit = corrections._commit_group
+    failures = iter([sqlite3.OperationalError("disk I/O error")])
+
+    def failing_once(db: sqlite3.Connection, group: Any) -> Any:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return commit(db, group)
+
+    monkeypatch.setattr(corrections, "_commit_group", failing_once)
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+        corrections.record_event(settings, annotation(1, 1, "lost"))
+    assert corrections.record_event(settings, annotation(2, 2, "kept"))["samples"] == 1
+    assert store_of(settings).annotation_ids() == {2}
+
+
+def test_a_closed_store_starts_a_new_writer(settings):
+    store = store_of(settings)
+    store.record_event(annotation(1, 1, "before"))
+    store.close()
+    store.record_event(annotation(2, 2, "after"))
+    assert store.annotation_ids() == {1, 2}
+
+
+def test_a_forked_child_writes_through_its_own_writer(settings):
+    # The fine-tune worker forks a child per job; the parent's writer thread does not exist there.
+    store = store_of(settings)
+    store.record_event(annotation(1, 1, "parent"))
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        stored = None
+        try:
+            store.record_event(annotation(2, 2, "child"))
+            with contextlib.closing(sqlite3.connect(store.path)) as fresh:
+                stored = fresh.execute("SELECT 1 FROM annotations WHERE annotation_id = 2").fetchone()
+        finally:
+            os._exit(0 if stored else 1)
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the child's write never returned")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert store.annotation_ids() == {1, 2}
 
 
 @pytest.mark.usefixtures("redis_db")
@@ -351,6 +491,14 @@ def test_the_webhook_route_answers_after_the_commit(api, base_env):
     store = CorrectionsStore(Path(base_env["DATA_DIR"]) / corrections.DB_FILE)
     [region] = [r for r in store.regions() if r.annotation_id == 987_654]
     assert region.caption == "stored before the answer"
+
+
+def test_a_malformed_annotation_is_refused_with_its_reason(api):
+    body = annotation(987_655, 4322, "never stored")
+    body["annotation"]["result"] = "not a list"
+    response = api.client.post("/webhook", json=body)
+    assert response.status_code == 422
+    assert response.json()["detail"] == "an annotation's 'result' must be a list of result items"
 
 
 # ---------------------------------------------------------------------- statistics and report
