@@ -179,8 +179,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "image_size": 96, "patch_size": 12, "hidden_act": "quick_gelu",
         },
         "text_config": {
-            "vocab_size": 518, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3,
-            "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512,
+            "vocab_size": 518, "hidden_size": 192, "intermediate_size": 384, "num_hidden_layers": 3,
+            "num_attention_heads": 6, "num_key_value_heads": 6, "max_position_embeddings": 512,
             "rms_norm_eps": 1e-6, **_LLAMA_SPECIAL,
         },
         "pyramid_feature_layers": [1, 2, 3, 4],

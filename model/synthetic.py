@@ -64,6 +64,7 @@ from model.prompts import (
 
 __all__ = [
     "ATTRIBUTES",
+    "ATTRIBUTE_VALUES",
     "COLORS",
     "MAX_BOX_CLUTTER",
     "MAX_OCCLUSION",
@@ -141,13 +142,15 @@ _PLACEMENT_TRIES = 40
 # A worker process costs about a second to start; below this many images per worker it does not pay.
 _IMAGES_PER_WORKER_START = 200
 
-_VOCABULARY: Mapping[str, tuple[str, ...]] = {
+ATTRIBUTE_VALUES: Mapping[str, tuple[str, ...]] = {
     "size": SIZES,
     "color": COLORS,
     "texture": TEXTURES,
     "shape": SHAPES,
 }
-_ATTRIBUTE_OF_WORD: Mapping[str, str] = {word: attribute for attribute, words in _VOCABULARY.items() for word in words}
+_ATTRIBUTE_OF_WORD: Mapping[str, str] = {
+    word: attribute for attribute, words in ATTRIBUTE_VALUES.items() for word in words
+}
 
 
 # ------------------------------------------------------------------ objects
@@ -204,8 +207,8 @@ def make_caption(attributes: Mapping[str, str]) -> str:
     if missing:
         raise ValueError(f"a caption needs {', '.join(ATTRIBUTES)}; missing {', '.join(missing)}")
     for name in ATTRIBUTES:
-        if attributes[name] not in _VOCABULARY[name]:
-            raise ValueError(f"unknown {name} {attributes[name]!r}; expected one of {_VOCABULARY[name]}")
+        if attributes[name] not in ATTRIBUTE_VALUES[name]:
+            raise ValueError(f"unknown {name} {attributes[name]!r}; expected one of {ATTRIBUTE_VALUES[name]}")
     return "a {size} {color} {texture} {shape}".format(**attributes)
 
 

@@ -191,30 +191,27 @@ def image_batches(
 def collate(
     samples: Sequence[RegionSample], processor: GPT4RoIProcessor, cache: ImageCache, max_length: int | None = None
 ) -> dict:
-    """A batch split at `<im_end>`: the prefix every record shares (ids only; the image features are
-    spliced per image), each record's right-padded rest with labels, one pixel row per distinct image,
-    and each record's image index and normalized boxes."""
+    """A batch split where its records stop agreeing: the prefix every record shares (ids only; the image
+    features are spliced per image; at least through `<im_end>`, never past a `<bbox>` or a target), each
+    record's right-padded rest with labels, one pixel row per distinct image, and each record's image index
+    and normalized boxes."""
     paths: dict[str, int] = {}
-    prefix: list[int] | None = None
+    encoded = [processor.encode_conversation(s.conversations, max_length=max_length) for s in samples]
+    tokenizer = processor.tokenizer
+    split = _shared_prefix_length([ids for ids, _ in encoded], [labels for _, labels in encoded],
+                                  tokenizer.bbox_token_id)
     rests, boxes, image_index = [], [], []
-    end_id = processor.tokenizer.im_end_token_id
-    for sample in samples:
-        ids, labels = processor.encode_conversation(sample.conversations, max_length=max_length)
-        split = int((ids == end_id).nonzero()[-1]) + 1
-        if prefix is None:
-            prefix = ids[:split].tolist()
-        elif ids[:split].tolist() != prefix:
+    for sample, (ids, labels) in zip(samples, encoded, strict=True):
+        if tokenizer.im_end_token_id not in ids[:split].tolist():
             raise ValueError(f"record {sample.id} does not start with the shared image prefix")
-        if (labels[:split] != IGNORE_INDEX).any():
-            raise ValueError(f"record {sample.id} has training targets inside the image prefix")
         rests.append((ids[split:], labels[split:]))
-        kept = int((ids == processor.tokenizer.bbox_token_id).sum())
+        kept = int((ids == tokenizer.bbox_token_id).sum())
         boxes.append(normalize_boxes(sample.boxes, sample.width, sample.height)[:kept])
         image_index.append(paths.setdefault(str(sample.image), len(paths)))
-    input_ids, mask = pad_sequences([ids.tolist() for ids, _ in rests], processor.tokenizer.pad_token_id)
+    input_ids, mask = pad_sequences([ids.tolist() for ids, _ in rests], tokenizer.pad_token_id)
     labels, _ = pad_sequences([lab.tolist() for _, lab in rests], IGNORE_INDEX)
     return {
-        "prefix_ids": torch.tensor(prefix),
+        "prefix_ids": encoded[0][0][:split],
         "input_ids": input_ids,
         "attention_mask": mask,
         "labels": labels,
@@ -222,6 +219,17 @@ def collate(
         "image_index": torch.tensor(image_index),
         "boxes": boxes,
     }
+
+
+def _shared_prefix_length(ids: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], bbox_id: int) -> int:
+    """Length of the longest prefix all records share, cut before the first `<bbox>` or target of any."""
+    first = ids[0]
+    length = min(len(seq) for seq in ids)
+    for seq, lab in zip(ids, labels, strict=True):
+        differs = (seq[:length] != first[:length]) | (seq[:length] == bbox_id) | (lab[:length] != IGNORE_INDEX)
+        if differs.any():
+            length = int(differs.nonzero()[0])
+    return length
 
 
 def batch_loss(model: GPT4RoIForCausalLM, batch: dict) -> torch.Tensor:
