@@ -351,7 +351,7 @@ def _run(settings: Settings, options: FinetuneOptions, store: CorrectionsStore, 
 
     import torch
 
-    from model.training import TrainingConfig, merge_lora, save_adapter, save_checkpoint, train
+    from model.training import LORA_TARGETS, TrainingConfig, merge_lora, save_adapter, save_checkpoint, train
 
     device = _device(options.device or settings.finetune_device)
     model, processor, stored_dtype = _load(parent_path, device)
@@ -360,6 +360,9 @@ def _run(settings: Settings, options: FinetuneOptions, store: CorrectionsStore, 
         trainable="lora", learning_rate=settings.finetune_learning_rate, epochs=settings.finetune_epochs,
         max_steps=options.steps or settings.finetune_steps or None, lora_rank=settings.finetune_lora_rank,
         lora_alpha=2 * settings.finetune_lora_rank, seed=options.seed,
+        region_lr_scale=settings.finetune_region_lr_scale,
+        # The output layer too: a concept new to the model brings words it was never trained to say.
+        lora_targets=(*LORA_TARGETS, "lm_head"),
         gradient_checkpointing=large and device.type == "cuda", progress=False)
     result = train(model, processor, [*records, *base], config)
     log.info("trained %d steps in %.1f s, loss %.3f -> %.3f", result.steps, result.seconds, result.first_loss,

@@ -164,6 +164,10 @@ class Settings:
         3.0, "FINETUNE_EPOCHS", "Passes over the fine-tune data when FINETUNE_STEPS is 0.")
     finetune_learning_rate: float = _setting(2e-4, "FINETUNE_LEARNING_RATE", "Peak learning rate of fine-tunes.")
     finetune_lora_rank: int = _setting(16, "FINETUNE_LORA_RANK", "Rank of the LoRA adapters on the language model.")
+    finetune_region_lr_scale: float = _setting(
+        1.0, "FINETUNE_REGION_LR_SCALE",
+        "Learning rate of the region module relative to FINETUNE_LEARNING_RATE (it trains in full, not through "
+        "LoRA; lower it when the region features are already good and should not drift).")
     finetune_replay_ratio: float = _setting(
         1.0, "FINETUNE_REPLAY_RATIO",
         "Earlier corrections replayed per new one (against forgetting what was learnt before).")

@@ -55,4 +55,5 @@ def test_records_without_ground_truth_are_refused(samples):
     processor = GPT4RoIProcessor(tokenizer, model.config.image_size, model.config.num_image_tokens)
     relations = [s for s in samples if s.meta["task"] == "relation"]
     with pytest.raises(ValueError, match="ground-truth attributes"):
-        pretrain_regions(model, processor, relations, ATTRIBUTE_VALUES, RegionPretrainingConfig(steps=1, progress=False))
+        pretrain_regions(model, processor, relations, ATTRIBUTE_VALUES,
+                         RegionPretrainingConfig(steps=1, progress=False))
