@@ -41,12 +41,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 CAPTURES = REPO.parent / "shared" / "labelstudio-captures"
 CONFIG = REPO / "labelstudio_config" / "interactive.xml"
+SCENE = (640, 480)
 LABELS_CONFIG = REPO / "labelstudio_config" / "referring_classification.xml"
 
 
@@ -83,16 +85,21 @@ def register_existing(root: Path, checkpoint: Path) -> Path:
     return root
 
 
-def image_server(count: int) -> tuple[ThreadingHTTPServer, str]:
-    """Serves `/img/<i>.png`: `count` different 640x480 scenes."""
+def image_server(count: int, size: tuple[int, int] = SCENE,
+                 image_format: str = "PNG") -> tuple[ThreadingHTTPServer, str]:
+    """Serves `/img/<i>.png`: `count` different scenes, drawn at 640x480 and scaled to `size` (a photo-sized
+    JPEG costs what a camera upload costs to download and decode; the objects stay where they were)."""
     from model.synthetic import make_image
 
     files = {}
     for index in range(count):
-        image, _ = make_image(seed=1000 + index, width=640, height=480)
+        image, _ = make_image(seed=1000 + index, width=SCENE[0], height=SCENE[1])
+        if size != SCENE:
+            image = image.resize(size, Image.BICUBIC)
         buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
+        image.save(buffer, format=image_format, **({"quality": 90} if image_format == "JPEG" else {}))
         files[f"/img/{index}.png"] = buffer.getvalue()
+    content_type = f"image/{image_format.lower()}"
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -103,7 +110,7 @@ def image_server(count: int) -> tuple[ThreadingHTTPServer, str]:
         def do_GET(self) -> None:
             body = files.get(self.path)
             self.send_response(200 if body else 404)
-            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body or b"")))
             self.end_headers()
             self.wfile.write(body or b"")
@@ -154,7 +161,8 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 # ---------------------------------------------------------------------- requests
 def interactive_body(image: str, box: tuple[float, float, float, float], label: str | None = "circle",
-                     config: Path = CONFIG, region_id: str = "Drawn01") -> dict[str, Any]:
+                     config: Path = CONFIG, region_id: str = "Drawn01",
+                     size: tuple[int, int] = SCENE) -> dict[str, Any]:
     """Label Studio's interactive request (captured), on a shipped config, for one drawn box (no label: None)."""
     capture = json.loads((CAPTURES / "06_predict_interactive_with_context.json").read_text())
     body = copy.deepcopy(capture["request"]["json"])
@@ -162,14 +170,14 @@ def interactive_body(image: str, box: tuple[float, float, float, float], label: 
     body["tasks"][0]["data"]["image"] = image
     x, y, w, h = box
     drawn = body["params"]["context"]["result"][0]
-    drawn.update(id=region_id, original_width=640, original_height=480)
+    drawn.update(id=region_id, original_width=size[0], original_height=size[1])
     drawn["value"] = {"x": x, "y": y, "width": w, "height": h, "rotation": 0,
                       "rectanglelabels": [label] if label else []}
     return body
 
 
 def box(round_index: int) -> tuple[float, float, float, float]:
-    """A box per round, inside the 640x480 scene."""
+    """A box per round, in percent of the image."""
     return (5.0 + (round_index % 17) * 2.5, 8.0 + (round_index % 13) * 3.0, 22.5, 31.0)
 
 
@@ -197,7 +205,8 @@ class JobTimes:
 
 
 def measure_interactive(client: httpx.Client, jobs: JobTimes, predictor: Any, image_base: str, config: Path,
-                        label: str | None, first_image: int, rounds: int, max_new_tokens: int) -> dict[str, Any]:
+                        label: str | None, first_image: int, rounds: int, max_new_tokens: int,
+                        size: tuple[int, int] = SCENE) -> dict[str, Any]:
     """Bare model call vs HTTP + Redis + worker, and first vs second request on an image, for one config.
 
     The overhead of a request is its HTTP latency minus the time the worker spent in the job itself (as the
@@ -215,7 +224,8 @@ def measure_interactive(client: httpx.Client, jobs: JobTimes, predictor: Any, im
     for index in range(first_image, first_image + rounds):
         x, y, w, h = box(index)
         for sink in (bare_first, bare_second):
-            region = Region("r", x, y, w, h, original_width=640, original_height=480, labels=labels, drawn={"id": "r"})
+            region = Region("r", x, y, w, h, original_width=size[0], original_height=size[1], labels=labels,
+                            drawn={"id": "r"})
             started = time.perf_counter()
             image = predictor.images.get(f"{image_base}/img/{index}.png", None)
             predictor.describe(image, plan, [region], True, max_new_tokens)
@@ -223,9 +233,10 @@ def measure_interactive(client: httpx.Client, jobs: JobTimes, predictor: Any, im
     e2e_first, e2e_second, overheads = [], [], []
     for index in range(first_image, first_image + rounds):
         url = f"{image_base}/img/{index}.png"
-        e2e_first.append(timed_post(client, "/predict", interactive_body(url, box(index), label, config, "Drawn01")))
+        first, second = (interactive_body(url, box(index), label, config, drawn, size) for drawn in ("D1", "D2"))
+        e2e_first.append(timed_post(client, "/predict", first))
         jobs.latest()
-        e2e_second.append(timed_post(client, "/predict", interactive_body(url, box(index), label, config, "Drawn02")))
+        e2e_second.append(timed_post(client, "/predict", second))
         overheads.append(e2e_second[-1] - jobs.latest())
     return {
         "config": config.name, "drawn_label": label,
@@ -236,6 +247,14 @@ def measure_interactive(client: httpx.Client, jobs: JobTimes, predictor: Any, im
         "first_over_second_e2e": round(percentile(e2e_first, 50) / percentile(e2e_second, 50), 2),
         "first_over_second_bare": round(percentile(bare_first, 50) / percentile(bare_second, 50), 2),
     }
+
+
+def image_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 4032x3024, got {text!r}") from None
+    return width, height
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -287,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=30, help="new images, with two boxes each")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--image-size", type=image_size, default=SCENE, metavar="WxH",
+                        help="size of the served images (default 640x480; 4032x3024 is a 12 MP phone photo)")
+    parser.add_argument("--jpeg", action="store_true", help="serve JPEG (quality 90) instead of PNG")
     parser.add_argument("--only", choices=["webhook"], help="run only this measurement")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
@@ -302,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         register_existing(models, args.model_dir)
     elif not webhook_only:
         make_checkpoint(models, args.preset)
-    images, image_base = image_server(2 * args.rounds + 1)
+    images, image_base = image_server(2 * args.rounds + 1, args.image_size, "JPEG" if args.jpeg else "PNG")
     redis_server = Redis(work)
     api_port = free_port()
     env = {**os.environ, "REDIS_URL": redis_server.url, "MODEL_DIR": str(models), "DATA_DIR": str(work / "data"),
@@ -334,15 +356,16 @@ def main(argv: list[str] | None = None) -> int:
                                 allowed_image_hosts=(image_base.split("://", 1)[1],))
             predictor = Predictor(settings)
             predictor.ensure_model()
-            warm_up = interactive_body(f"{image_base}/img/{2 * args.rounds}.png", box(0))
+            warm_up = interactive_body(f"{image_base}/img/{2 * args.rounds}.png", box(0), size=args.image_size)
             timed_post(client, "/predict", warm_up)
             jobs = JobTimes(connection)
             jobs.latest()
             results["caption_and_choices"] = measure_interactive(
-                client, jobs, predictor, image_base, CONFIG, "circle", 0, args.rounds, args.max_new_tokens)
+                client, jobs, predictor, image_base, CONFIG, "circle", 0, args.rounds, args.max_new_tokens,
+                args.image_size)
             results["label_only"] = measure_interactive(
                 client, jobs, predictor, image_base, LABELS_CONFIG, None, args.rounds, args.rounds,
-                args.max_new_tokens)
+                args.max_new_tokens, args.image_size)
 
             # /health and /setup while the worker works through a batch.
             batch = interactive_body(f"{image_base}/img/0.png", box(0))
@@ -391,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results["setup"] = {"model": str(args.model_dir) if args.model_dir else f"random {args.preset} preset",
                         "device": args.device, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
+                        "images": f"{args.image_size[0]}x{args.image_size[1]} {'JPEG' if args.jpeg else 'PNG'}",
                         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"}
     report(results)
     if args.json:
@@ -406,7 +430,7 @@ def report(results: dict[str, Any]) -> None:
     else:
         busy = results["while_busy"]
         print(f"{setup['model']} on {setup['device']}, {setup['max_new_tokens']} new tokens, {setup['rounds']} "
-              f"images per config; {setup['machine']}")
+              f"{setup['images']} images per config; {setup['machine']}")
         for key in ("caption_and_choices", "label_only"):
             i = results[key]
             print(f"{key} ({i['config']}), drawn box, image cached     p50 ms   p90 ms")

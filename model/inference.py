@@ -8,6 +8,7 @@ answers many region questions per forward pass.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ class RegionAnnotator:
         self.max_batch_size = max_batch_size
         self._cache: OrderedDict[str, ImageFeatures] = OrderedDict()
         self._cache_size = image_cache_size
+        self._image_keys: dict[int, tuple[weakref.ref, str]] = {}
         self.cache_hits = 0
         self.cache_misses = 0
         # Every prompt starts with the same tokens up to the image block; they are run once per image.
@@ -81,12 +83,23 @@ class RegionAnnotator:
         return self.model.device
 
     # ------------------------------------------------------------------ images
-    @staticmethod
-    def image_key(image: Image.Image) -> str:
-        """A content key: two decodes of the same file share features, an edited image does not."""
+    def image_key(self, image: Image.Image) -> str:
+        """A content key: two decodes of the same file share features, an edited image does not.
+
+        Hashing a photo's pixels costs tens of milliseconds, as much as answering a box, so the key is
+        remembered for as long as the image object lives: a caller that passes the same object again (the
+        backend's image cache does) skips the hash. PIL images are not mutated in place by this package;
+        a derived image (resized, converted) is a new object and is hashed anew.
+        """
+        remembered = self._image_keys.get(id(image))
+        if remembered is not None and remembered[0]() is image:
+            return remembered[1]
         digest = hashlib.blake2b(image.tobytes(), digest_size=16)
         digest.update(f"{image.mode}{image.size}".encode())
-        return digest.hexdigest()
+        key = digest.hexdigest()
+        ident = id(image)
+        self._image_keys[ident] = (weakref.ref(image, lambda _: self._image_keys.pop(ident, None)), key)
+        return key
 
     def _features(self, images: Sequence[Image.Image]) -> ImageFeatures:
         """Features of `images` (stacked in order), encoding only those not in the cache."""

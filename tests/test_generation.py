@@ -98,6 +98,16 @@ def test_each_image_is_encoded_once_and_then_served_from_the_cache(annotator, im
     assert annotator.cache_misses - misses == 2 and annotator.cache_hits > hits
 
 
+def test_an_image_is_hashed_once_while_a_derived_or_equal_copy_gets_its_own_lookup(annotator, images, monkeypatch):
+    image = images[0].copy()
+    key = annotator.image_key(image)
+    monkeypatch.setattr(type(image), "tobytes", lambda *_: pytest.fail("the same object was hashed again"))
+    assert annotator.image_key(image) == key
+    monkeypatch.undo()
+    assert annotator.image_key(image.copy()) == key  # equal pixels, same features
+    assert annotator.image_key(image.resize((image.width // 2, image.height // 2))) != key
+
+
 def test_region_embeddings_follow_the_box(annotator, images):
     pixels = annotator.processor.preprocess_images(images[:1])
     with torch.no_grad():
