@@ -131,7 +131,9 @@ def save_adapter(model: GPT4RoIForCausalLM, directory: str | Path) -> Path:
     directory = Path(directory)
     if not has_lora(model):
         raise ValueError("the model has no LoRA adapter to save")
-    model.language_model.save_pretrained(directory / ADAPTER_DIR)
+    # LoRA on lm_head makes peft save the whole base embedding layers too; the base is not trained, so
+    # the adapter stays small without them.
+    model.language_model.save_pretrained(directory / ADAPTER_DIR, save_embedding_layers=False)
     region = {f"spi_module.{k}": v for k, v in model.spi_module.state_dict().items()}
     region |= {f"mm_projector.{k}": v for k, v in model.mm_projector.state_dict().items()}
     save_file({k: v.contiguous() for k, v in region.items()}, directory / REGION_WEIGHTS)

@@ -12,6 +12,7 @@ from model.data_format import read_jsonl
 from model.processing_gpt4roi import GPT4RoIProcessor
 from model.synthetic import generate_dataset
 from model.training import (
+    LORA_TARGETS,
     ImageCache,
     TrainingConfig,
     batch_loss,
@@ -89,11 +90,13 @@ def test_the_shared_image_prefix_gives_the_same_loss_as_the_plain_forward(sample
     assert shared.item() == pytest.approx(plain.item(), rel=1e-5)
 
 
-def test_lora_adapters_save_load_and_merge(samples, tokenizer, tmp_path):
+@pytest.mark.parametrize("targets", [LORA_TARGETS, (*LORA_TARGETS, "lm_head")], ids=["llm", "llm+lm_head"])
+def test_lora_adapters_save_load_and_merge(samples, tokenizer, tmp_path, targets):
     base = make_tiny_model(tokenizer, seed=2)
     pristine = copy.deepcopy(base)
     processor = processor_for(base, tokenizer)
-    train(base, processor, samples, quiet(trainable="lora", learning_rate=5e-3, max_steps=5, lora_rank=4))
+    train(base, processor, samples, quiet(trainable="lora", learning_rate=5e-3, max_steps=5, lora_rank=4,
+                                          lora_targets=targets))
     assert has_lora(base)
     batch = collate(samples[:4], processor, ImageCache(processor))
     with torch.no_grad():
