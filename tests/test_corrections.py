@@ -392,13 +392,19 @@ def burst(store: CorrectionsStore, events: list[dict[str, Any]]) -> tuple[list[t
     return threads, outcomes
 
 
-def test_a_burst_of_events_is_committed_in_one_transaction(settings, held_writer):
-    sizes, release = held_writer
-    store = store_of(settings)
+def occupy_writer(store, sizes: list[int]) -> threading.Thread:
+    """Send one event and wait until the (held) writer has taken it, so later ones queue up behind it."""
     first = threading.Thread(target=store.record_event, args=(annotation(1, 1, "first"),))
     first.start()
     while not sizes:
         time.sleep(0.01)
+    return first
+
+
+def test_a_burst_of_events_is_committed_in_one_transaction(settings, held_writer):
+    sizes, release = held_writer
+    store = store_of(settings)
+    first = occupy_writer(store, sizes)
     threads, outcomes = burst(store, [annotation(i, i, f"caption {i}") for i in range(2, 22)])
     assert all(outcome is None for outcome in outcomes), "no call may return before its commit"
     release.set()
@@ -412,10 +418,7 @@ def test_a_burst_of_events_is_committed_in_one_transaction(settings, held_writer
 def test_a_malformed_event_in_a_burst_fails_alone(settings, held_writer):
     sizes, release = held_writer
     store = store_of(settings)
-    first = threading.Thread(target=store.record_event, args=(annotation(1, 1, "first"),))
-    first.start()
-    while not sizes:
-        time.sleep(0.01)
+    first = occupy_writer(store, sizes)
     broken = annotation(5, 5, "broken")
     broken["annotation"]["id"] = "not a number"
     events = [annotation(i, i, f"caption {i}") for i in range(2, 5)] + [broken] + [annotation(6, 6, "caption 6")]
