@@ -367,14 +367,20 @@ def run_loop(workdir: Path, redis_url: str, *, before: int, after: int, steps: i
     second = make_tasks(images, "after", 10_001, after, seed=7002)
     backend = Backend(env, workdir / "logs")
     timings: dict[str, float] = {}
+
+    def pre_annotate(phase: str, tasks: Sequence[SceneTask], version: str) -> Acceptance:
+        """Pre-annotate `tasks` through the API and judge them as the simulated annotator would."""
+        started = time.perf_counter()
+        predictions = backend.predict(tasks, label_config)
+        timings[f"predict_{phase}"] = time.perf_counter() - started
+        acceptance = _acceptance(tasks, predictions, version, plan)
+        log(f"[hitl] {phase} ({version}): {json.dumps(acceptance.to_json())}")
+        return acceptance
+
     try:
         backend.start()
         version = backend.model_version()
-        started = time.perf_counter()
-        predictions = backend.predict(first, label_config)
-        timings["predict_before"] = time.perf_counter() - started
-        acceptance_before = _acceptance(first, predictions, version, plan)
-        log(f"[hitl] before ({version}): {json.dumps(acceptance_before.to_json())}")
+        acceptance_before = pre_annotate("before", first, version)
         webhook_max = max(backend.webhook(annotation_event(task, 100 + i, label_config))
                           for i, task in enumerate(first))
 
@@ -386,12 +392,7 @@ def run_loop(workdir: Path, redis_url: str, *, before: int, after: int, steps: i
         verdict = finetune.stdout.strip().splitlines()[-1:] or ["(no output)"]
         log(f"[hitl] finetune.py exit {finetune.returncode} in {finetune_seconds:.0f} s: {verdict[0]}")
         new_version = backend.model_version()
-
-        started = time.perf_counter()
-        predictions = backend.predict(second, label_config)
-        timings["predict_after"] = time.perf_counter() - started
-        acceptance_after = _acceptance(second, predictions, new_version, plan)
-        log(f"[hitl] after ({new_version}): {json.dumps(acceptance_after.to_json())}")
+        acceptance_after = pre_annotate("after", second, new_version)
         for i, task in enumerate(second):
             webhook_max = max(webhook_max, backend.webhook(annotation_event(task, 10_000 + i, label_config)))
         report = subprocess.run([sys.executable, "-m", "backend", "report", "--png", str(workdir / "acceptance.png")],

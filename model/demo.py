@@ -10,8 +10,10 @@ split and saves the checkpoint with its report:
 1. region pretraining (`model.region_pretraining`), the stand-in for the CLIP weights GPT4RoI starts
    from: vision tower and region module learn to tell the objects' attributes and layout;
 2. spatial instruction tuning (`model.training`) of everything but the vision tower on the region
-   conversations, as GPT4RoI's stage 2. The result is cached under `~/.cache/gpt4roi-ls/demo-<key>`, keyed by
-the recipe and the code that produces it, so it is trained once per change of either.
+   conversations, as GPT4RoI's stage 2.
+
+The result is cached under `~/.cache/gpt4roi-ls/demo-<key>`, keyed by the recipe and the code that
+produces it, so it is trained once per change of either.
 """
 
 from __future__ import annotations

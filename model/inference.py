@@ -91,13 +91,13 @@ class RegionAnnotator:
         backend's image cache does) skips the hash. PIL images are not mutated in place by this package;
         a derived image (resized, converted) is a new object and is hashed anew.
         """
-        remembered = self._image_keys.get(id(image))
+        ident = id(image)
+        remembered = self._image_keys.get(ident)
         if remembered is not None and remembered[0]() is image:
             return remembered[1]
         digest = hashlib.blake2b(image.tobytes(), digest_size=16)
         digest.update(f"{image.mode}{image.size}".encode())
         key = digest.hexdigest()
-        ident = id(image)
         self._image_keys[ident] = (weakref.ref(image, lambda _: self._image_keys.pop(ident, None)), key)
         return key
 

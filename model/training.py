@@ -202,10 +202,12 @@ def collate(
     tokenizer = processor.tokenizer
     split = _shared_prefix_length([ids for ids, _ in encoded], [labels for _, labels in encoded],
                                   tokenizer.bbox_token_id)
+    prefix = encoded[0][0][:split]
+    # The prefix is the same for every record, so one look at it covers the batch.
+    if tokenizer.im_end_token_id not in prefix.tolist():
+        raise ValueError(f"record {samples[0].id} does not start with the shared image prefix")
     rests, boxes, image_index = [], [], []
     for sample, (ids, labels) in zip(samples, encoded, strict=True):
-        if tokenizer.im_end_token_id not in ids[:split].tolist():
-            raise ValueError(f"record {sample.id} does not start with the shared image prefix")
         rests.append((ids[split:], labels[split:]))
         kept = int((ids == tokenizer.bbox_token_id).sum())
         boxes.append(normalize_boxes(sample.boxes, sample.width, sample.height)[:kept])
@@ -213,7 +215,7 @@ def collate(
     input_ids, mask = pad_sequences([ids.tolist() for ids, _ in rests], tokenizer.pad_token_id)
     labels, _ = pad_sequences([lab.tolist() for _, lab in rests], IGNORE_INDEX)
     return {
-        "prefix_ids": encoded[0][0][:split],
+        "prefix_ids": prefix,
         "input_ids": input_ids,
         "attention_mask": mask,
         "labels": labels,
