@@ -4,12 +4,14 @@
 
 It generates the synthetic region data (with the shape `cross` held back entirely, so that a later
 fine-tune on annotators' corrections has something new to learn), trains a SentencePiece tokenizer on
-the project's prompts, builds the `demo` preset from scratch in two stages, evaluates it on a held-out
+the project's prompts, builds the `demo` preset from scratch in three stages, evaluates it on a held-out
 split and saves the checkpoint with its report:
 
 1. region pretraining (`model.region_pretraining`), the stand-in for the CLIP weights GPT4RoI starts
    from: vision tower and region module learn to tell the objects' attributes and layout;
-2. spatial instruction tuning (`model.training`) of everything but the vision tower on the region
+2. a region-reading warm-up (`model.region_warmup`): the language model learns the region questions
+   on their question turns alone, where two-region comparisons are learnable in a CPU budget;
+3. spatial instruction tuning (`model.training`) of everything but the vision tower on the region
    conversations, as GPT4RoI's stage 2.
 
 The result is cached under `~/.cache/gpt4roi-ls/demo-<key>`, keyed by the recipe and the code that
@@ -47,7 +49,8 @@ class DemoRecipe:
     tokenizer_vocab: int = 400
     pretrain_steps: int = 800
     pretrain_images_per_batch: int = 8
-    steps: int = 2200
+    warmup_steps: int = 600
+    steps: int = 1400
     learning_rate: float = 1e-3
     images_per_batch: int = 2
     records_per_image: int = 16
@@ -98,6 +101,7 @@ def build_demo(out_dir: Path, recipe: DemoRecipe | None = None, progress: bool =
     from .modeling_gpt4roi import GPT4RoIForCausalLM
     from .processing_gpt4roi import GPT4RoIProcessor
     from .region_pretraining import RegionPretrainingConfig, pretrain_regions
+    from .region_warmup import RegionWarmupConfig, warm_up_region_reading
     from .synthetic import ATTRIBUTE_VALUES, corpus_texts, generate_dataset
     from .tokenization_gpt4roi import train_sentencepiece
     from .training import TrainingConfig, save_checkpoint, train
@@ -127,6 +131,9 @@ def build_demo(out_dir: Path, recipe: DemoRecipe | None = None, progress: bool =
         pretrain_regions(model, processor, train_samples, ATTRIBUTE_VALUES, RegionPretrainingConfig(
             steps=recipe.pretrain_steps, learning_rate=recipe.learning_rate,
             images_per_batch=recipe.pretrain_images_per_batch, seed=recipe.seed, progress=progress,
+        ))
+        warm_up_region_reading(model, processor, train_samples, RegionWarmupConfig(
+            steps=recipe.warmup_steps, learning_rate=recipe.learning_rate, seed=recipe.seed, progress=progress,
         ))
         training = TrainingConfig(
             trainable=recipe.trainable, learning_rate=recipe.learning_rate,
