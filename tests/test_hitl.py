@@ -36,5 +36,4 @@ def test_corrections_teach_the_demo_model_a_new_shape_without_forgetting(tmp_pat
     assert after["new_concept"] >= 0.4, figures
     assert after["old_concepts"] >= 0.75, figures
     assert after["old_concepts"] >= before["old_concepts"] - 0.15, figures
-    assert result.finetune_seconds < 240, figures
     assert result.webhook_seconds_max < 1.0, figures
