@@ -276,8 +276,14 @@ class GPT4RoIForCausalLM(GPT4RoIPreTrainedModel):
         image_features: ImageFeatures | None,
         boxes: Sequence[torch.Tensor] | None,
         image_index: Sequence[int] | torch.Tensor | None = None,
+        regions: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with image features spliced at `<im_patch>` and regions at `<bbox>` slots."""
+        """Token embeddings with image features spliced at `<im_patch>` and regions at `<bbox>` slots.
+
+        The regions are pooled from `image_features` at `boxes`, or given already encoded: `regions[i]`
+        `[n_i, text_hidden]` from [`encode_regions`] (training that keeps the vision side frozen computes
+        them once).
+        """
         cfg = self.config
         embeds = self.get_input_embeddings()(input_ids)  # [B, T, H]
         batch = input_ids.shape[0]
@@ -285,9 +291,12 @@ class GPT4RoIForCausalLM(GPT4RoIPreTrainedModel):
         bbox_mask = input_ids == cfg.bbox_token_id
         n_patch = patch_mask.sum(1).tolist()
         n_bbox = bbox_mask.sum(1).tolist()
-        n_boxes = [0] * batch if boxes is None else [len(b) for b in boxes]
-        if boxes is not None and len(boxes) != batch:
-            raise ValueError(f"got boxes for {len(boxes)} samples but {batch} sequences")
+        if boxes is not None and regions is not None:
+            raise ValueError("pass boxes or precomputed regions, not both")
+        per_sample = boxes if regions is None else regions
+        n_boxes = [0] * batch if per_sample is None else [len(b) for b in per_sample]
+        if per_sample is not None and len(per_sample) != batch:
+            raise ValueError(f"got boxes for {len(per_sample)} samples but {batch} sequences")
         for i in range(batch):
             if n_bbox[i] != n_boxes[i]:
                 raise ValueError(
@@ -308,10 +317,12 @@ class GPT4RoIForCausalLM(GPT4RoIPreTrainedModel):
             tokens = image_features.tokens[image_index[with_image]].to(embeds.dtype)
             embeds = embeds.masked_scatter(patch_mask[..., None], tokens.reshape(-1, tokens.shape[-1]))
         if sum(n_boxes):
-            if image_features is None:
-                raise ValueError("boxes need an image: pass pixel_values or image_features")
-            regions = self.encode_regions(boxes=boxes, image_index=image_index.tolist(), image_features=image_features)
-            regions = torch.cat(regions).to(embeds.dtype)
+            if regions is None:
+                if image_features is None:
+                    raise ValueError("boxes need an image: pass pixel_values or image_features")
+                regions = self.encode_regions(boxes=boxes, image_index=image_index.tolist(),
+                                              image_features=image_features)
+            regions = torch.cat(list(regions)).to(embeds.dtype)
             # Boolean indexing walks the batch row by row, so the k-th <bbox> of sample i gets box k of i.
             embeds = embeds.masked_scatter(bbox_mask[..., None], regions)
         return embeds

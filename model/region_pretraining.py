@@ -26,12 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from .data_format import RegionSample
 from .modeling_gpt4roi import GPT4RoIForCausalLM
 from .processing_gpt4roi import GPT4RoIProcessor, normalize_boxes
-from .training import ImageCache
+from .training import CosineAdamW, ImageCache
 
 RELATIONS = ("left_of", "above", "larger")
 
@@ -132,8 +131,7 @@ def pretrain_regions(
     params = [*model.vision_tower.parameters(), *model.spi_module.parameters(), *heads.parameters()]
     for param in params:
         param.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(0.05 * config.steps), config.steps)
+    optimizer = CosineAdamW([{"params": params, "lr": config.learning_rate}], config.steps, int(0.05 * config.steps))
     cache = ImageCache(processor)
     images = sorted(objects)
     losses: list[float] = []
@@ -148,10 +146,7 @@ def pretrain_regions(
         loss = heads.loss(regions, [o for image in picked for o in objects[image]], owners.to(model.device),
                           config)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()

@@ -22,12 +22,11 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from .data_format import RegionSample
 from .modeling_gpt4roi import GPT4RoIForCausalLM
 from .processing_gpt4roi import IGNORE_INDEX, GPT4RoIProcessor, normalize_boxes, pad_sequences
-from .training import ImageCache
+from .training import CosineAdamW, ImageCache
 
 
 @dataclass
@@ -104,10 +103,8 @@ def warm_up_region_reading(
     params = list(language_model.parameters())
     for param in params:
         param.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(0.05 * config.steps), config.steps)
-    embed = language_model.get_input_embeddings()
-    pad, bbox = processor.tokenizer.pad_token_id, processor.tokenizer.bbox_token_id
+    optimizer = CosineAdamW([{"params": params, "lr": config.learning_rate}], config.steps, int(0.05 * config.steps))
+    pad = processor.tokenizer.pad_token_id
     losses: list[float] = []
     language_model.train()
     bar = tqdm(range(config.steps), desc="warm up region reading", disable=not config.progress, unit="step")
@@ -116,15 +113,10 @@ def warm_up_region_reading(
         ids, mask = pad_sequences([t.ids for t in batch], pad)
         labels, _ = pad_sequences([t.labels for t in batch], IGNORE_INDEX)
         ids, mask, labels = ids.to(model.device), mask.to(model.device), labels.to(model.device)
-        embeds = embed(ids)
-        regions = torch.cat([t.regions for t in batch]).to(model.device, embeds.dtype)
-        embeds = embeds.masked_scatter((ids == bbox)[..., None], regions)
+        embeds = model.embed_inputs(ids, None, None, regions=[t.regions.to(model.device) for t in batch])
         loss = language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()

@@ -247,6 +247,26 @@ def batch_loss(model: GPT4RoIForCausalLM, batch: dict) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- loop
+class CosineAdamW:
+    """AdamW over parameter groups (each with its own `lr`), a linear warm-up then cosine decay, and
+    gradients clipped to `max_grad_norm` before every step: the optimizer of every loop in `model`."""
+
+    def __init__(self, groups: Sequence[dict], steps: int, warmup_steps: int, max_grad_norm: float = 1.0,
+                 weight_decay: float = 0.0) -> None:
+        groups = [group for group in groups if group["params"]]
+        self.params = [param for group in groups for param in group["params"]]
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup_steps, steps)
+        self.max_grad_norm = max_grad_norm
+
+    def step(self) -> None:
+        """Clip, update, advance the schedule and clear the gradients."""
+        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
 def train(
     model: GPT4RoIForCausalLM,
     processor: GPT4RoIProcessor,
@@ -272,12 +292,12 @@ def train(
         {"params": [p for p in params if id(p) not in region], "lr": config.learning_rate},
         {"params": [p for p in params if id(p) in region], "lr": config.learning_rate * config.region_lr_scale},
     ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay)
 
     n_images = len({str(s.image) for s in samples})
     batches_per_epoch = math.ceil(n_images / config.images_per_batch)
     steps = config.max_steps or max(1, math.ceil(config.epochs * batches_per_epoch / config.gradient_accumulation))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps), steps)
+    optimizer = CosineAdamW(groups, steps, int(config.warmup_ratio * steps), config.max_grad_norm,
+                            config.weight_decay)
     cache = ImageCache(processor)
 
     def batches() -> Iterator[list[RegionSample]]:
@@ -298,10 +318,7 @@ def train(
                 loss = batch_loss(model, batch) / config.gradient_accumulation
             loss.backward()
             total += loss.item()
-        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         if not math.isfinite(total):
             raise FloatingPointError(f"loss became {total} at step {step}; lower the learning rate")
         result.losses.append(total)

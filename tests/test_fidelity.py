@@ -187,3 +187,16 @@ def test_region_embeddings_depend_on_the_box(model, reference):
     with torch.no_grad():
         first, second = model.encode_regions(pixels, boxes)[0]
     assert (first - second).abs().max() > 1e-2 * first.abs().max()
+
+
+def test_precomputed_regions_splice_like_boxes(model, outputs, reference):
+    ids = reference["input.input_ids"]
+    boxes = list(reference["input.boxes"].split(reference["input.n_boxes"].tolist()))
+    regions = list(outputs["regions"].split(reference["input.n_boxes"].tolist()))
+    with torch.no_grad():
+        embeds = model.embed_inputs(ids, outputs["features"], None, regions=regions)
+    torch.testing.assert_close(embeds, outputs["embeds"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not both"):
+        model.embed_inputs(ids, outputs["features"], boxes, regions=regions)
+    with pytest.raises(ValueError, match="<bbox> tokens but"):
+        model.embed_inputs(ids, outputs["features"], None, regions=[r[:0] for r in regions])
