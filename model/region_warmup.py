@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -35,6 +35,9 @@ class RegionWarmupConfig:
     learning_rate: float = 1e-3
     records_per_batch: int = 32
     images_per_encoding: int = 32
+    # How often batches draw each record kind (`meta["task"]`); kinds left out are not trained on.
+    # Empty: every kind, equally often.
+    task_weights: dict[str, float] = field(default_factory=dict)
     seed: int = 0
     progress: bool = True
 
@@ -88,13 +91,16 @@ def warm_up_region_reading(
 ) -> list[float]:
     """Train `model.language_model` in place on the records' question turns; returns the losses."""
     config = config or RegionWarmupConfig()
+    if config.task_weights:
+        samples = [s for s in samples if config.task_weights.get((s.meta or {}).get("task"), 0) > 0]
     turns = question_turns(model, processor, samples, config.images_per_encoding, config.progress)
     if not turns:
-        raise ValueError("no records to warm up on")
+        raise ValueError(f"no records to warm up on (tasks: {', '.join(config.task_weights) or 'all'})")
     by_kind: dict[str, list[QuestionTurn]] = defaultdict(list)
     for turn in turns:
         by_kind[turn.kind].append(turn)
     kinds = sorted(by_kind)
+    weights = [config.task_weights.get(kind, 1.0) if config.task_weights else 1.0 for kind in kinds]
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     language_model = model.language_model
@@ -109,7 +115,7 @@ def warm_up_region_reading(
     language_model.train()
     bar = tqdm(range(config.steps), desc="warm up region reading", disable=not config.progress, unit="step")
     for _ in bar:
-        batch = [rng.choice(by_kind[rng.choice(kinds)]) for _ in range(config.records_per_batch)]
+        batch = [rng.choice(by_kind[kind]) for kind in rng.choices(kinds, weights, k=config.records_per_batch)]
         ids, mask = pad_sequences([t.ids for t in batch], pad)
         labels, _ = pad_sequences([t.labels for t in batch], IGNORE_INDEX)
         ids, mask, labels = ids.to(model.device), mask.to(model.device), labels.to(model.device)

@@ -77,7 +77,30 @@ def test_warm_up_lowers_the_loss_and_trains_only_the_language_model(samples, mod
     assert not model.training
 
 
-def test_no_records_is_a_clear_error(model_and_processor):
+def test_warm_up_can_keep_to_some_record_kinds(samples, model_and_processor, monkeypatch):
+    import model.region_warmup as region_warmup
+
+    model, processor = model_and_processor
+    seen = []
+    real = region_warmup.question_turns
+
+    def recording(model, processor, records, *args):
+        seen.extend(records)
+        return real(model, processor, records, *args)
+
+    monkeypatch.setattr(region_warmup, "question_turns", recording)
+
+    config = RegionWarmupConfig(steps=2, records_per_batch=4, task_weights={"relation": 1.0}, progress=False)
+    warm_up_region_reading(model, processor, samples, config)
+
+    assert seen and {s.meta["task"] for s in seen} == {"relation"}
+    assert len(seen) == sum(s.meta["task"] == "relation" for s in samples)
+
+
+def test_no_records_is_a_clear_error(samples, model_and_processor):
     model, processor = model_and_processor
     with pytest.raises(ValueError, match="no records"):
         warm_up_region_reading(model, processor, [], RegionWarmupConfig(steps=1, progress=False))
+    with pytest.raises(ValueError, match=r"no records to warm up on \(tasks: nothing\)"):
+        config = RegionWarmupConfig(steps=1, task_weights={"nothing": 1.0}, progress=False)
+        warm_up_region_reading(model, processor, samples, config)
