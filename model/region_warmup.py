@@ -9,8 +9,8 @@ their answers, no system prompt, no image tokens), the same model learns those h
 steps; spatial instruction tuning on the full prompts then carries them over.
 
 Region embeddings come from the (frozen) vision tower and region module, computed once, so a step costs
-only the language model on ~25 tokens per record. Batches draw the record kinds (`meta["task"]`) equally,
-so rare two-region questions are not drowned by captions.
+only the language model on ~25 tokens per record. Batches draw the record kinds (`meta["task"]`) in set
+proportions (equally by default), so rare two-region questions are not drowned by captions.
 """
 
 from __future__ import annotations
