@@ -100,7 +100,7 @@ def warm_up_region_reading(
     for turn in turns:
         by_kind[turn.kind].append(turn)
     kinds = sorted(by_kind)
-    weights = [config.task_weights.get(kind, 1.0) if config.task_weights else 1.0 for kind in kinds]
+    weights = [config.task_weights.get(kind, 1.0) for kind in kinds]
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     language_model = model.language_model
