@@ -10,18 +10,22 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     MODEL_DIR=/data/models \
-    DATA_DIR=/data \
-    PYTHONPATH=/app
+    DATA_DIR=/data
 
-# PYTHONPATH: `python backend/finetune.py` puts backend/ first on sys.path, not the project root.
 WORKDIR /app
 
-# Requirements before the code, so that editing the code does not reinstall torch. The torch wheel on
-# PyPI is the CUDA build: it uses the GPU that the NVIDIA container toolkit passes in, and the CPU otherwise.
-COPY requirements.txt ./
-RUN pip install -r requirements.txt
+# The dependencies pyproject.toml declares before the code, so that editing the code does not reinstall
+# torch. The torch wheel on PyPI is the CUDA build: it uses the GPU that the NVIDIA container toolkit passes
+# in, and the CPU otherwise.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/dependencies.txt \
+    && pip install -r /tmp/dependencies.txt
 
+# Then the project itself (the packages `backend` and `model`, with the demo checkpoint), without its
+# test tools; `python backend/finetune.py` and `gpt4roi-backend` both import the installed package.
 COPY . .
+RUN pip install --no-deps .
 
 # Unprivileged user; /data holds the model registry (MODEL_DIR) and the backend's own files (DATA_DIR).
 RUN useradd --create-home --uid 1000 app \

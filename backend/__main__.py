@@ -108,7 +108,8 @@ def _serve_api(settings: Settings, redis_url: str) -> int:
 
 
 def _ensure_model(settings: Settings) -> None:
-    """With no model registered, register the demo model (trained on first use, then cached)."""
+    """With no model registered, register the demo model (shipped with the repository; trained once into the
+    cache only when its recipe was changed)."""
     from backend.registry import RegistryError, current_version, import_checkpoint
 
     try:
@@ -116,12 +117,10 @@ def _ensure_model(settings: Settings) -> None:
         return
     except RegistryError:
         pass
-    from model.demo import default_checkpoint_dir, ensure_demo_checkpoint
+    from model.demo import demo_version_name, ensure_demo_checkpoint
 
-    log.info("no model in MODEL_DIR=%s: using the demo model (trained once on first use, ~10 min on 2 cores)",
-             settings.model_dir)
-    checkpoint = ensure_demo_checkpoint()
-    import_checkpoint(settings, checkpoint, default_checkpoint_dir().name)
+    log.info("no model in MODEL_DIR=%s: registering the demo model", settings.model_dir)
+    import_checkpoint(settings, ensure_demo_checkpoint(), demo_version_name())
 
 
 def _serve_all(settings: Settings) -> int:

@@ -5,7 +5,7 @@
 | `GET /health` | `{"status": "UP", "model_class": "GPT4RoIBackend"}`, constant |
 | `POST /setup` | `{"model_version": "<current>"}` from the registry pointer |
 | `POST /predict` | `{"results": [...]}`, one item per task (see `backend.labelstudio_backend`) |
-| `POST /webhook` | `{"status": "ok", …}` once the event is stored; no Basic auth, optional secret header |
+| `POST /webhook` | `{"status": "ok", "action", "samples", …}` once stored; no Basic auth, optional secret header |
 | `GET /versions` | `{"versions": [...], "current_version": "…"}` |
 | `GET /metrics` | Prometheus text |
 | `POST /train` | legacy training trigger, recorded like a START_TRAINING webhook |
@@ -36,13 +36,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend import registry
-from backend.corrections import CorrectionsError
+from backend.annotations import AnnotationError
 from backend.jobs import JobQueue, QueueUnavailable, connect
 from backend.labelconfig import ConfigError
 from backend.labelstudio_backend import GPT4RoIBackend, PredictionFailed, PredictionTimeout, RequestError
 from backend.metrics import Metrics
 from backend.settings import Settings
-from backend.stats import register_metrics
 from backend.webhooks import SECRET_HEADER, WebhookError, parse_event, secret_matches
 
 log = logging.getLogger(__name__)
@@ -55,8 +54,7 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     settings = settings or Settings.from_env()
     url = redis_url or settings.effective_redis_url
     queue = JobQueue(settings, connect(url, settings), url)
-    metrics = Metrics(queue, version=lambda: registry.current_version(settings))
-    register_metrics(metrics.registry, settings)
+    metrics = Metrics(queue, version=lambda: registry.current_version(settings), settings=settings)
     backend = GPT4RoIBackend(settings, queue, observer=metrics)
     predict_threads = anyio.CapacityLimiter(settings.threads)
     event_threads = anyio.CapacityLimiter(max(4, settings.threads // 2))
@@ -137,16 +135,16 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
         if not secret_matches(settings, request.headers.get(SECRET_HEADER)):
             return _error(401, f"missing or wrong {SECRET_HEADER} header (WEBHOOK_SECRET is set)")
         event = parse_event(await _json_body(request))
-        stored = await anyio.to_thread.run_sync(backend.fit, event["action"], event, limiter=event_threads)
-        return JSONResponse({"status": "ok", "action": event["action"], "stored": stored})
+        summary = await anyio.to_thread.run_sync(backend.fit, event["action"], event, limiter=event_threads)
+        return JSONResponse({"status": "ok", **summary})
 
     @app.post("/train")
     async def train(request: Request) -> dict[str, Any]:
         raw = await request.body()
         body = _parse_json(raw) if raw.strip() else {}
         data = body if isinstance(body, dict) else {"body": body}
-        stored = await anyio.to_thread.run_sync(backend.fit, "START_TRAINING", data, limiter=event_threads)
-        return {"status": "ok", "action": "START_TRAINING", "stored": stored}
+        summary = await anyio.to_thread.run_sync(backend.fit, "START_TRAINING", data, limiter=event_threads)
+        return {"status": "ok", **summary}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -168,7 +166,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(RequestError, handler(422))
     app.add_exception_handler(WebhookError, handler(400))
-    app.add_exception_handler(CorrectionsError, handler(422))
+    app.add_exception_handler(AnnotationError, handler(422))
     app.add_exception_handler(ConfigError, handler(422))
     app.add_exception_handler(QueueUnavailable, handler(503))
     app.add_exception_handler(registry.RegistryError, handler(503))

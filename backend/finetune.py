@@ -18,7 +18,7 @@ released when it ends, however it ends), so two fine-tunes never run at once:
    FINETUNE_EPOCHS passes.
 3. **Evaluation.** The candidate (reloaded from what was written) and the current version answer the
    held-out regions exactly as the worker would (same questions, same choice selection); each proposed
-   field is compared with the annotator's final value (`backend.stats`). With FINETUNE_BASE_EVAL, both also
+   field is compared with the annotator's final value (`backend.acceptance`). With FINETUNE_BASE_EVAL, both also
    answer that set of earlier concepts (exact match).
 4. **Promotion rule.** The candidate becomes current when its held-out field accuracy is at least the
    current version's minus FINETUNE_MAX_REGRESSION (default 0: "not worse"), and, with FINETUNE_BASE_EVAL,
@@ -54,7 +54,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import gc
+import enum
 import logging
 import os
 import random
@@ -69,42 +69,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    # Run as a script (`python backend/finetune.py`): import from the repository root, not from backend/,
-    # whose module names (settings, jobs, metrics…) must not shadow anything.
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+import redis
+from redis.exceptions import LockError
 
 from backend import registry
-from backend.corrections import (
-    CorrectedRegion,
-    CorrectionsStore,
-    local_images,
-    predicted_fields,
-    split_held_out,
-    training_records,
-)
+from backend.acceptance import AcceptanceStats, same_answer
+from backend.annotations import CorrectedRegion
+from backend.corrections import CorrectionsStore
+from backend.describe import describe, load_annotator, release_memory, resolve_device
+from backend.jobs import connect
+from backend.labelconfig import predicted_fields
+from backend.runs import FinetuneRuns, RunStatus
 from backend.settings import Settings, load_for_command
-from backend.stats import AcceptanceStats
+from backend.training_data import LocalImage, local_images, split_held_out, training_records
 
 log = logging.getLogger("backend.finetune")
 
-JOB_FUNCTION = "backend.finetune.run_job"
 LOCK_KEY = "finetune:lock"
 # Models above this many parameters are trained with gradient checkpointing on CUDA.
 LARGE_MODEL_PARAMETERS = 1_000_000_000
 
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0
-"""
-_RENEW = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('expire', KEYS[1], ARGV[2]) end
-return 0
-"""
-
 
 class FinetuneError(RuntimeError):
     """A fine-tune that cannot go on; the message says why (it is recorded as the run's reason)."""
+
+
+class Verdict(enum.StrEnum):
+    """How one call of `run_finetune` ended."""
+
+    PROMOTED = "promoted"
+    REJECTED = "rejected"
+    SKIPPED = "skipped"
+    BUSY = "busy"
+    FAILED = "failed"
 
 
 @dataclass(frozen=True)
@@ -120,9 +117,9 @@ class FinetuneOptions:
 
 @dataclass
 class FinetuneOutcome:
-    """How a run ended: `promoted`, `rejected`, `skipped`, `busy` or `failed`."""
+    """How a run ended, in words (`message`) and as a `Verdict`."""
 
-    status: str
+    status: Verdict
     message: str
     run_id: int | None = None
     parent: str | None = None
@@ -132,48 +129,39 @@ class FinetuneOutcome:
     @property
     def ok(self) -> bool:
         """False only for a failed run."""
-        return self.status != "failed"
+        return self.status is not Verdict.FAILED
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON (the RQ job's result)."""
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "status": self.status.value}
 
 
 # ---------------------------------------------------------------------- lock
-class FinetuneLock:
-    """A Redis lock with a TTL, owned by a random token: only its owner renews or releases it."""
+def finetune_lock(connection: redis.Redis, settings: Settings) -> redis.lock.Lock:
+    """The Redis lock that lets one fine-tune (or promotion, or rollback) run at a time: it expires after
+    FINETUNE_LOCK_TTL unless its owner extends it, and only its owner can release it."""
+    return connection.lock(f"{settings.key_prefix}:{LOCK_KEY}", timeout=settings.finetune_lock_ttl,
+                           thread_local=False)
 
-    def __init__(self, connection: Any, settings: Settings):
-        self.connection = connection
-        self.key = f"{settings.key_prefix}:{LOCK_KEY}"
-        self.ttl = settings.finetune_lock_ttl
-        self.token = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
-    def acquire(self) -> bool:
-        """Take the lock if nobody holds it."""
-        return bool(self.connection.set(self.key, self.token, nx=True, ex=self.ttl))
+def lock_holder(connection: redis.Redis, settings: Settings) -> str | None:
+    """Who holds the fine-tune lock now (host, pid and a random tag), if anyone."""
+    value = connection.get(f"{settings.key_prefix}:{LOCK_KEY}")
+    return value.decode() if isinstance(value, bytes) else value
 
-    def holder(self) -> str | None:
-        """Who holds the lock now (its token), if anyone."""
-        value = self.connection.get(self.key)
-        return value.decode() if isinstance(value, bytes) else value
 
-    def renew(self) -> bool:
-        """Extend the TTL; False if the lock is no longer ours."""
-        return bool(self.connection.eval(_RENEW, 1, self.key, self.token, self.ttl))
-
-    def release(self) -> None:
-        """Give the lock up if it is still ours."""
-        self.connection.eval(_RELEASE, 1, self.key, self.token)
+def _owner_token() -> str:
+    return f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 class _Heartbeat:
-    """Renews the lock and the run's heartbeat from a side thread while the run works."""
+    """Extends the lock and the run's heartbeat from a side thread while the run works."""
 
-    def __init__(self, lock: FinetuneLock, store: CorrectionsStore, run_id: int):
+    def __init__(self, lock: redis.lock.Lock, runs: FinetuneRuns, run_id: int, ttl: int):
         self.lock = lock
-        self.store = store
+        self.runs = runs
         self.run_id = run_id
+        self.ttl = ttl
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="finetune-heartbeat", daemon=True)
@@ -187,54 +175,23 @@ class _Heartbeat:
         self._thread.join()
 
     def _beat(self) -> None:
-        interval = max(1.0, self.lock.ttl / 3)
-        while not self._stop.wait(interval):
+        while not self._stop.wait(max(1.0, self.ttl / 3)):
             try:
-                if not self.lock.renew():
-                    self.lost.set()
-                self.store.heartbeat_run(self.run_id)
+                self.lock.extend(self.ttl, replace_ttl=True)
+            except LockError:
+                self.lost.set()
+            except Exception:
+                log.warning("fine-tune lock renewal failed", exc_info=True)
+            try:
+                self.runs.heartbeat(self.run_id)
             except Exception:
                 log.warning("fine-tune heartbeat failed", exc_info=True)
 
 
 # ---------------------------------------------------------------------- queue
-def finetune_queue_name(settings: Settings) -> str:
-    """Full RQ name of the fine-tune queue."""
-    return f"{settings.key_prefix}-{settings.finetune_queue}"
-
-
-_connections: dict[str, Any] = {}
-_connections_lock = threading.Lock()
-
-
-def request_finetune(settings: Settings, trigger: str, min_new: int | None = None, connection: Any = None) -> str:
-    """Queue a fine-tune job unless one is already waiting (a running one does not count: corrections that
-    arrive during a run are trained by the next). Returns what happened, for logs and the webhook answer."""
-    from rq import Queue
-    from rq.serializers import JSONSerializer
-
-    from backend.jobs import connect
-
-    if connection is None:
-        with _connections_lock:
-            connection = _connections.get(settings.effective_redis_url)
-            if connection is None:
-                connection = _connections[settings.effective_redis_url] = connect(settings.effective_redis_url,
-                                                                                  settings)
-    queue = Queue(finetune_queue_name(settings), connection=connection, serializer=JSONSerializer)
-    if queue.count:
-        return "already queued"
-    job = queue.enqueue_call(
-        JOB_FUNCTION, args=({"trigger": trigger, "min_new": min_new},), timeout=settings.finetune_job_timeout,
-        result_ttl=7 * 86_400, failure_ttl=7 * 86_400, job_id=f"finetune-{uuid.uuid4().hex[:12]}",
-        description=f"fine-tune ({trigger})")
-    log.info("fine-tune %s queued (%s)", job.id, trigger)
-    return f"queued {job.id}"
-
-
 def run_job(options: Mapping[str, Any]) -> dict[str, Any]:
-    """RQ job function (`backend.finetune.run_job`): one run with settings from the environment. A failed
-    run raises, so RQ lists the job as failed too; the reason is also in the run record."""
+    """RQ job function (`backend.jobs.FINETUNE_FUNCTION`): one run with settings from the environment. A
+    failed run raises, so RQ lists the job as failed too; the reason is also in the run record."""
     settings = Settings.from_env()
     known = {f.name for f in dataclasses.fields(FinetuneOptions)}
     outcome = run_finetune(settings, FinetuneOptions(**{k: v for k, v in options.items() if k in known}))
@@ -249,52 +206,48 @@ def run_finetune_worker(settings: Settings, *, burst: bool = False, name: str | 
     from rq import Queue, Worker
     from rq.serializers import JSONSerializer
 
-    from backend.jobs import connect
-
     connection = connect(settings.effective_redis_url, settings)
-    queue = Queue(finetune_queue_name(settings), connection=connection, serializer=JSONSerializer)
+    queue = Queue(settings.finetune_queue_name, connection=connection, serializer=JSONSerializer)
     worker = Worker([queue], connection=connection, serializer=JSONSerializer, name=name)
     log.info("fine-tune worker %s listening on %s", worker.name, queue.name)
     worker.work(burst=burst, logging_level=settings.log_level.upper())
 
 
 # ---------------------------------------------------------------------- one run
-def run_finetune(settings: Settings, options: FinetuneOptions | None = None, connection: Any = None,
-                 store: CorrectionsStore | None = None) -> FinetuneOutcome:
+def run_finetune(settings: Settings, options: FinetuneOptions | None = None,
+                 connection: redis.Redis | None = None) -> FinetuneOutcome:
     """One fine-tune run (see the module docstring); never raises for a failed run, it reports it."""
     options = options or FinetuneOptions()
-    store = store or CorrectionsStore.for_settings(settings)
-    if connection is None:
-        from backend.jobs import connect
-
-        connection = connect(settings.effective_redis_url, settings)
-    lock = FinetuneLock(connection, settings)
-    if not lock.acquire():
-        return FinetuneOutcome("busy", f"another fine-tune is running ({lock.key} held by {lock.holder()}); "
-                               "nothing done")
+    store = CorrectionsStore.for_settings(settings)
+    runs = FinetuneRuns.for_settings(settings)
+    connection = connection or connect(settings.effective_redis_url, settings)
+    lock = finetune_lock(connection, settings)
+    if not lock.acquire(blocking=False, token=_owner_token()):
+        return FinetuneOutcome(Verdict.BUSY, f"another fine-tune is running ({lock.name} held by "
+                               f"{lock_holder(connection, settings)}); nothing done")
     run_id: int | None = None
     parent: str | None = None
     seen: int | None = None
     try:
         # Holding the lock, any run still marked running is one that died without recording its end.
-        store.mark_abandoned_runs(0)
+        runs.mark_abandoned(0)
         registry.discard_staging(settings)
         parent = registry.current_version(settings)
-        watermark = store.watermark()
+        watermark = runs.watermark()
         regions = store.regions()
         new = sum(r.seq > watermark for r in regions)
         min_new = options.min_new or settings.finetune_min_new
         if new < min_new:
-            return FinetuneOutcome("skipped", f"{new} new corrected region(s), fewer than {min_new}; nothing done",
-                                   parent=parent)
+            return FinetuneOutcome(Verdict.SKIPPED, f"{new} new corrected region(s), fewer than {min_new}; "
+                                   "nothing done", parent=parent)
         seen = store.max_seq()
-        run_id = store.start_run(options.trigger, parent)
+        run_id = runs.start(options.trigger, parent)
         log.info("fine-tune run %s from %s: %d new corrected regions (%s)", run_id, parent, new, options.trigger)
-        with _Heartbeat(lock, store, run_id) as beat:
-            outcome = _run(settings, options, store, parent, regions, watermark, beat)
+        with _Heartbeat(lock, runs, run_id, settings.finetune_lock_ttl) as beat:
+            outcome = _run(settings, options, parent, regions, watermark, beat)
         outcome.run_id = run_id
-        store.finish_run(run_id, outcome.status, outcome.message, candidate=outcome.candidate,
-                         watermark=max((r.seq for r in regions), default=watermark), details=outcome.details)
+        runs.finish(run_id, RunStatus(outcome.status.value), outcome.message, candidate=outcome.candidate,
+                    watermark=max((r.seq for r in regions), default=watermark), details=outcome.details)
         log.info("fine-tune run %s %s: %s", run_id, outcome.status, outcome.message)
         return outcome
     except (Exception, KeyboardInterrupt, SystemExit) as exc:
@@ -305,19 +258,19 @@ def run_finetune(settings: Settings, options: FinetuneOptions | None = None, con
         else:
             log.error("fine-tune run %s failed: %s", run_id, message, exc_info=not isinstance(exc, FinetuneError))
         if run_id is not None:
-            store.finish_run(run_id, "interrupted" if interrupted else "failed", message, watermark=seen)
+            runs.finish(run_id, RunStatus.INTERRUPTED if interrupted else RunStatus.FAILED, message, watermark=seen)
         if interrupted:
             raise
-        return FinetuneOutcome("failed", message, run_id=run_id, parent=parent)
+        return FinetuneOutcome(Verdict.FAILED, message, run_id=run_id, parent=parent)
     finally:
         with contextlib.suppress(Exception):
             registry.discard_staging(settings)
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(LockError, redis.RedisError):
             lock.release()
 
 
-def _run(settings: Settings, options: FinetuneOptions, store: CorrectionsStore, parent: str,
-         regions: Sequence[CorrectedRegion], watermark: int, beat: _Heartbeat) -> FinetuneOutcome:
+def _run(settings: Settings, options: FinetuneOptions, parent: str, regions: Sequence[CorrectedRegion],
+         watermark: int, beat: _Heartbeat) -> FinetuneOutcome:
     started = time.perf_counter()
     parent_path = registry.checkpoint_path(settings, parent)
     train_side, held_out = split_held_out(regions, settings.finetune_eval_fraction)
@@ -349,11 +302,13 @@ def _run(settings: Settings, options: FinetuneOptions, store: CorrectionsStore, 
             "watermark": max((r.seq for r in regions), default=watermark)}
     log.info("fine-tune data: %s", data)
 
-    import torch
 
     from model.training import LORA_TARGETS, TrainingConfig, merge_lora, save_adapter, save_checkpoint, train
 
-    device = _device(options.device or settings.finetune_device)
+    try:
+        device = resolve_device(options.device or settings.finetune_device)
+    except RuntimeError as exc:
+        raise FinetuneError(f"FINETUNE_DEVICE: {exc}") from None
     model, processor, stored_dtype = _load(parent_path, device)
     large = sum(p.numel() for p in model.parameters()) > LARGE_MODEL_PARAMETERS
     config = TrainingConfig(
@@ -373,7 +328,7 @@ def _run(settings: Settings, options: FinetuneOptions, store: CorrectionsStore, 
     merge_lora(model)
     save_checkpoint(model.to(stored_dtype), processor, staging)
     del model
-    _free_memory(torch)
+    release_memory()
 
     candidate = _evaluate(settings, staging, evaluated, images, device)
     current = _evaluate(settings, parent_path, evaluated, images, device)
@@ -399,12 +354,12 @@ def _run(settings: Settings, options: FinetuneOptions, store: CorrectionsStore, 
         registry.publish(settings, staging, name, metadata)
     if promoted:
         registry.set_current(settings, name, reason=f"fine-tune from {parent}: {reason}")
-        return FinetuneOutcome("promoted", f"{name} promoted: {reason}", parent=parent, candidate=name,
+        return FinetuneOutcome(Verdict.PROMOTED, f"{name} promoted: {reason}", parent=parent, candidate=name,
                                details=details)
     shutil.rmtree(staging, ignore_errors=True)
     kept = " (kept, not current)" if settings.finetune_keep_rejected else ""
-    return FinetuneOutcome("rejected", f"{name} not promoted{kept}: {reason}", parent=parent, candidate=name,
-                           details=details)
+    return FinetuneOutcome(Verdict.REJECTED, f"{name} not promoted{kept}: {reason}", parent=parent,
+                           candidate=name, details=details)
 
 
 def decide(settings: Settings, candidate: AcceptanceStats, current: AcceptanceStats,
@@ -425,16 +380,6 @@ def decide(settings: Settings, candidate: AcceptanceStats, current: AcceptanceSt
 
 
 # ---------------------------------------------------------------------- model side
-def _device(name: str) -> Any:
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FinetuneError(f"FINETUNE_DEVICE={name} but CUDA is not available on this machine")
-    return torch.device(name)
-
-
 def _load(path: Path, device: Any) -> tuple[Any, Any, Any]:
     """The model in fp32 on `device` (standard mixed precision: fp32 weights, bf16 autocast on CUDA), its
     processor, and the dtype its checkpoint is stored in (the new version is stored the same way)."""
@@ -452,21 +397,12 @@ def _load(path: Path, device: Any) -> tuple[Any, Any, Any]:
     return model.to(device), GPT4RoIProcessor.from_pretrained(path), stored_dtype
 
 
-def _annotator(path: Path, device: Any) -> Any:
-    from model.inference import RegionAnnotator
-
-    return RegionAnnotator.from_pretrained(path, device=str(device))
-
-
 def _evaluate(settings: Settings, checkpoint: Path, regions: Sequence[CorrectedRegion],
-              images: Mapping[str, tuple[Path, int, int]], device: Any) -> AcceptanceStats:
+              images: Mapping[str, LocalImage], device: Any) -> AcceptanceStats:
     """Ask a checkpoint about held-out regions as the worker would and compare with the final values."""
     from PIL import Image
 
-    from backend.worker import Predictor
-
-    predictor = Predictor(settings)
-    predictor.annotator = _annotator(checkpoint, device)
+    annotator = load_annotator(checkpoint, device)
     stats = AcceptanceStats()
     groups: dict[tuple[str, Any], list[CorrectedRegion]] = {}
     for region in regions:
@@ -476,12 +412,11 @@ def _evaluate(settings: Settings, checkpoint: Path, regions: Sequence[CorrectedR
             continue
         with Image.open(images[reference][0]) as opened:
             image = opened.convert("RGB")
-        answers = predictor.describe(image, plan, [r.region for r in group], False, settings.max_new_tokens)
+        answers = describe(annotator, image, plan, [r.region for r in group], False, settings.max_new_tokens)
         for region, answer in zip(group, answers, strict=True):
             stats.add(predicted_fields(plan, region.region, answer, keep_drawn_label=False), region.final)
-    predictor.images.loader.close()
-    del predictor
-    _free_memory()
+    del annotator
+    release_memory()
     return stats
 
 
@@ -495,10 +430,10 @@ def _base_eval(settings: Settings, candidate: Path, parent: Path, device: Any) -
     samples = random.Random(0).sample(samples, min(len(samples), settings.finetune_eval_max))
     scores = {}
     for key, path in (("base_candidate", candidate), ("base_parent", parent)):
-        answers = predict(_annotator(path, device), samples, progress=False)
+        answers = predict(load_annotator(path, device), samples, progress=False)
         truth = [s.conversations[1]["value"] for s in samples]
-        scores[key] = sum(a.strip() == t.strip() for a, t in zip(answers, truth, strict=True)) / len(samples)
-        _free_memory()
+        scores[key] = sum(same_answer(a, t) for a, t in zip(answers, truth, strict=True)) / len(samples)
+        release_memory()
     scores["base_records"] = len(samples)
     return scores
 
@@ -510,15 +445,6 @@ def _base_records(settings: Settings, count: int, rng: random.Random) -> list[An
 
     samples = read_jsonl(settings.finetune_base_data)
     return rng.sample(samples, min(count, len(samples)))
-
-
-def _free_memory(torch: Any = None) -> None:
-    gc.collect()
-    if torch is None:
-        with contextlib.suppress(ImportError):
-            import torch
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _failure_message(exc: BaseException) -> str:

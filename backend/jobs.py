@@ -1,12 +1,15 @@
 """The job queue between the API and the workers: RQ on Redis, JSON payloads only.
 
-Two queues: `interactive` (drawn boxes, single tasks: someone is waiting) and `batch`; every worker listens
-to both and empties `interactive` first. Jobs name their function by dotted path (`JOB_FUNCTION`), so the
-API never imports the worker module, and use RQ's JSON serializer: a payload is plain data (image
-reference, regions, controls to fill, model version), never a pickle or a tensor.
+Two prediction queues: `interactive` (drawn boxes, single tasks: someone is waiting) and `batch`; every
+worker listens to both and empties `interactive` first. A third queue holds fine-tune jobs
+(`enqueue_finetune`), served by `python -m backend finetune-worker`. Jobs name their function by dotted
+path (`JOB_FUNCTION`, `FINETUNE_FUNCTION`), so the API never imports the worker or the fine-tune module,
+and use RQ's JSON serializer: a payload is plain data (image reference, regions, controls to fill, model
+version), never a pickle or a tensor.
 
-A job id is a hash of its payload, so an identical request while a job is queued, running or recently
-finished waits on that job instead of computing it again.
+A prediction job's id is a hash of its payload, so an identical request while a job is queued, running or
+recently finished waits on that job instead of computing it again. Every id, queue and key starts with
+REDIS_KEY_PREFIX, so deployments sharing a Redis never see each other's jobs.
 
 Hand-off of slow batch tasks (`claim_push` / `claim_return`): when `/predict` stops waiting for a task,
 it claims the job for "push" and the worker pushes the prediction through the Label Studio API when it
@@ -19,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +39,9 @@ from rq.serializers import JSONSerializer
 from backend.settings import Settings
 
 JOB_FUNCTION = "backend.worker.run_job"
+FINETUNE_FUNCTION = "backend.finetune.run_job"
+# A finished fine-tune job (and its result: the run's outcome) is kept for a week.
+FINETUNE_RESULT_TTL = 7 * 86_400
 CLAIM_PUSH = "push"
 CLAIM_RETURN = "return"
 # Longest single blocking read; waits are sliced so a Redis outage surfaces within a socket timeout.
@@ -80,10 +87,24 @@ def redacted(url: str) -> str:
 
 
 def job_id_for(payload: Mapping[str, Any], queue_name: str) -> str:
-    """The id of the job computing `payload` on `queue_name`."""
+    """The id of the job computing `payload` on `queue_name` (the queue's name starts with the key prefix)."""
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     digest = hashlib.sha256(f"{queue_name}\n{canonical}".encode()).hexdigest()[:32]
-    return f"predict-{digest}"
+    return f"{queue_name}-{digest}"
+
+
+def enqueue_finetune(settings: Settings, connection: redis.Redis, trigger: str, min_new: int | None = None) -> str:
+    """Queue a fine-tune job unless one is already waiting (a running one does not count: corrections that
+    arrive during a run are trained by the next). Returns what happened, for logs and the webhook answer."""
+    queue = Queue(settings.finetune_queue_name, connection=connection, serializer=JSONSerializer)
+    with _RedisGuard(redacted(settings.effective_redis_url)):
+        if queue.count:
+            return "already queued"
+        job = queue.enqueue_call(
+            FINETUNE_FUNCTION, args=({"trigger": trigger, "min_new": min_new},),
+            timeout=settings.finetune_job_timeout, result_ttl=FINETUNE_RESULT_TTL, failure_ttl=FINETUNE_RESULT_TTL,
+            job_id=f"{settings.finetune_queue_name}-{uuid.uuid4().hex[:12]}", description=f"fine-tune ({trigger})")
+    return f"queued {job.id}"
 
 
 class JobQueue:

@@ -22,8 +22,8 @@ from label_studio_sdk.label_interface import LabelInterface
 
 RECTANGLE_TAGS = ("Rectangle", "RectangleLabels")
 RECTANGLE_TYPES = ("rectangle", "rectanglelabels")
-# Boxes smaller than this (normalized) were never seen in training; they are grown to it, centred.
-MIN_BOX_SIZE = 0.01
+# A rectangle must show at least this much of the image (normalized, per side) to be described at all.
+MIN_VISIBLE = 1e-4
 
 
 class ConfigError(ValueError):
@@ -120,12 +120,11 @@ class Region:
     drawn: dict[str, Any] | None = field(default=None, compare=False)
 
     def box(self) -> tuple[float, float, float, float]:
-        """Normalized xyxy for the model: axis-aligned bounds of the (possibly rotated) box, clamped, at
-        least `MIN_BOX_SIZE` wide and high."""
+        """Normalized xyxy for the model: the axis-aligned hull of the (possibly rotated) rectangle, clamped
+        to the image. Boxes too small for the model are widened by the model itself
+        (`model.processing_gpt4roi.sanitize_boxes`), so there is one rule for that."""
         x1, y1, x2, y2 = self._bounds()
-        x1, x2 = _grow(max(0.0, x1), min(1.0, x2))
-        y1, y2 = _grow(max(0.0, y1), min(1.0, y2))
-        return (x1, y1, x2, y2)
+        return (_clamp(x1), _clamp(y1), _clamp(x2), _clamp(y2))
 
     def _bounds(self) -> tuple[float, float, float, float]:
         x, y, w, h = self.x / 100, self.y / 100, self.width / 100, self.height / 100
@@ -215,14 +214,18 @@ def _rectangles(plan: FillPlan, items: list[Any], *, keep_drawn: bool) -> list[R
             region_id += "_"
         seen.add(region_id)
         labels = value.get("rectanglelabels") or value.get("labels") or ()
-        regions.append(Region(
+        region = Region(
             id=region_id, x=x, y=y, width=w, height=h, rotation=rotation,
             original_width=_positive_int(item.get("original_width")),
             original_height=_positive_int(item.get("original_height")),
             image_rotation=float(item.get("image_rotation") or 0.0),
             labels=tuple(str(label) for label in labels) if isinstance(labels, list) else (),
             drawn=dict(item) if keep_drawn else None,
-        ))
+        )
+        x1, y1, x2, y2 = region.box()
+        if x2 - x1 < MIN_VISIBLE or y2 - y1 < MIN_VISIBLE:
+            raise TaskError(f"region {index} lies outside the image (x={x}, y={y}, width={w}, height={h} percent)")
+        regions.append(region)
     return regions
 
 
@@ -236,6 +239,43 @@ def select_choices(distribution: Mapping[str, float], multiple: bool) -> list[st
         return [ranked[0][0]]
     chance = 1.0 / len(ranked)
     return [name for i, (name, p) in enumerate(ranked) if i == 0 or p > chance]
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """What the backend proposes for one region from a worker's answer: the caption, per Choices control the
+    chosen values with the probability of the first, and the label with its probability."""
+
+    caption: str | None
+    choices: dict[str, tuple[list[str], float]]
+    label: tuple[str, float] | None
+
+
+def propose(plan: FillPlan, region: Region, answer: Mapping[str, Any], keep_drawn_label: bool = True) -> Proposal:
+    """The one rule turning a worker's answer (`caption`, `choices` distributions per control, `label`
+    distribution) into what is proposed: `select_choices` per control; a label only where `wants_label`."""
+    choices: dict[str, tuple[list[str], float]] = {}
+    distributions = answer.get("choices") or {}
+    for control in plan.choices:
+        distribution = distributions.get(control.name)
+        if distribution:
+            picked = select_choices(distribution, control.multiple)
+            choices[control.name] = (picked, float(distribution[picked[0]]))
+    label = None
+    label_distribution = answer.get("label")
+    if label_distribution and wants_label(plan, region, keep_drawn_label):
+        best = select_choices(label_distribution, multiple=False)[0]
+        label = (best, float(label_distribution[best]))
+    return Proposal(answer.get("caption") if plan.captions else None, choices, label)
+
+
+def predicted_fields(plan: FillPlan, region: Region, answer: Mapping[str, Any],
+                     keep_drawn_label: bool = True) -> dict[str, Any]:
+    """What a worker answer proposes for one region, as plain fields (the shape annotations are compared
+    in): `caption`, `choices` (control → chosen values), `label` (None where nothing is proposed)."""
+    proposal = propose(plan, region, answer, keep_drawn_label)
+    return {"caption": proposal.caption, "choices": {name: picked for name, (picked, _) in proposal.choices.items()},
+            "label": proposal.label[0] if proposal.label else None}
 
 
 def build_prediction(
@@ -259,6 +299,7 @@ def build_prediction(
     result: list[dict[str, Any]] = []
     chosen_probabilities: list[float] = []
     for region, answer in zip(regions, answers, strict=True):
+        proposal = propose(plan, region, answer, keep_drawn_label)
         common = {
             "id": region.id,
             "to_name": plan.image,
@@ -267,23 +308,19 @@ def build_prediction(
             "image_rotation": region.image_rotation,
         }
         common = {k: v for k, v in common.items() if v is not None}
-        rectangle, label_probability = _rectangle_item(plan, region, common, answer.get("label"),
-                                                       keep_drawn_label)
-        if label_probability is not None:
-            chosen_probabilities.append(label_probability)
+        rectangle = _rectangle_item(plan, region, common, proposal.label)
+        if proposal.label is not None and "score" in rectangle:
+            chosen_probabilities.append(proposal.label[1])
         result.append(rectangle)
-        caption = answer.get("caption")
-        for name in plan.captions:
-            if caption is not None:
+        if proposal.caption is not None:
+            for name in plan.captions:
                 result.append({**common, "from_name": name, "type": "textarea",
-                               "value": {**region.geometry(), "text": [caption]}})
-        distributions = answer.get("choices") or {}
+                               "value": {**region.geometry(), "text": [proposal.caption]}})
         for control in plan.choices:
-            distribution = distributions.get(control.name)
-            if not distribution:
+            if control.name not in proposal.choices:
                 continue
-            picked = select_choices(distribution, control.multiple)
-            chosen_probabilities.append(float(distribution[picked[0]]))
+            picked, probability = proposal.choices[control.name]
+            chosen_probabilities.append(probability)
             result.append({**common, "from_name": control.name, "type": "choices",
                            "value": {**region.geometry(), "choices": picked}})
     score = sum(chosen_probabilities) / len(chosen_probabilities) if chosen_probabilities else 1.0
@@ -293,22 +330,17 @@ def build_prediction(
 
 
 def _rectangle_item(plan: FillPlan, region: Region, common: dict[str, Any],
-                    label_distribution: Mapping[str, float] | None,
-                    keep_drawn_label: bool) -> tuple[dict[str, Any], float | None]:
+                    label: tuple[str, float] | None) -> dict[str, Any]:
     if region.drawn is not None:
         item = dict(region.drawn)
         item["value"] = dict(item.get("value") or {})
     else:
         item = {**common, "from_name": plan.rectangle, "type": plan.rectangle_type,
                 "value": region.geometry()}
-    labelled = item.get("type") == "rectanglelabels" and wants_label(plan, region, keep_drawn_label)
-    if label_distribution and labelled:
-        best = select_choices(label_distribution, multiple=False)[0]
-        probability = float(label_distribution[best])
-        item["value"]["rectanglelabels"] = [best]
-        item["score"] = round(probability, 6)
-        return item, probability
-    return item, None
+    if label is not None and item.get("type") == "rectanglelabels":
+        item["value"]["rectanglelabels"] = [label[0]]
+        item["score"] = round(label[1], 6)
+    return item
 
 
 def wants_label(plan: FillPlan, region: Region, keep_drawn_label: bool) -> bool:
@@ -366,11 +398,8 @@ def _plan_cached(label_config: str) -> FillPlan:
         "the backend needs boxes to describe")
 
 
-def _grow(low: float, high: float) -> tuple[float, float]:
-    if high - low >= MIN_BOX_SIZE:
-        return low, high
-    centre = min(max((low + high) / 2, MIN_BOX_SIZE / 2), 1 - MIN_BOX_SIZE / 2)
-    return centre - MIN_BOX_SIZE / 2, centre + MIN_BOX_SIZE / 2
+def _clamp(value: float) -> float:
+    return min(max(value, 0.0), 1.0)
 
 
 def _positive_int(value: Any) -> int | None:

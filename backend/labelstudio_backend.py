@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from backend import registry
-from backend.jobs import JobQueue, Outcome
+from backend.corrections import CorrectionsStore
+from backend.jobs import JobQueue, Outcome, QueueUnavailable, enqueue_finetune
 from backend.labelconfig import (
     ConfigError,
     FillPlan,
@@ -39,8 +40,8 @@ from backend.labelconfig import (
     regions_from_task,
 )
 from backend.payloads import make_payload, prediction_from_output
+from backend.runs import FinetuneRuns
 from backend.settings import Settings
-from backend.webhooks import store_event
 
 log = logging.getLogger(__name__)
 
@@ -255,10 +256,29 @@ class GPT4RoIBackend:
             self.observer.job_done(kind, time.perf_counter() - started, output, error)
 
     # ------------------------------------------------------------------ fit
-    def fit(self, event: str, data: Mapping[str, Any]) -> str:
-        """Hand a Label Studio event (annotation created/updated/deleted, START_TRAINING, …) to the
-        corrections store; returns where it was recorded. Training itself runs elsewhere."""
-        return store_event(self.settings, {**data, "action": event})
+    def fit(self, event: str, data: Mapping[str, Any]) -> dict[str, Any]:
+        """Store a Label Studio event (annotation created/updated/deleted, START_TRAINING, …) in the
+        corrections store, and queue a fine-tune on START_TRAINING or, with FINETUNE_EVERY_N, once that many
+        new corrected regions are stored. Returns what was stored (and queued); training runs elsewhere."""
+        summary = CorrectionsStore.for_settings(self.settings).record_event({**data, "action": event})
+        trigger, min_new = self._finetune_trigger(event, summary)
+        if trigger is not None:
+            try:
+                summary["finetune"] = enqueue_finetune(self.settings, self.queue.connection, trigger, min_new)
+            except QueueUnavailable as exc:
+                # The event is stored; the next trigger (or cron) starts the fine-tune.
+                log.warning("could not queue a fine-tune (%s): %s", trigger, exc)
+                summary["finetune"] = f"not queued: {exc}"
+        return summary
+
+    def _finetune_trigger(self, event: str, summary: Mapping[str, Any]) -> tuple[str | None, int | None]:
+        if event == "START_TRAINING":
+            return "START_TRAINING", self.settings.finetune_min_new
+        every = self.settings.finetune_every_n
+        if summary.get("samples") and every and \
+                FinetuneRuns.for_settings(self.settings).new_regions(attempted=True) >= every:
+            return f"every {every} corrections", every
+        return None, None
 
 
 def _project_id(project: str | None) -> str:

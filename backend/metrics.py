@@ -1,11 +1,28 @@
-"""Prometheus metrics of the API (`GET /metrics`): requests, job latencies, failures, queues, model version.
+"""Prometheus metrics of the API (`GET /metrics`): requests, job latencies, failures, queues, model version,
+and what annotators kept of each version's proposals.
 
 Queue depth, running and failed job counts are read from Redis at scrape time, so every API replica reports
-the same shared queues; per-request and per-job figures are this replica's.
+the same shared queues; per-request and per-job figures are this replica's. Metric names start with
+`gpt4roi_` whatever REDIS_KEY_PREFIX says, so one dashboard serves every deployment.
+
+Acceptance figures (`backend.acceptance`), scraped from the corrections store and recomputed only when it
+changed:
+
+| metric | labels | meaning |
+|---|---|---|
+| `gpt4roi_corrected_regions` | | regions stored from annotations |
+| `gpt4roi_corrections_new` | | regions stored since the last finished fine-tune |
+| `gpt4roi_predicted_regions` | `version` | regions whose proposal by `version` is known |
+| `gpt4roi_acceptance_ratio` | `version` | share of those accepted unchanged |
+| `gpt4roi_caption_edit_distance` | `version` | mean normalized caption edit distance |
+| `gpt4roi_field_accuracy` | `version`, `field` | share of proposals kept, per field |
+| `gpt4roi_finetune_last_run` | `status`, `parent`, `candidate` | info about the latest fine-tune |
+| `gpt4roi_finetune_last_run_timestamp_seconds` | | when it ended (or started, while running) |
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -13,7 +30,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
+from backend.acceptance import AcceptanceStats, acceptance_by_version
+from backend.corrections import CorrectionsStore
 from backend.jobs import JobQueue, QueueUnavailable
+from backend.runs import FinetuneRun, FinetuneRuns
+from backend.settings import Settings
 
 PREFIX = "gpt4roi"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -22,7 +43,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 class Metrics:
     """Counters and histograms of one API process, plus a live view of the queues."""
 
-    def __init__(self, queue: JobQueue, version: Callable[[], str]):
+    def __init__(self, queue: JobQueue, version: Callable[[], str], settings: Settings | None = None):
         self.registry = CollectorRegistry()
         self.requests = Counter(f"{PREFIX}_http_requests", "HTTP requests by route and status",
                                 ["route", "status"], registry=self.registry)
@@ -41,6 +62,8 @@ class Metrics:
             f"{PREFIX}_jobs_handed_off", "Batch tasks answered later (pushed or asked again) past the deadline",
             registry=self.registry)
         self.registry.register(_QueueCollector(queue, version))
+        if settings is not None:
+            self.registry.register(_AcceptanceCollector(settings))
 
     def job_done(self, kind: str, seconds: float, output: Mapping[str, Any] | None, error: str | None) -> None:
         """Record one job as `/predict` saw it end (see `PredictionObserver`)."""
@@ -91,3 +114,55 @@ class _QueueCollector(Collector):
         except LookupError:
             info.add_metric([], {"version": ""})
         yield info
+
+
+class _AcceptanceCollector(Collector):
+    """Acceptance per version from the corrections store, recomputed only when the store changed."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._key: tuple[int, int] | None = None
+        self._stats: dict[str, AcceptanceStats] = {}
+
+    def _current(self) -> tuple[dict[str, AcceptanceStats], int, int, FinetuneRun | None]:
+        store = CorrectionsStore.for_settings(self.settings)
+        runs = FinetuneRuns.for_settings(self.settings)
+        key = (store.max_seq(), store.count_regions())
+        with self._lock:
+            if key != self._key:
+                self._stats = acceptance_by_version(store.regions())
+                self._key = key
+            stats = self._stats
+        return stats, key[1], runs.new_regions(), runs.last()
+
+    def collect(self) -> Iterator[Any]:
+        """Yield the metric families (called by the Prometheus registry at scrape time)."""
+        stats, total, new, last = self._current()
+        yield GaugeMetricFamily(f"{PREFIX}_corrected_regions", "Regions stored from annotations", value=total)
+        yield GaugeMetricFamily(f"{PREFIX}_corrections_new", "Regions stored since the last finished fine-tune",
+                                value=new)
+        regions = GaugeMetricFamily(f"{PREFIX}_predicted_regions", "Corrected regions whose proposal is known",
+                                    labels=["version"])
+        accepted = GaugeMetricFamily(f"{PREFIX}_acceptance_ratio", "Share of proposed regions accepted unchanged",
+                                     labels=["version"])
+        distance = GaugeMetricFamily(f"{PREFIX}_caption_edit_distance",
+                                     "Mean normalized edit distance from proposed to final caption", labels=["version"])
+        fields = GaugeMetricFamily(f"{PREFIX}_field_accuracy", "Share of proposals kept, per field",
+                                   labels=["version", "field"])
+        for version, item in stats.items():
+            regions.add_metric([version], item.regions)
+            if item.acceptance_rate is not None:
+                accepted.add_metric([version], item.acceptance_rate)
+            if item.caption_edit_distance is not None:
+                distance.add_metric([version], item.caption_edit_distance)
+            for name, value in item.field_accuracy.items():
+                fields.add_metric([version, name], value)
+        yield from (regions, accepted, distance, fields)
+        if last is not None:
+            info = InfoMetricFamily(f"{PREFIX}_finetune_last_run", "The latest fine-tune")
+            info.add_metric([], {"status": last.status, "parent": last.parent or "", "candidate": last.candidate or ""})
+            yield info
+            yield GaugeMetricFamily(f"{PREFIX}_finetune_last_run_timestamp_seconds",
+                                    "When the latest fine-tune ended (or started, while running)",
+                                    value=last.finished_at or last.started_at)

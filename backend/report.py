@@ -3,7 +3,7 @@
 - `python -m backend versions`: every registered version (the current one marked `*`), its parent, whether
   it was promoted, its held-out accuracy against its parent's, and the last fine-tune run with its reason.
 - `python -m backend rollback VERSION`: make `VERSION` current again (workers load it before their next job).
-- `python -m backend report [--png FILE]`: acceptance statistics per model version (`backend.stats`) as a
+- `python -m backend report [--png FILE]`: acceptance statistics per model version (`backend.acceptance`) as a
   table, and a PNG plot of them over the versions (matplotlib, Agg backend; default
   `DATA_DIR/acceptance.png`).
 
@@ -20,20 +20,13 @@ from pathlib import Path
 from typing import TextIO
 
 from backend import registry
-from backend.corrections import CorrectionsStore, FinetuneRun
+from backend.acceptance import AcceptanceStats, acceptance_by_version
+from backend.corrections import CorrectionsStore
+from backend.runs import FinetuneRun, FinetuneRuns, RunStatus
 from backend.settings import Settings
-from backend.stats import AcceptanceStats, collect
+from model.metrics import format_table
 
 DEFAULT_PLOT = "acceptance.png"
-
-
-def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A plain text table with aligned columns."""
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-             for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
 
 
 def _percent(value: float | None) -> str:
@@ -47,7 +40,7 @@ def _number(value: float | None) -> str:
 def describe_run(run: FinetuneRun, stale_after: float) -> str:
     """One line about a fine-tune run; a running one without a recent heartbeat is called out."""
     text = run.describe()
-    if run.status == "running" and time.time() - (run.heartbeat_at or run.started_at) > stale_after:
+    if run.status is RunStatus.RUNNING and time.time() - (run.heartbeat_at or run.started_at) > stale_after:
         text += "; no heartbeat recently: probably interrupted (the next run records it)"
     return text
 
@@ -82,7 +75,7 @@ def print_versions(settings: Settings, out: TextIO = sys.stdout) -> int:
         print(f"no model version in MODEL_DIR={settings.model_dir}", file=out)
         return 1
     print(versions_table(settings), file=out)
-    last = CorrectionsStore.for_settings(settings).last_run()
+    last = FinetuneRuns.for_settings(settings).last()
     print("", file=out)
     print("last fine-tune: " + (describe_run(last, settings.finetune_lock_ttl) if last else "none yet"), file=out)
     moves = registry.history(settings)[-3:]
@@ -152,16 +145,17 @@ def plot_acceptance(stats: dict[str, AcceptanceStats], order: Sequence[str], pat
 
 def print_report(settings: Settings, png: Path | None = None, out: TextIO = sys.stdout) -> int:
     """`python -m backend report`."""
-    stats = collect(settings)
-    order = registry.list_versions(settings)
     store = CorrectionsStore.for_settings(settings)
-    print(f"corrected regions stored: {store.count_regions()} ({store.new_regions()} since the last fine-tune)",
+    runs = FinetuneRuns.for_settings(settings)
+    stats = acceptance_by_version(store.regions())
+    order = registry.list_versions(settings)
+    print(f"corrected regions stored: {store.count_regions()} ({runs.new_regions()} since the last fine-tune)",
           file=out)
     if not stats:
         print("no corrected region with a known prediction yet: nothing to compare", file=out)
         return 0
     print(acceptance_table(stats, order), file=out)
-    last = store.last_run()
+    last = runs.last()
     if last is not None:
         print(f"last fine-tune: {describe_run(last, settings.finetune_lock_ttl)}", file=out)
     path = plot_acceptance(stats, order, png or Path(settings.data_dir) / DEFAULT_PLOT)

@@ -262,6 +262,11 @@ class Settings:
         return f"{self.key_prefix}-{self.batch_queue}"
 
     @property
+    def finetune_queue_name(self) -> str:
+        """Full RQ name of the fine-tune queue."""
+        return f"{self.key_prefix}-{self.finetune_queue}"
+
+    @property
     def image_hosts(self) -> tuple[str, ...]:
         """Hosts images may come from: ALLOWED_IMAGE_HOSTS, or else the Label Studio host."""
         if self.allowed_image_hosts:

@@ -13,8 +13,6 @@ re-queues the job (up to JOB_RETRIES times) or records it as failed, so a job is
 from __future__ import annotations
 
 import contextlib
-import gc
-import importlib
 import logging
 import threading
 import time
@@ -31,9 +29,11 @@ from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
 from backend import registry
+from backend.corrections import CorrectionsStore
+from backend.describe import describe, load_annotator, release_memory, resolve_device
 from backend.images import ImageError, ImageLoader
 from backend.jobs import JobQueue, connect
-from backend.labelconfig import FillPlan, PredictionInvalid, Region, wants_label
+from backend.labelconfig import PredictionInvalid
 from backend.payloads import PayloadError, parse_payload, prediction_from_output
 from backend.settings import Settings
 
@@ -85,24 +85,13 @@ class Predictor:
         if version != self.version:
             path = registry.checkpoint_path(self.settings, version)
             started = time.perf_counter()
-            module_name, _, class_name = self.settings.annotator_class.rpartition(".")
-            annotator_class = getattr(importlib.import_module(module_name), class_name)
-            previous, self.annotator = self.annotator, None
-            del previous
-            _release_memory()
-            self.annotator = annotator_class.from_pretrained(path, **self._load_options())
+            self.annotator = None
+            release_memory()
+            self.annotator = load_annotator(path, resolve_device(self.settings.device), self.settings.dtype,
+                                            self.settings.annotator_class)
             log.info("model %s loaded from %s in %.1f s", version, path, time.perf_counter() - started)
             self.version = version
         return version
-
-    def _load_options(self) -> dict[str, Any]:
-        import torch
-
-        device = self.settings.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = None if self.settings.dtype == "auto" else getattr(torch, self.settings.dtype)
-        return {"device": device, "dtype": dtype}
 
     # ------------------------------------------------------------------ one job
     def run(self, payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -119,7 +108,8 @@ class Predictor:
         except ImageError as exc:
             return {"error": {"kind": "image", "message": str(exc)}, "model_version": version}
         model_started = time.perf_counter()
-        answers = self.describe(image, plan, regions, keep_drawn, int(payload.get("max_new_tokens") or 32))
+        answers = describe(self.annotator, image, plan, regions, keep_drawn,
+                           int(payload.get("max_new_tokens") or 32))
         done = time.perf_counter()
         return {
             "model_version": version,
@@ -131,40 +121,6 @@ class Predictor:
                 "total_ms": round((done - started) * 1000, 3),
             },
         }
-
-    def describe(self, image: Any, plan: FillPlan, regions: list[Region], keep_drawn_label: bool,
-                 max_new_tokens: int) -> list[dict[str, Any]]:
-        """Caption, choices and label distributions for every region, in one `answer` and one `score` call."""
-        from model import prompts
-        from model.inference import RegionQuery
-
-        answers: list[dict[str, Any]] = [{"id": r.id, "caption": None, "choices": {}, "label": None}
-                                         for r in regions]
-        captions: list[RegionQuery] = []
-        scored: list[tuple[RegionQuery, tuple[str, ...], int, str | None]] = []
-        for index, region in enumerate(regions):
-            boxes = (region.box(),)
-            if plan.captions:
-                captions.append(RegionQuery(image=image, boxes=boxes, question=prompts.caption_question()))
-            for control in plan.choices:
-                query = RegionQuery(image=image, boxes=boxes, question=prompts.attribute_question(control.name))
-                scored.append((query, control.candidates, index, control.name))
-            if wants_label(plan, region, keep_drawn_label):
-                query = RegionQuery(image=image, boxes=boxes, question=prompts.attribute_question("category"))
-                scored.append((query, plan.labels, index, None))
-        if captions:
-            texts = self.annotator.answer(captions, max_new_tokens=max_new_tokens)
-            for answer, text in zip(answers, texts, strict=True):
-                answer["caption"] = text
-        if scored:
-            distributions = self.annotator.score([s[0] for s in scored], [s[1] for s in scored])
-            for (_, _, index, control), distribution in zip(scored, distributions, strict=True):
-                clean = {str(k): float(v) for k, v in distribution.items()}
-                if control is None:
-                    answers[index]["label"] = clean
-                else:
-                    answers[index]["choices"][control] = clean
-        return answers
 
     # ------------------------------------------------------------------ push
     def push(self, payload: Mapping[str, Any], output: Mapping[str, Any]) -> bool:
@@ -229,9 +185,7 @@ def _remember_proposals(settings: Settings, payload: dict[str, Any], output: dic
     # What each region was proposed, so an annotation can later be compared with it (acceptance
     # statistics); bookkeeping must never fail the prediction itself.
     try:
-        from backend.corrections import record_job_output
-
-        record_job_output(settings, payload, output)
+        CorrectionsStore.for_settings(settings).record_job_output(payload, output)
     except Exception:
         log.warning("could not record the proposals of task %s", payload.get("task_id"), exc_info=True)
 
@@ -339,14 +293,3 @@ def _wait_for_redis(connection: redis.Redis, pause: float) -> bool:
         except (redis.ConnectionError, redis.TimeoutError):
             pause = min(pause * 2, 30.0)
     return False
-
-
-def _release_memory() -> None:
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass

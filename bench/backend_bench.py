@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,30 +42,23 @@ from typing import Any
 import httpx
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from tests.support import CAPTURES, REPO, free_port
 
-CAPTURES = REPO.parent / "shared" / "labelstudio-captures"
 CONFIG = REPO / "labelstudio_config" / "interactive.xml"
 SCENE = (640, 480)
 LABELS_CONFIG = REPO / "labelstudio_config" / "referring_classification.xml"
 
 
 # ---------------------------------------------------------------------- setup
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def make_checkpoint(root: Path, preset: str) -> Path:
     """A random-weights checkpoint of `preset`, registered as the current version under `root`."""
     import torch
 
     from model.configuration_gpt4roi import GPT4RoIConfig
+    from model.demo.synthetic import corpus_texts
     from model.modeling_gpt4roi import GPT4RoIForCausalLM
     from model.processing_gpt4roi import GPT4RoIProcessor
-    from model.synthetic import corpus_texts
     from model.tokenization_gpt4roi import train_sentencepiece
 
     torch.manual_seed(0)
@@ -89,7 +81,7 @@ def image_server(count: int, size: tuple[int, int] = SCENE,
                  image_format: str = "PNG") -> tuple[ThreadingHTTPServer, str]:
     """Serves `/img/<i>.png`: `count` different scenes, drawn at 640x480 and scaled to `size` (a photo-sized
     JPEG costs what a camera upload costs to download and decode; the objects stay where they were)."""
-    from model.synthetic import make_image
+    from model.demo.synthetic import make_image
 
     files = {}
     for index in range(count):
@@ -330,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "REDIS_URL": redis_server.url, "MODEL_DIR": str(models), "DATA_DIR": str(work / "data"),
            "DEVICE": args.device, "LOG_LEVEL": "WARNING", "REDIS_KEY_PREFIX": "bench",
            "ALLOWED_IMAGE_HOSTS": image_base.split("://", 1)[1], "MAX_NEW_TOKENS": str(args.max_new_tokens),
-           "PORT": str(api_port), "HOST": "127.0.0.1", "PYTHONPATH": str(REPO)}
+           "PORT": str(api_port), "HOST": "127.0.0.1"}
     for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "WEBHOOK_SECRET"):
         env.pop(name, None)
     logs = work / "logs"

@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from model.configuration_gpt4roi import GPT4RoIConfig
+from model.demo.synthetic import corpus_texts, make_image
 from model.generation import GenerationConfig, generate, generation_prompt
 from model.inference import RegionAnnotator, RegionQuery
 from model.modeling_gpt4roi import GPT4RoIForCausalLM
 from model.processing_gpt4roi import GPT4RoIProcessor
 from model.prompts import caption_question
-from model.synthetic import corpus_texts, make_image
 from model.tokenization_gpt4roi import train_sentencepiece
 
 

@@ -3,9 +3,9 @@
     python -m model.evaluate --checkpoint DIR --data FILE.jsonl [--out report.json] [--limit N]
 
 Every record is answered by greedy generation, as the backend's captions are. Caption records get BLEU-4,
-METEOR, ROUGE-L and CIDEr, and — when the record carries ground-truth attributes (synthetic data) — the
-share of captions whose every attribute is right. Other records get exact-match accuracy per attribute
-or relation, and a confusion table per attribute.
+METEOR, ROUGE-L and CIDEr. Other records get exact-match accuracy per attribute or relation (after
+`model.metrics.normalize_answer`), and a confusion table per attribute. A dataset that knows more about its
+captions (the demo's synthetic shapes) adds its own figures with `caption_figures`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from PIL import Image
@@ -23,9 +23,8 @@ from tqdm.auto import tqdm
 
 from .data_format import RegionSample, read_jsonl
 from .inference import RegionAnnotator, RegionQuery
-from .metrics import attribute_match, caption_metrics, confusion_table, format_table
+from .metrics import caption_metrics, closed_set_accuracy, confusion_table, format_table
 from .processing_gpt4roi import normalize_boxes
-from .synthetic import parse_caption
 
 
 def record_kind(sample: RegionSample) -> str:
@@ -61,8 +60,13 @@ def predict(annotator: RegionAnnotator, samples: Sequence[RegionSample], batch_i
     return answers
 
 
-def report(samples: Sequence[RegionSample], answers: Sequence[str]) -> dict:
-    """Metrics of `answers` against the records' reference answers, grouped by kind."""
+CaptionFigures = Callable[[Sequence[RegionSample], Sequence[str]], dict]
+
+
+def report(samples: Sequence[RegionSample], answers: Sequence[str],
+           caption_figures: CaptionFigures | None = None) -> dict:
+    """Metrics of `answers` against the records' reference answers, grouped by kind. `caption_figures`, when
+    given, adds its figures (computed from the caption records and their answers) to the caption metrics."""
     by_kind: dict[str, list[tuple[RegionSample, str]]] = defaultdict(list)
     for sample, answer in zip(samples, answers, strict=True):
         by_kind[record_kind(sample)].append((sample, answer))
@@ -74,20 +78,11 @@ def report(samples: Sequence[RegionSample], answers: Sequence[str]) -> dict:
             refs = {s.id: [t] for s, t in zip([s for s, _ in items], truth, strict=True)}
             hyps = {s.id: a for s, a in items}
             result["caption"] = caption_metrics(refs, hyps)
-            with_truth = [(s.meta["attributes"], a) for s, a in items if "attributes" in (s.meta or {})]
-            if with_truth:
-                matches = [attribute_match(attrs, caption) for attrs, caption in with_truth]
-                result["caption"]["exact_attribute_match"] = sum(matches) / len(matches)
-                per_attribute = defaultdict(list)
-                for attrs, caption in with_truth:
-                    parsed = parse_caption(caption) if caption else {}
-                    for name, value in attrs.items():
-                        per_attribute[name].append(parsed.get(name) == value)
-                result["caption"]["attribute_accuracy"] = {k: sum(v) / len(v) for k, v in per_attribute.items()}
+            if caption_figures is not None:
+                result["caption"].update(caption_figures([s for s, _ in items], predicted))
             continue
-        result["accuracy"][kind] = sum(t == p for t, p in zip(truth, predicted, strict=True)) / len(truth)
-        labels = sorted(set(truth))
-        result["confusion"][kind] = confusion_table(truth, predicted, labels)
+        result["accuracy"][kind] = closed_set_accuracy(truth, predicted)
+        result["confusion"][kind] = confusion_table(truth, predicted, sorted(set(truth)))
     return result
 
 

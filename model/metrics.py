@@ -1,4 +1,4 @@
-"""Evaluation metrics: COCO caption scores, closed-set accuracy, confusion tables, attribute match.
+"""Evaluation metrics: COCO caption scores, closed-set accuracy, confusion tables.
 
 Caption scores come from ``pycocoevalcap`` (the COCO caption evaluation code): BLEU-1..4, METEOR 1.5,
 ROUGE-L and CIDEr (CIDEr-D as implemented there), after the same PTB tokenization and punctuation removal
@@ -22,14 +22,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.synthetic import ATTRIBUTES, caption_mentions
-
 __all__ = [
     "CAPTION_METRICS",
     "ConfusionTable",
-    "attribute_match",
-    "attribute_match_rate",
-    "caption_attribute_accuracy",
     "caption_metrics",
     "closed_set_accuracy",
     "confusion_table",
@@ -233,56 +228,6 @@ def confusion_table(truth: Sequence[str], predicted: Sequence[str], labels: Sequ
             raise ValueError(f"true answer {t!r} is not one of the labels {list(names)}")
         counts[row][index.get(normalize_answer(p), len(names))] += 1
     return ConfusionTable(labels=names, counts=tuple(tuple(row) for row in counts))
-
-
-# ------------------------------------------------------- caption attributes
-def attribute_match(truth_attributes: Mapping[str, str], caption: str, require_all: bool = True) -> bool:
-    """Whether a caption names the object's attributes exactly.
-
-    Every attribute value the caption names (size, color, texture, shape of the synthetic vocabulary) must
-    be the true one, and no attribute may be named with two values. With ``require_all`` every attribute
-    in ``truth_attributes`` must also be named, so ``"a circle"`` does not match a large red striped circle.
-    """
-    unknown = sorted(set(truth_attributes) - set(ATTRIBUTES))
-    if unknown:
-        raise ValueError(f"unknown attribute(s) {unknown}; captions describe {list(ATTRIBUTES)}")
-    mentions = caption_mentions(caption)
-    for name, values in mentions.items():
-        if name in truth_attributes and values != [truth_attributes[name]]:
-            return False
-    return not require_all or all(name in mentions for name in truth_attributes)
-
-
-def attribute_match_rate(
-    truth_attributes: Sequence[Mapping[str, str]], captions: Sequence[str], require_all: bool = True
-) -> float:
-    """Share of captions for which :func:`attribute_match` holds (the caption exact-attribute match)."""
-    if len(truth_attributes) != len(captions):
-        raise ValueError(f"{len(truth_attributes)} ground truths but {len(captions)} captions")
-    if not captions:
-        raise ValueError("no captions to score")
-    hits = sum(attribute_match(t, c, require_all) for t, c in zip(truth_attributes, captions, strict=True))
-    return hits / len(captions)
-
-
-def caption_attribute_accuracy(
-    truth_attributes: Sequence[Mapping[str, str]], captions: Sequence[str]
-) -> dict[str, float]:
-    """Per attribute, the share of captions that name exactly its true value (diagnoses what a model misses)."""
-    if len(truth_attributes) != len(captions):
-        raise ValueError(f"{len(truth_attributes)} ground truths but {len(captions)} captions")
-    if not captions:
-        raise ValueError("no captions to score")
-    names = [name for name in ATTRIBUTES if any(name in truth for truth in truth_attributes)]
-    hits = dict.fromkeys(names, 0)
-    totals = dict.fromkeys(names, 0)
-    for truth, caption in zip(truth_attributes, captions, strict=True):
-        mentions = caption_mentions(caption)
-        for name in names:
-            if name in truth:
-                totals[name] += 1
-                hits[name] += mentions.get(name) == [truth[name]]
-    return {name: hits[name] / totals[name] for name in names}
 
 
 # ------------------------------------------------------------------ tables

@@ -40,7 +40,6 @@ __all__ = [
     "IGNORE_INDEX",
     "MIN_BOX_SIZE",
     "GPT4RoIProcessor",
-    "boxes_from_percent",
     "clip_preprocess",
     "normalize_boxes",
     "pad_sequences",
@@ -127,66 +126,6 @@ def normalize_boxes(
     tensor = _as_box_tensor(boxes_px)
     scale = torch.tensor([width, height, width, height], dtype=torch.float32)
     return sanitize_boxes(tensor / scale, min_size=min_size)
-
-
-def boxes_from_percent(
-    items: Sequence[Mapping[str, Any]],
-    width: float | None = None,
-    height: float | None = None,
-    min_size: float = MIN_BOX_SIZE,
-) -> torch.Tensor:
-    """Label Studio rectangles → sanitized normalized ``xyxy`` ``[n, 4]``.
-
-    Each item has ``x``, ``y``, ``width``, ``height`` in percent of the image, (x, y) being the top-left
-    corner, and an optional ``rotation`` in degrees (clockwise on screen). An unrotated rectangle needs no
-    image size: ``x1 = x / 100`` and so on. A rotated one is turned about its (x, y) corner — how Label
-    Studio rotates rectangles — in pixel space, because a rotation in percent units would shear a
-    non-square image; that needs the original ``width`` and ``height`` in pixels, and the box fed to the
-    model is the axis-aligned hull of the rotated rectangle.
-    """
-    rows: list[list[float]] = []
-    for index, item in enumerate(items):
-        try:
-            x, y, w, h = (float(item[key]) for key in ("x", "y", "width", "height"))
-            rotation = float(item.get("rotation", 0.0) or 0.0)
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(
-                f"rectangle {index} needs numeric x, y, width, height (percent) and an optional rotation: "
-                f"{item!r}"
-            ) from err
-        if not all(math.isfinite(v) for v in (x, y, w, h, rotation)):
-            raise ValueError(f"rectangle {index} has a non-finite value: {item!r}")
-        if w < 0 or h < 0:
-            raise ValueError(f"rectangle {index} has a negative width or height: {item!r}")
-        if rotation % 360.0 == 0.0:
-            rows.append([x / 100.0, y / 100.0, (x + w) / 100.0, (y + h) / 100.0])
-            continue
-        if width is None or height is None:
-            raise ValueError(
-                f"rectangle {index} is rotated by {rotation} degrees; converting it needs the original image "
-                "width and height in pixels"
-            )
-        _check_image_size(width, height)
-        rows.append(_rotated_hull(x, y, w, h, rotation, float(width), float(height)))
-    if not rows:
-        return torch.zeros((0, 4), dtype=torch.float32)
-    return sanitize_boxes(rows, min_size=min_size)
-
-
-def _rotated_hull(
-    x: float, y: float, w: float, h: float, degrees: float, width: float, height: float
-) -> list[float]:
-    left, top = x / 100.0 * width, y / 100.0 * height
-    box_w, box_h = w / 100.0 * width, h / 100.0 * height
-    theta = math.radians(degrees)
-    cos, sin = math.cos(theta), math.sin(theta)
-    # Screen coordinates grow downwards, so this standard rotation matrix turns clockwise on screen.
-    corners = [
-        (left + dx * cos - dy * sin, top + dx * sin + dy * cos)
-        for dx, dy in ((0.0, 0.0), (box_w, 0.0), (0.0, box_h), (box_w, box_h))
-    ]
-    xs, ys = [c[0] for c in corners], [c[1] for c in corners]
-    return [min(xs) / width, min(ys) / height, max(xs) / width, max(ys) / height]
 
 
 def _check_image_size(width: float, height: float) -> None:

@@ -155,7 +155,7 @@ def load_adapter(model: GPT4RoIForCausalLM, directory: str | Path) -> GPT4RoIFor
 
 
 # ---------------------------------------------------------------------- data
-class ImageCache:
+class PixelCache:
     """Decoded, preprocessed images by path, least recently used dropped first."""
 
     def __init__(self, processor: GPT4RoIProcessor, size: int = 4096) -> None:
@@ -191,7 +191,7 @@ def image_batches(
 
 
 def collate(
-    samples: Sequence[RegionSample], processor: GPT4RoIProcessor, cache: ImageCache, max_length: int | None = None
+    samples: Sequence[RegionSample], processor: GPT4RoIProcessor, cache: PixelCache, max_length: int | None = None
 ) -> dict:
     """A batch split where its records stop agreeing: the prefix every record shares (ids only; the image
     features are spliced per image; at least through `<im_end>`, never past a `<bbox>` or a target), each
@@ -298,7 +298,7 @@ def train(
     steps = config.max_steps or max(1, math.ceil(config.epochs * batches_per_epoch / config.gradient_accumulation))
     optimizer = CosineAdamW(groups, steps, int(config.warmup_ratio * steps), config.max_grad_norm,
                             config.weight_decay)
-    cache = ImageCache(processor)
+    cache = PixelCache(processor)
 
     def batches() -> Iterator[list[RegionSample]]:
         while True:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import re
 
 from backend.settings import settings_table_markdown
-
-from .paths import REPO
+from tests.support import REPO
 
 README = (REPO / "README.md").read_text()
 

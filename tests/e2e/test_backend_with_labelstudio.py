@@ -21,7 +21,9 @@ import pytest
 import redis
 from label_studio_sdk.label_interface import LabelInterface
 
-from tests.conftest import REDIS_URL, Api, Process, backend_env, scene, start_api, start_worker
+from tests.support.images import scene
+from tests.support.processes import Api, Process, backend_env, start_api, start_worker
+from tests.support.redis_server import REDIS_URL
 
 from .labelstudio import CONFIG_DIR, ImageServer, LabelStudioClient, LabelStudioServer, region_result
 

@@ -1,0 +1,88 @@
+"""Describing regions with a resident model: what the worker answers and what a fine-tune evaluates.
+
+`describe` asks the model, for every region of one image, the caption and each closed-set question the
+labeling config needs (its Choices controls, the RectangleLabels label), in one `answer` and one `score`
+call. `load_annotator` loads a checkpoint onto a device; `resolve_device` and `release_memory` are the
+device handling both callers share.
+
+Only workers and fine-tunes import this module (the API never does: it holds no model); torch is imported
+inside the functions all the same, so that importing it is cheap.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from backend.labelconfig import FillPlan, Region, wants_label
+
+DEFAULT_ANNOTATOR = "model.inference.RegionAnnotator"
+
+
+def describe(annotator: Any, image: Any, plan: FillPlan, regions: Sequence[Region], keep_drawn_label: bool,
+             max_new_tokens: int) -> list[dict[str, Any]]:
+    """Per region `{"id", "caption", "choices": {control: distribution}, "label": distribution | None}`."""
+    from model import prompts
+    from model.inference import RegionQuery
+
+    answers: list[dict[str, Any]] = [{"id": r.id, "caption": None, "choices": {}, "label": None} for r in regions]
+    captions: list[Any] = []
+    scored: list[tuple[Any, tuple[str, ...], int, str | None]] = []
+    for index, region in enumerate(regions):
+        boxes = (region.box(),)
+        if plan.captions:
+            captions.append(RegionQuery(image=image, boxes=boxes, question=prompts.caption_question()))
+        for control in plan.choices:
+            query = RegionQuery(image=image, boxes=boxes, question=prompts.attribute_question(control.name))
+            scored.append((query, control.candidates, index, control.name))
+        if wants_label(plan, region, keep_drawn_label):
+            query = RegionQuery(image=image, boxes=boxes, question=prompts.attribute_question("category"))
+            scored.append((query, plan.labels, index, None))
+    if captions:
+        texts = annotator.answer(captions, max_new_tokens=max_new_tokens)
+        for answer, text in zip(answers, texts, strict=True):
+            answer["caption"] = text
+    if scored:
+        distributions = annotator.score([s[0] for s in scored], [s[1] for s in scored])
+        for (_, _, index, control), distribution in zip(scored, distributions, strict=True):
+            clean = {str(k): float(v) for k, v in distribution.items()}
+            if control is None:
+                answers[index]["label"] = clean
+            else:
+                answers[index]["choices"][control] = clean
+    return answers
+
+
+def resolve_device(name: str) -> Any:
+    """A torch device from a DEVICE / FINETUNE_DEVICE value (`auto`: CUDA when present)."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name} was asked for, but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def load_annotator(path: Path, device: Any, dtype: str = "auto", annotator_class: str = DEFAULT_ANNOTATOR) -> Any:
+    """The annotator class (a dotted path with `from_pretrained(path, device=…, dtype=…)`) loaded from a
+    checkpoint folder; `dtype` `auto` lets the class choose (bf16 on CUDA, fp32 on the CPU)."""
+    import torch
+
+    module_name, _, class_name = annotator_class.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls.from_pretrained(path, device=str(device), dtype=None if dtype == "auto" else getattr(torch, dtype))
+
+
+def release_memory() -> None:
+    """Give freed tensors' memory back (the CUDA cache too) before the next model is loaded."""
+    gc.collect()
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

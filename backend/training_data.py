@@ -1,0 +1,144 @@
+"""What a fine-tune trains and evaluates on: corrected regions as training records, their images as local
+files, and the held-out split.
+
+- `local_images`: task images fetched once with the worker's rules (`backend.images`: tokens, limits, the
+  fetch policy), decoded as the annotator saw them (EXIF orientation applied) and kept as PNG under
+  `DATA_DIR/image-cache/<sha256 of the fetched bytes>.png`; the `images` table remembers which reference
+  became which file.
+- `training_records`: one record per question the corrections answer (`model.data_format`).
+- `split_held_out`: a fixed share of tasks, chosen by a hash of the task id, is kept for evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from backend.annotations import CorrectedRegion, int_or_none
+from backend.images import ImageError, ImageLoader, decode_image
+from backend.settings import Settings
+from backend.store import Database
+
+IMAGE_CACHE_DIR = "image-cache"
+LocalImage = tuple[Path, int, int]
+
+
+def local_images(settings: Settings, references: Iterable[tuple[str, str | None]],
+                 loader: ImageLoader | None = None) -> tuple[dict[str, LocalImage], dict[str, str]]:
+    """Local copies of task images: reference → (path, width, height), and reference → error for those
+    that could not be fetched (see the module docstring)."""
+    database = Database.for_settings(settings)
+    cache = Path(settings.data_dir) / IMAGE_CACHE_DIR
+    cache.mkdir(parents=True, exist_ok=True)
+    found: dict[str, LocalImage] = {}
+    failed: dict[str, str] = {}
+    owned = loader is None
+    loader = loader or ImageLoader(settings)
+    try:
+        for reference, task_id in references:
+            if reference in found or reference in failed:
+                continue
+            known = _cached(database, reference)
+            if known is not None:
+                found[reference] = known
+                continue
+            try:
+                found[reference] = _fetch(settings, database, loader, cache, reference, int_or_none(task_id))
+            except ImageError as exc:
+                failed[reference] = str(exc)
+    finally:
+        if owned:
+            loader.close()
+    return found, failed
+
+
+def _fetch(settings: Settings, database: Database, loader: ImageLoader, cache: Path, reference: str,
+           task_id: int | None) -> LocalImage:
+    data = loader.fetch(reference, task_id)
+    digest = hashlib.sha256(data).hexdigest()
+    path = cache / f"{digest}.png"
+    if not path.is_file():
+        image = decode_image(data, settings.max_image_pixels, reference)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        image.save(tmp, format="PNG")
+        tmp.replace(path)
+        size = image.size
+    else:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            size = image.size
+    database.write(lambda db: db.execute(
+        "INSERT OR REPLACE INTO images (reference, sha256, path, width, height, fetched_at) VALUES (?, ?, ?, ?, ?, ?)",
+        (reference, digest, str(path), size[0], size[1], time.time())))
+    return path, size[0], size[1]
+
+
+def _cached(database: Database, reference: str) -> LocalImage | None:
+    row = database.read().execute("SELECT path, width, height FROM images WHERE reference = ?",
+                                  (reference,)).fetchone()
+    if row is None or not Path(row["path"]).is_file():
+        return None
+    return Path(row["path"]), int(row["width"]), int(row["height"])
+
+
+def training_records(regions: Sequence[CorrectedRegion], images: Mapping[str, LocalImage]) -> list[Any]:
+    """The regions as training records (`model.data_format.RegionSample`), one question per field:
+    the caption → `caption_question()`, each Choices control → `attribute_question(<control name>)` (one
+    record per chosen value), the RectangleLabels label → `attribute_question("category")`. Regions whose
+    image is missing from `images` are left out."""
+    from model.data_format import RegionSample
+    from model.prompts import attribute_question, caption_question
+
+    records: list[RegionSample] = []
+    for item in regions:
+        local = images.get(item.image)
+        if local is None:
+            continue
+        path, width, height = local
+        x1, y1, x2, y2 = item.box
+        box = (x1 * width, y1 * height, x2 * width, y2 * height)
+        base_meta = {"source": "correction", "annotation_id": item.annotation_id, "task_id": item.task_id,
+                     "region_id": item.region_id, "seq": item.seq}
+        questions: list[tuple[str, str, str, dict[str, Any]]] = []
+        if item.caption:
+            questions.append(("caption", caption_question(), item.caption, {"task": "caption"}))
+        for control, values in sorted(item.choices.items()):
+            for value in values:
+                questions.append((f"{control}-{value}", attribute_question(control), value,
+                                  {"task": "attribute", "attribute": control}))
+        if item.label:
+            questions.append(("category", attribute_question("category"), item.label,
+                              {"task": "attribute", "attribute": "category"}))
+        for key, question, answer, meta in questions:
+            records.append(RegionSample(
+                id=f"ann{item.annotation_id}-{item.region_id}-{key}", image=str(path), width=width, height=height,
+                boxes=[box], conversations=[{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+                meta={**base_meta, **meta}))
+    return records
+
+
+def is_held_out(task_id: str | None, fraction: float) -> bool:
+    """Whether a task belongs to the evaluation slice: a hash of its id, so the split never changes and
+    every region of a task (one image) is on the same side."""
+    if fraction <= 0 or task_id is None:
+        return False
+    digest = hashlib.sha256(f"heldout:{task_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def split_held_out(regions: Sequence[CorrectedRegion], fraction: float) -> tuple[list[CorrectedRegion],
+                                                                                  list[CorrectedRegion]]:
+    """(training side, held-out side). With at least two tasks and `fraction > 0`, at least one task is
+    held out (the one whose hash is smallest), so a comparison is always possible."""
+    held = [r for r in regions if is_held_out(r.task_id, fraction)]
+    tasks = {r.task_id for r in regions}
+    if not held and fraction > 0 and len(tasks) >= 2:
+        first = min(tasks, key=lambda t: hashlib.sha256(f"heldout:{t}".encode()).digest())
+        held = [r for r in regions if r.task_id == first]
+    held_ids = {id(r) for r in held}
+    return [r for r in regions if id(r) not in held_ids], held

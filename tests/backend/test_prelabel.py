@@ -1,0 +1,79 @@
+"""Pre-annotating a whole project: one queued job per task, predictions pushed to Label Studio, reruns skip."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backend.jobs import JobQueue, connect
+from backend.prelabel import run_prelabel
+from backend.settings import Settings
+from tests.support import REPO, capture
+from tests.support.fake_labelstudio import LS_TOKEN
+from tests.support.model_factory import MODEL_VERSION
+from tests.support.processes import backend_env
+from tests.support.redis_server import KEY_PREFIX, REDIS_URL
+from tests.support.requests import CAPTURED_CONFIG, batch_task, check_prediction
+
+pytestmark = pytest.mark.usefixtures("worker", "redis_db")
+
+
+def project_tasks(fake_ls, first_id: int) -> list[dict]:
+    """Two tasks with detector boxes, one without boxes, one already predicted by the current version."""
+    tasks = [batch_task(first_id, f"{fake_ls.url}/img/red.png", "predictions"),
+             batch_task(first_id + 1, "/data/upload/1/blue.png", "annotations"),
+             batch_task(first_id + 2, f"{fake_ls.url}/img/blue.png", None),
+             batch_task(first_id + 3, f"{fake_ls.url}/img/red.png", "predictions")]
+    done = copy.deepcopy(capture("07")["request"]["json"]["tasks"][0]["predictions"][0])
+    tasks[3]["predictions"] = [{**done, "model_version": MODEL_VERSION}]
+    return tasks
+
+
+def settings_for(fake_ls, base_env) -> Settings:
+    return Settings(redis_url=REDIS_URL, key_prefix=KEY_PREFIX, label_studio_url=fake_ls.url,
+                    label_studio_api_key=LS_TOKEN, max_new_tokens=6, model_dir=Path(base_env["MODEL_DIR"]))
+
+
+def test_prelabel_pushes_what_is_missing_and_a_rerun_skips_it(fake_ls, base_env):
+    project = 601
+    fake_ls.add_project(project, CAPTURED_CONFIG, project_tasks(fake_ls, 6000))
+    settings = settings_for(fake_ls, base_env)
+    queue = JobQueue(settings, connect(REDIS_URL, settings), REDIS_URL)
+
+    summary = run_prelabel(settings, project, timeout=120, queue=queue, progress=False)
+    assert (summary.tasks, summary.already_predicted, summary.without_boxes) == (4, 1, 1)
+    assert (summary.enqueued, summary.pushed, summary.pending, summary.failed) == (2, 2, 0, [])
+    pushed = fake_ls.predictions_for(project)
+    assert sorted(p["task"] for p in pushed) == [6000, 6001]
+    for prediction in pushed:
+        check_prediction(prediction)
+    assert "pushed: 2" in summary.describe()
+
+    again = run_prelabel(settings, project, timeout=60, queue=queue, progress=False)
+    assert (again.already_predicted, again.enqueued, again.pushed) == (3, 0, 0)
+    assert len(fake_ls.predictions_for(project)) == 2
+
+
+def test_prelabel_command_line(fake_ls, base_env):
+    project = 602
+    fake_ls.add_project(project, CAPTURED_CONFIG, project_tasks(fake_ls, 6100)[:1])
+    done = subprocess.run([sys.executable, "-m", "backend", "prelabel", "--project", str(project), "--timeout", "120"],
+                          cwd=REPO, env=backend_env(base_env), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "enqueued: 1, pushed: 1" in done.stdout
+    (prediction,) = fake_ls.predictions_for(project)
+    assert prediction["task"] == 6100
+    check_prediction(prediction)
+
+
+def test_prelabel_reports_tasks_it_cannot_use(fake_ls, base_env):
+    project = 603
+    tasks = project_tasks(fake_ls, 6200)[:1]
+    tasks[0]["data"] = {"picture": "x.png"}
+    fake_ls.add_project(project, CAPTURED_CONFIG, tasks)
+    summary = run_prelabel(settings_for(fake_ls, base_env), project, timeout=30, progress=False)
+    assert summary.enqueued == 0 and len(summary.failed) == 1 and "has no image" in summary.failed[0]

@@ -1,0 +1,27 @@
+"""`python -m backend serve` on an empty MODEL_DIR registers the demo model and makes it current."""
+
+from __future__ import annotations
+
+import model.demo.recipe
+from backend.__main__ import _ensure_model
+from backend.registry import checkpoint_path, current_version
+from backend.settings import Settings
+from model.demo import demo_version_name
+from tests.support.model_factory import make_tiny_checkpoint
+
+
+def test_an_empty_model_dir_gets_the_shipped_demo_model_without_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(model.demo.recipe, "build_demo", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    settings = Settings.from_env({}, model_dir=tmp_path / "models", data_dir=tmp_path / "data")
+    _ensure_model(settings)
+    assert current_version(settings) == demo_version_name()
+    assert (checkpoint_path(settings, demo_version_name()) / "config.json").is_file()
+
+
+def test_a_registered_model_is_left_alone(tmp_path, monkeypatch):
+    monkeypatch.setattr(model.demo.recipe, "ensure_demo_checkpoint", lambda: (_ for _ in ()).throw(AssertionError))
+    settings = Settings.from_env({}, model_dir=tmp_path / "models", data_dir=tmp_path / "data")
+    make_tiny_checkpoint(tmp_path / "models" / "v1")
+    (tmp_path / "models" / "current").write_text("v1\n")
+    _ensure_model(settings)
+    assert current_version(settings) == "v1"

@@ -1,0 +1,159 @@
+"""A stand-in for Label Studio's REST API and file routes, over real HTTP, with inspectable state.
+
+Routes: uploads behind a token (`/data/upload/…`), the presign route of cloud URIs (redirecting to a
+public URL with a credential in its query), public and slow images (`/img/…`, `/slow/…`), projects, paged
+task lists and prediction pushes.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from tests.support.images import png_bytes, scene
+
+LS_TOKEN = "test-legacy-token"
+
+
+@dataclass
+class FakeLabelStudio:
+    """Label Studio's REST and file routes the backend uses, over real HTTP, with inspectable state."""
+
+    url: str = ""
+    token: str = LS_TOKEN
+    files: dict[str, bytes] = field(default_factory=dict)
+    projects: dict[int, dict[str, Any]] = field(default_factory=dict)
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+    requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add_project(self, project_id: int, label_config: str, tasks: list[dict[str, Any]]) -> None:
+        """Create (or replace) a project with its tasks."""
+        with self.lock:
+            self.projects[project_id] = {"label_config": label_config, "tasks": tasks}
+            self.predictions = [p for p in self.predictions if p["project"] != project_id]
+
+    def predictions_for(self, project_id: int) -> list[dict[str, Any]]:
+        """Predictions pushed for a project, in arrival order."""
+        with self.lock:
+            return [p for p in self.predictions if p["project"] == project_id]
+
+
+def _handler(ls: FakeLabelStudio) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def _send(self, status: int, body: bytes = b"", content_type: str = "application/json",
+                  headers: dict[str, str] | None = None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _json(self, status: int, data: Any) -> None:
+            self._send(status, json.dumps(data).encode())
+
+        def _authorized(self) -> bool:
+            return self.headers.get("Authorization") == f"Token {ls.token}"
+
+        def do_GET(self) -> None:
+            parts = urlsplit(self.path)
+            query = parse_qs(parts.query)
+            ls.requests.append(("GET", self.path, dict(self.headers)))
+            path = parts.path
+            if path.startswith("/img/") or path.startswith("/slow/"):
+                if path.startswith("/slow/"):
+                    time.sleep(float(query.get("delay", ["3"])[0]))
+                name = path.split("/", 2)[2]
+                data = ls.files.get(name)
+                return self._send(200, data, "image/png") if data is not None else self._json(404, {"detail": "no"})
+            if not self._authorized():
+                return self._json(401, {"detail": "Authentication credentials were not provided."})
+            if path.startswith("/data/upload/"):
+                data = ls.files.get(path.rsplit("/", 1)[1])
+                return self._send(200, data, "image/png") if data is not None else self._json(404, {"detail": "no"})
+            if path.startswith("/tasks/") and path.endswith("/presign/"):
+                uri = base64.urlsafe_b64decode(query["fileuri"][0]).decode()
+                name = uri.rsplit("/", 1)[1]
+                return self._send(302, headers={"Location": f"{ls.url}/img/{name}?X-Amz-Signature=secret"})
+            if path.startswith("/api/projects/"):
+                project_id = int(path.strip("/").split("/")[2])
+                project = ls.projects.get(project_id)
+                if project is None:
+                    return self._json(404, {"detail": "Not found."})
+                return self._json(200, {"id": project_id, "title": f"p{project_id}",
+                                        "label_config": project["label_config"]})
+            if path == "/api/tasks/":
+                project_id = int(query["project"][0])
+                page = int(query.get("page", ["1"])[0])
+                size = int(query.get("page_size", ["100"])[0])
+                with ls.lock:
+                    tasks = [dict(t) for t in ls.projects.get(project_id, {}).get("tasks", [])]
+                    for task in tasks:
+                        task["predictions"] = [p for p in ls.predictions if p["task"] == task["id"]] + list(
+                            task.get("predictions", []))
+                chunk = tasks[(page - 1) * size: page * size]
+                return self._json(200, {"tasks": chunk, "total": len(tasks), "total_annotations": 0,
+                                        "total_predictions": 0})
+            return self._json(404, {"detail": "Not found."})
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            ls.requests.append(("POST", self.path, dict(self.headers)))
+            if not self._authorized():
+                return self._json(401, {"detail": "Authentication credentials were not provided."})
+            if urlsplit(self.path).path == "/api/predictions/":
+                data = json.loads(body)
+                with ls.lock:
+                    project = next((pid for pid, p in ls.projects.items()
+                                    if any(t["id"] == data["task"] for t in p["tasks"])), None)
+                    record = {"id": len(ls.predictions) + 1, "project": project, **data}
+                    ls.predictions.append(record)
+                return self._json(201, record)
+            return self._json(404, {"detail": "Not found."})
+
+    return Handler
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients that give up on the slow route close the socket; that is the point of those tests.
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
+
+@contextlib.contextmanager
+def running_fake_labelstudio() -> Iterator[FakeLabelStudio]:
+    """A stand-in Label Studio with a few images, served on a free loopback port while the block runs."""
+    ls = FakeLabelStudio()
+    ls.files.update({
+        "red.png": png_bytes(scene()),
+        "blue.png": png_bytes(scene(colour=(20, 40, 220), box=(40, 8, 90, 60))),
+        "corrupt.png": b"\x89PNG\r\n\x1a\n this is not an image",
+    })
+    server = _QuietServer(("127.0.0.1", 0), _handler(ls))
+    ls.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield ls
+    finally:
+        server.shutdown()
+        server.server_close()
