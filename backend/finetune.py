@@ -8,8 +8,10 @@ One run, under a lock in Redis (`<prefix>:finetune:lock`, FINETUNE_LOCK_TTL, ren
 released when it ends, however it ends), so two fine-tunes never run at once:
 
 1. **Data.** Corrected regions stored since the last finished run are the *new* ones; with fewer than
-   `--min-new` (FINETUNE_MIN_NEW) the run does nothing. Tasks are split by a hash of their id: a fixed share
-   (FINETUNE_EVAL_FRACTION) is held out for evaluation, the rest trains. The training set is the new
+   `--min-new` (FINETUNE_MIN_NEW) the run does nothing. Only corrections Label Studio's API confirms are
+   trained on (`backend.confirmation`; TRAIN_ON_UNCONFIRMED for a backend without its credentials). Tasks
+   are split by a hash of their id: a fixed share (FINETUNE_EVAL_FRACTION) is held out for evaluation, the
+   rest trains. The training set is the new
    regions plus a replay sample of earlier ones (FINETUNE_REPLAY_RATIO per new region) and, when
    FINETUNE_BASE_DATA names the first model's training set, records drawn from it (FINETUNE_BASE_RATIO per
    new record), against forgetting. Images are fetched once into DATA_DIR's content-addressed cache.
@@ -18,12 +20,15 @@ released when it ends, however it ends), so two fine-tunes never run at once:
    FINETUNE_EPOCHS passes.
 3. **Evaluation.** The candidate (reloaded from what was written) and the current version answer the
    held-out regions exactly as the worker would (same questions, same choice selection); each proposed
-   field is compared with the annotator's final value (`backend.acceptance`). With FINETUNE_BASE_EVAL, both also
-   answer that set of earlier concepts (exact match).
-4. **Promotion rule.** The candidate becomes current when its held-out field accuracy is at least the
-   current version's minus FINETUNE_MAX_REGRESSION (default 0: "not worse"), and, with FINETUNE_BASE_EVAL,
-   its accuracy there is at least the current version's minus FINETUNE_MAX_FORGETTING. No held-out region
-   means no promotion.
+   field is compared with the annotator's final value (`backend.acceptance`). With FINETUNE_BASE_EVAL,
+   both also answer that set of earlier concepts.
+4. **Promotion rule.** The decision rests only on evaluation sets this run's own corrections cannot have
+   written: the held-out corrections that were stored before the run's new ones, and FINETUNE_BASE_EVAL.
+   The candidate becomes current when its accuracy on the first is at least the current version's minus
+   FINETUNE_MAX_REGRESSION (default 0: "not worse") and on the second at least the current version's
+   minus FINETUNE_MAX_FORGETTING. With neither (a first fine-tune without FINETUNE_BASE_EVAL) the candidate
+   is kept, `awaiting review`, for `python -m backend promote VERSION`. The held-out part of the run's own
+   corrections is measured and reported beside (`fresh_candidate`, `fresh_parent`).
 5. **Versions.** The candidate is written as an immutable folder `MODEL_DIR/v<NNNN>-<UTC time>/`: the merged
    `save_pretrained` checkpoint, the LoRA adapter and region module alone (`lora/`), and `version.json`
    (parent, data counts, metrics of both, decision, time, training config and loss). A rejected candidate is
@@ -31,9 +36,9 @@ released when it ends, however it ends), so two fine-tunes never run at once:
    `/setup` answers it at once. `python -m backend versions` lists versions and the last run,
    `python -m backend rollback VERSION` moves the pointer back.
 
-Every run is recorded in the corrections store (`finetune_runs`): promoted, rejected, failed (with the
-reason: bad data, unreachable images, an exception in training) or interrupted (killed: detected by its
-stale heartbeat at the next run). A failed run leaves the current version serving and its corrections
+Every run is recorded in the corrections store (`finetune_runs`): promoted, rejected, awaiting review,
+failed (with the reason: bad data, unreachable images, an exception in training) or interrupted (killed:
+detected by its stale heartbeat at the next run). A failed run leaves the current version serving and its corrections
 count as new for the next run.
 
 Hardware. Weights are trained in fp32 and, on CUDA, the training loop runs under bf16 autocast (standard
@@ -64,6 +69,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,9 +81,11 @@ from redis.exceptions import LockError
 from backend import registry
 from backend.acceptance import AcceptanceStats, same_answer
 from backend.annotations import CorrectedRegion
+from backend.confirmation import Confirmation, confirm, usable
+from backend.connect import follow_version
 from backend.corrections import CorrectionsStore
 from backend.describe import describe, load_annotator, release_memory, resolve_device
-from backend.jobs import connect
+from backend.jobs import FINETUNE_FUNCTION, connect, restricted_job_class
 from backend.labelconfig import predicted_fields
 from backend.runs import FinetuneRuns, RunStatus
 from backend.settings import Settings, load_for_command
@@ -99,6 +107,7 @@ class Verdict(enum.StrEnum):
 
     PROMOTED = "promoted"
     REJECTED = "rejected"
+    AWAITING_REVIEW = "awaiting review"
     SKIPPED = "skipped"
     BUSY = "busy"
     FAILED = "failed"
@@ -208,7 +217,8 @@ def run_finetune_worker(settings: Settings, *, burst: bool = False, name: str | 
 
     connection = connect(settings.effective_redis_url, settings)
     queue = Queue(settings.finetune_queue_name, connection=connection, serializer=JSONSerializer)
-    worker = Worker([queue], connection=connection, serializer=JSONSerializer, name=name)
+    worker = Worker([queue], connection=connection, serializer=JSONSerializer, name=name,
+                    job_class=restricted_job_class(FINETUNE_FUNCTION))
     log.info("fine-tune worker %s listening on %s", worker.name, queue.name)
     worker.work(burst=burst, logging_level=settings.log_level.upper())
 
@@ -273,17 +283,31 @@ def _run(settings: Settings, options: FinetuneOptions, parent: str, regions: Seq
          watermark: int, beat: _Heartbeat) -> FinetuneOutcome:
     started = time.perf_counter()
     parent_path = registry.checkpoint_path(settings, parent)
-    train_side, held_out = split_held_out(regions, settings.finetune_eval_fraction)
+    confirmations = confirm(settings, regions)
+    trusted = usable(settings, regions, confirmations)
+    kept = {id(r) for r in trusted}
+    left_out = Counter(str(confirmations.get(r.annotation_id, Confirmation.UNCHECKED)) for r in regions
+                       if id(r) not in kept)
+    if left_out:
+        log.warning("%d corrected region(s) left out of the fine-tune, not confirmed by Label Studio: %s%s",
+                    sum(left_out.values()), dict(left_out),
+                    "" if settings.label_studio_api_key else " (set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, or "
+                    "TRAIN_ON_UNCONFIRMED)")
+    train_side, held_out = split_held_out(trusted, settings.finetune_eval_fraction)
     new_train = [r for r in train_side if r.seq > watermark]
     if not new_train:
-        raise FinetuneError(f"all {sum(r.seq > watermark for r in regions)} new corrected regions belong to "
-                            "held-out tasks; nothing new to train on until more tasks are annotated")
+        raise FinetuneError(f"none of the {sum(r.seq > watermark for r in regions)} new corrected regions can be "
+                            f"trained on: {_why_none(left_out, held_out, watermark)}")
     earlier = [r for r in train_side if r.seq <= watermark]
     rng = random.Random(f"{options.seed}:{watermark}:{len(regions)}")
     replay = rng.sample(earlier, min(len(earlier), round(settings.finetune_replay_ratio * len(new_train))))
-    evaluated = [r for r in held_out if r.plan is not None][-settings.finetune_eval_max:]
+    # The gate decides on corrections held out before this run, which its own corrections cannot write;
+    # the held-out part of the new ones is measured and reported.
+    evaluable = [r for r in held_out if r.plan is not None]
+    frozen = [r for r in evaluable if r.seq <= watermark][-settings.finetune_eval_max:]
+    fresh = [r for r in evaluable if r.seq > watermark][-settings.finetune_eval_max:]
 
-    images, failed = local_images(settings, [(r.image, r.task_id) for r in [*new_train, *replay, *evaluated]])
+    images, failed = local_images(settings, [(r.image, r.task_id) for r in [*new_train, *replay, *frozen, *fresh]])
     for reason in list(failed.values())[:5]:
         log.warning("image left out of the fine-tune: %s", reason)
     new_records = training_records(new_train, images)
@@ -292,16 +316,13 @@ def _run(settings: Settings, options: FinetuneOptions, parent: str, regions: Seq
         raise FinetuneError(f"no usable training record among {len(new_train)} new corrected regions: {reasons}")
     records = new_records + training_records(replay, images)
     base = _base_records(settings, round(settings.finetune_base_ratio * len(new_records)), rng)
-    evaluated = [r for r in evaluated if r.image in images]
-    if not evaluated:
-        raise FinetuneError("no held-out corrected region (with its labeling config and image) to compare the "
-                            "candidate with the current version; annotate more tasks or raise FINETUNE_EVAL_FRACTION")
+    frozen = [r for r in frozen if r.image in images]
+    fresh = [r for r in fresh if r.image in images]
     data = {"new_regions": len(new_train), "replay_regions": len(replay), "base_records": len(base),
-            "train_records": len(records) + len(base), "eval_regions": len(evaluated),
-            "eval_tasks": len({r.task_id for r in evaluated}), "images_unavailable": len(failed),
-            "watermark": max((r.seq for r in regions), default=watermark)}
+            "train_records": len(records) + len(base), "eval_regions": len(frozen), "fresh_eval_regions": len(fresh),
+            "eval_tasks": len({r.task_id for r in frozen}), "images_unavailable": len(failed),
+            "unconfirmed_regions": dict(left_out), "watermark": max((r.seq for r in regions), default=watermark)}
     log.info("fine-tune data: %s", data)
-
 
     from model.training import LORA_TARGETS, TrainingConfig, merge_lora, save_adapter, save_checkpoint, train
 
@@ -330,53 +351,84 @@ def _run(settings: Settings, options: FinetuneOptions, parent: str, regions: Seq
     del model
     release_memory()
 
-    candidate = _evaluate(settings, staging, evaluated, images, device)
-    current = _evaluate(settings, parent_path, evaluated, images, device)
-    base_eval = _base_eval(settings, staging, parent_path, device)
-    promoted, reason = decide(settings, candidate, current, base_eval)
+    metrics: dict[str, Any] = {}
+    for key, held in (("", frozen), ("fresh_", fresh)):
+        if held:
+            metrics[f"{key}candidate"] = _evaluate(settings, staging, held, images, device).to_json()
+            metrics[f"{key}parent"] = _evaluate(settings, parent_path, held, images, device).to_json()
+    metrics.update(_base_eval(settings, staging, parent_path, device))
+    verdict, reason = decide(settings, metrics)
     if beat.lost.is_set():
         raise FinetuneError("the fine-tune lock expired during the run (FINETUNE_LOCK_TTL too short, or Redis "
                             "was unreachable); the candidate is discarded so that two runs never publish")
     metadata = {
         "parent": parent,
-        "promoted": promoted,
+        "promoted": verdict is Verdict.PROMOTED,
+        "verdict": verdict.value,
         "decision": reason,
         "trigger": options.trigger,
         "data": data,
-        "metrics": {"candidate": candidate.to_json(), "parent": current.to_json(), **base_eval},
+        "metrics": metrics,
         "training": {**dataclasses.asdict(config), "steps": result.steps, "seconds": round(result.seconds, 2),
                      "first_loss": result.first_loss, "last_loss": result.last_loss, "device": str(device)},
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
-    details = {"data": data, "metrics": metadata["metrics"], "wall_seconds": metadata["wall_seconds"],
+    details = {"data": data, "metrics": metrics, "wall_seconds": metadata["wall_seconds"],
                "train_seconds": round(result.seconds, 2)}
-    if promoted or settings.finetune_keep_rejected:
+    if verdict is not Verdict.REJECTED or settings.finetune_keep_rejected:
         registry.publish(settings, staging, name, metadata)
-    if promoted:
-        registry.set_current(settings, name, reason=f"fine-tune from {parent}: {reason}")
-        return FinetuneOutcome(Verdict.PROMOTED, f"{name} promoted: {reason}", parent=parent, candidate=name,
+    if verdict is Verdict.PROMOTED:
+        try:
+            # Only over the version this run started from: a rollback meanwhile wins.
+            registry.set_current(settings, name, reason=f"fine-tune from {parent}: {reason}", expected=parent)
+        except registry.PointerMoved as exc:
+            return FinetuneOutcome(Verdict.AWAITING_REVIEW, f"{name} kept, not made current: {exc}",
+                                   parent=parent, candidate=name, details=details)
+        follow_version(settings, name)
+        return FinetuneOutcome(verdict, f"{name} promoted: {reason}", parent=parent, candidate=name,
                                details=details)
+    if verdict is Verdict.AWAITING_REVIEW:
+        return FinetuneOutcome(verdict, f"{name} kept for review ({reason}); `python -m backend promote {name}` "
+                               "makes it current", parent=parent, candidate=name, details=details)
     shutil.rmtree(staging, ignore_errors=True)
     kept = " (kept, not current)" if settings.finetune_keep_rejected else ""
-    return FinetuneOutcome(Verdict.REJECTED, f"{name} not promoted{kept}: {reason}", parent=parent,
-                           candidate=name, details=details)
+    return FinetuneOutcome(verdict, f"{name} not promoted{kept}: {reason}", parent=parent, candidate=name,
+                           details=details)
 
 
-def decide(settings: Settings, candidate: AcceptanceStats, current: AcceptanceStats,
-           base_eval: Mapping[str, Any]) -> tuple[bool, str]:
-    """The promotion rule (see the module docstring): (promote?, the reason in words)."""
-    new_score, old_score = candidate.overall_field_accuracy, current.overall_field_accuracy
-    if new_score is None or old_score is None:
-        return False, "no held-out field to compare on"
-    verdict = new_score >= old_score - settings.finetune_max_regression
-    reason = (f"held-out field accuracy {new_score:.3f} vs {old_score:.3f} "
-              f"(allowed drop {settings.finetune_max_regression:g})")
-    if "base_candidate" in base_eval:
-        kept = base_eval["base_candidate"] >= base_eval["base_parent"] - settings.finetune_max_forgetting
-        reason += (f"; earlier concepts {base_eval['base_candidate']:.3f} vs {base_eval['base_parent']:.3f} "
-                   f"(allowed drop {settings.finetune_max_forgetting:g})")
-        verdict = verdict and kept
-    return verdict, reason
+def _why_none(left_out: Mapping[str, int], held_out: Sequence[CorrectedRegion], watermark: int) -> str:
+    reasons = []
+    if left_out:
+        reasons.append(f"not confirmed by Label Studio: {dict(left_out)}")
+    held = sum(r.seq > watermark for r in held_out)
+    if held:
+        reasons.append(f"{held} belong to held-out tasks")
+    return "; ".join(reasons) or "nothing new"
+
+
+def decide(settings: Settings, metrics: Mapping[str, Any]) -> tuple[Verdict, str]:
+    """The promotion rule (see the module docstring): promoted, rejected, or awaiting review when no trusted
+    evaluation set exists; with the reason in words."""
+    reasons = []
+    verdict = Verdict.PROMOTED
+    candidate, parent = (metrics.get(k, {}).get("field_accuracy_overall") for k in ("candidate", "parent"))
+    if candidate is not None and parent is not None:
+        if candidate < parent - settings.finetune_max_regression:
+            verdict = Verdict.REJECTED
+        reasons.append(f"held-out field accuracy {candidate:.3f} vs {parent:.3f} "
+                       f"(allowed drop {settings.finetune_max_regression:g})")
+    if "base_candidate" in metrics:
+        if metrics["base_candidate"] < metrics["base_parent"] - settings.finetune_max_forgetting:
+            verdict = Verdict.REJECTED
+        reasons.append(f"earlier concepts {metrics['base_candidate']:.3f} vs {metrics['base_parent']:.3f} "
+                       f"(allowed drop {settings.finetune_max_forgetting:g})")
+    if not reasons:
+        fresh = metrics.get("fresh_candidate", {}).get("field_accuracy_overall")
+        seen = "" if fresh is None else (f"; on this run's own held-out corrections {fresh:.3f} vs "
+                                         f"{metrics['fresh_parent']['field_accuracy_overall']:.3f}")
+        return Verdict.AWAITING_REVIEW, ("no evaluation set this run's corrections could not have written "
+                                         "(FINETUNE_BASE_EVAL, or corrections held out before it)" + seen)
+    return verdict, "; ".join(reasons)
 
 
 # ---------------------------------------------------------------------- model side

@@ -53,6 +53,35 @@ class QueueUnavailable(RuntimeError):
     """Redis cannot be reached; the message names it without its password."""
 
 
+class QueueFull(RuntimeError):
+    """More jobs are waiting than MAX_QUEUED_JOBS allows (HTTP 429)."""
+
+
+class ForeignJob(RuntimeError):
+    """A job in the queue names a function that is not the backend's own (it fails without running)."""
+
+
+def restricted_job_class(*functions: str) -> type[Job]:
+    """A job class for workers that run only `functions` (dotted paths) and no callbacks: whoever can write to
+    Redis cannot make a worker import and call anything else."""
+    allowed = frozenset(functions)
+
+    class OwnJob(Job):
+        @property
+        def func(self) -> Any:
+            if self.func_name not in allowed or self.instance is not None:
+                raise ForeignJob(f"job {self.id} names {str(self.func_name)[:100]!r}; this worker runs only "
+                                 f"{', '.join(sorted(allowed))}")
+            return super().func
+
+        # Callbacks are functions named in Redis too; the backend's jobs never set any.
+        success_callback = property(lambda self: None)
+        failure_callback = property(lambda self: None)
+        stopped_callback = property(lambda self: None)
+
+    return OwnJob
+
+
 @dataclass(frozen=True)
 class Outcome:
     """How a job ended: `value` (the job's JSON result) or `error` (why it failed for good)."""
@@ -139,12 +168,21 @@ class JobQueue:
                 args=(dict(payload),),
                 job_id=job_id,
                 timeout=timeout,
+                ttl=settings.queued_job_ttl,
                 result_ttl=self.settings.result_ttl,
                 failure_ttl=self.settings.result_ttl,
                 retry=Retry(max=self.settings.job_retries) if self.settings.job_retries else None,
                 description=f"predict task {payload.get('task_id')}",
             )
         return job_id
+
+    def ensure_room(self, jobs: int) -> None:
+        """Raise `QueueFull` unless `jobs` more prediction jobs fit under MAX_QUEUED_JOBS."""
+        with self._guard():
+            waiting = self.interactive.count + self.batch.count
+        if waiting + jobs > self.settings.max_queued_jobs:
+            raise QueueFull(f"{waiting} prediction jobs are waiting; {jobs} more would pass MAX_QUEUED_JOBS="
+                            f"{self.settings.max_queued_jobs}. Try again when the workers have caught up")
 
     def _reusable(self, job_id: str, allow_finished: bool) -> bool:
         try:

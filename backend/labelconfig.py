@@ -22,6 +22,8 @@ from label_studio_sdk.label_interface import LabelInterface
 
 RECTANGLE_TAGS = ("Rectangle", "RectangleLabels")
 RECTANGLE_TYPES = ("rectangle", "rectanglelabels")
+# The data key of files imported as they are (`settings.DATA_UNDEFINED_NAME` in Label Studio).
+UNDEFINED_DATA_KEY = "$undefined$"
 # A rectangle must show at least this much of the image (normalized, per side) to be described at all.
 MIN_VISIBLE = 1e-4
 
@@ -69,6 +71,22 @@ class FillPlan:
         """Read a labeling config; raises `ConfigError` with the reason when it cannot be filled."""
         return _plan_cached(label_config)
 
+    def check_limits(self, max_candidates: int, max_name_length: int) -> None:
+        """Raise `ConfigError` when a control has more candidate values than `max_candidates` or a name or value
+        is longer than `max_name_length` (each value is a question to the model, per region)."""
+        controls = [(c.name, c.candidates) for c in self.choices]
+        if self.labels:
+            controls.append((self.rectangle, self.labels))
+        for name, candidates in controls:
+            if len(candidates) > max_candidates:
+                raise ConfigError(f"control {_clip(name)!r} has {len(candidates)} values, more than "
+                                  f"MAX_CHOICES_PER_CONTROL={max_candidates}")
+        names = [self.image, self.rectangle, *self.captions, *(n for n, c in controls for n in (n, *c))]
+        for name in names:
+            if len(name) > max_name_length:
+                raise ConfigError(f"the labeling config names {_clip(name)!r}, longer than "
+                                  f"MAX_NAME_LENGTH={max_name_length} characters")
+
     def to_json(self) -> dict[str, Any]:
         """Plain JSON for a job payload."""
         return asdict(self)
@@ -95,7 +113,9 @@ class FillPlan:
         data = task.get("data")
         if not isinstance(data, Mapping):
             raise TaskError(f"task {task.get('id')!r} has no 'data' object")
-        reference = data.get(self.image_key)
+        # A file imported as it is (an uploaded image) sits under Label Studio's placeholder key until Label
+        # Studio's own serializers rename it after the one object of the labeling config.
+        reference = data.get(self.image_key, data.get(UNDEFINED_DATA_KEY))
         if not isinstance(reference, str) or not reference.strip():
             raise TaskError(
                 f"task {task.get('id')!r} has no image: data[{self.image_key!r}] should be the image URL "
@@ -396,6 +416,10 @@ def _plan_cached(label_config: str) -> FillPlan:
     raise ConfigError(
         "the labeling config has no <Rectangle> or <RectangleLabels> tool on an <Image>; "
         "the backend needs boxes to describe")
+
+
+def _clip(text: str, length: int = 40) -> str:
+    return text if len(text) <= length else text[:length] + "…"
 
 
 def _clamp(value: float) -> float:

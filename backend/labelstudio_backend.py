@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -35,6 +36,7 @@ from backend.labelconfig import (
     ConfigError,
     FillPlan,
     PredictionInvalid,
+    Region,
     TaskError,
     regions_from_context,
     regions_from_task,
@@ -47,6 +49,8 @@ log = logging.getLogger(__name__)
 
 # How long /predict keeps waiting for a job that its worker finished just as the deadline passed.
 _RACE_GRACE_S = 2.0
+# Labeling configs and extra params remembered from /setup, for that many projects (the most recent).
+_PROJECTS_KEPT = 1024
 
 
 class RequestError(ValueError):
@@ -86,7 +90,7 @@ class GPT4RoIBackend:
         self.settings = settings
         self.queue = queue
         self.observer = observer
-        self._projects: dict[str, dict[str, Any]] = {}
+        self._projects: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ setup / versions
@@ -98,13 +102,17 @@ class GPT4RoIBackend:
     def setup(self, project: str | None, schema: str | None, extra_params: Any) -> dict[str, str]:
         """Remember a project's labeling config and extra params; answer the current model version."""
         if schema:
-            FillPlan.from_label_config(schema)
+            self._plan(schema)
         if extra_params is not None and not isinstance(extra_params, Mapping):
             raise RequestError("extra_params must be a JSON object or null", status=422)
         self._max_new_tokens({"extra_params": extra_params})
         if project:
             with self._lock:
-                self._projects[_project_id(project)] = {"schema": schema, "extra_params": dict(extra_params or {})}
+                key = _project_id(project)
+                self._projects[key] = {"schema": schema, "extra_params": dict(extra_params or {})}
+                self._projects.move_to_end(key)
+                while len(self._projects) > _PROJECTS_KEPT:
+                    self._projects.popitem(last=False)
         return {"model_version": self.model_version}
 
     def versions(self) -> dict[str, Any]:
@@ -121,6 +129,10 @@ class GPT4RoIBackend:
         """One prediction item per task, in order (see the module docstring)."""
         if not isinstance(tasks, Sequence) or isinstance(tasks, (str, bytes)) or not tasks:
             raise RequestError("'tasks' must be a non-empty list of tasks", status=400)
+        if len(tasks) > self.settings.max_tasks_per_request:
+            raise RequestError(f"{len(tasks)} tasks in one request, more than MAX_TASKS_PER_REQUEST="
+                               f"{self.settings.max_tasks_per_request}: select fewer, or use "
+                               "`python -m backend prelabel` for whole projects", status=413)
         for index, task in enumerate(tasks):
             if not isinstance(task, Mapping) or not isinstance(task.get("data"), Mapping):
                 raise RequestError(f"tasks[{index}] is not a Label Studio task (an object with a 'data' object)")
@@ -128,10 +140,7 @@ class GPT4RoIBackend:
         config = label_config or (stored or {}).get("schema")
         if not config:
             raise RequestError("no labeling config: send 'label_config' (Label Studio does) or call /setup first")
-        try:
-            plan = FillPlan.from_label_config(config)
-        except ConfigError as exc:
-            raise RequestError(str(exc)) from None
+        plan = self._plan(config)
         version = self.model_version
         max_new_tokens = self._max_new_tokens(stored)
         if context is not None and not isinstance(context, Mapping):
@@ -141,6 +150,20 @@ class GPT4RoIBackend:
                 raise RequestError(f"an interactive request carries one task, got {len(tasks)}", status=400)
             return [self._interactive(tasks[0], context, plan, config, version, project, max_new_tokens)]
         return self._batch(tasks, plan, config, version, project, max_new_tokens)
+
+    def _plan(self, config: str) -> FillPlan:
+        try:
+            plan = FillPlan.from_label_config(config)
+            plan.check_limits(self.settings.max_choices_per_control, self.settings.max_name_length)
+        except ConfigError as exc:
+            raise RequestError(str(exc)) from None
+        return plan
+
+    def _regions(self, regions: list[Region], where: str) -> list[Region]:
+        if len(regions) > self.settings.max_regions_per_task:
+            raise RequestError(f"{where}: {len(regions)} rectangles, more than MAX_REGIONS_PER_TASK="
+                               f"{self.settings.max_regions_per_task}", status=413)
+        return regions
 
     def _max_new_tokens(self, stored: Mapping[str, Any] | None) -> int:
         value = ((stored or {}).get("extra_params") or {}).get("max_new_tokens", self.settings.max_new_tokens)
@@ -162,13 +185,14 @@ class GPT4RoIBackend:
     def _interactive(self, task: Mapping[str, Any], context: Mapping[str, Any], plan: FillPlan, config: str,
                      version: str, project: str | None, max_new_tokens: int) -> dict[str, Any]:
         try:
-            regions = regions_from_context(plan, context)
+            regions = self._regions(regions_from_context(plan, context), "the drawn regions")
         except TaskError as exc:
             raise RequestError(str(exc)) from None
         if not regions:
             return _empty(version)
         payload = self._payload(task, plan, regions, config, version, project, max_new_tokens)
         started = time.perf_counter()
+        self.queue.ensure_room(1)
         job_id = self.queue.submit(payload, interactive=True)
         outcome = self.queue.wait([job_id], self.settings.interactive_timeout).get(job_id)
         if outcome is None:
@@ -192,7 +216,7 @@ class GPT4RoIBackend:
         jobs: list[_TaskJob] = []
         for index, task in enumerate(tasks):
             try:
-                regions = regions_from_task(plan, task)
+                regions = self._regions(regions_from_task(plan, task), f"tasks[{index}]")
             except TaskError as exc:
                 raise RequestError(f"tasks[{index}]: {exc}") from None
             if not regions:
@@ -205,6 +229,7 @@ class GPT4RoIBackend:
         single = len(tasks) == 1
         kind = "interactive" if single else "batch"
         started = time.perf_counter()
+        self.queue.ensure_room(len(jobs))
         for job in jobs:
             job.job_id = self.queue.submit(job.payload, interactive=single)
         budget = self.settings.interactive_timeout if single else self.settings.batch_deadline

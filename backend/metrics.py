@@ -16,6 +16,7 @@ changed:
 | `gpt4roi_acceptance_ratio` | `version` | share of those accepted unchanged |
 | `gpt4roi_caption_edit_distance` | `version` | mean normalized caption edit distance |
 | `gpt4roi_field_accuracy` | `version`, `field` | share of proposals kept, per field |
+| `gpt4roi_annotations` | `confirmation` | stored annotations by what Label Studio said of them |
 | `gpt4roi_finetune_last_run` | `status`, `parent`, `candidate` | info about the latest fine-tune |
 | `gpt4roi_finetune_last_run_timestamp_seconds` | | when it ended (or started, while running) |
 """
@@ -31,6 +32,7 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from backend.acceptance import AcceptanceStats, acceptance_by_version
+from backend.confirmation import counts as confirmation_counts
 from backend.corrections import CorrectionsStore
 from backend.jobs import JobQueue, QueueUnavailable
 from backend.runs import FinetuneRun, FinetuneRuns
@@ -159,6 +161,11 @@ class _AcceptanceCollector(Collector):
             for name, value in item.field_accuracy.items():
                 fields.add_metric([version, name], value)
         yield from (regions, accepted, distance, fields)
+        annotations = GaugeMetricFamily(f"{PREFIX}_annotations", "Stored annotations by their confirmation with Label "
+                                        "Studio (only confirmed ones are trained on)", labels=["confirmation"])
+        for state, count in confirmation_counts(self.settings).items():
+            annotations.add_metric([state], count)
+        yield annotations
         if last is not None:
             info = InfoMetricFamily(f"{PREFIX}_finetune_last_run", "The latest fine-tune")
             info.add_metric([], {"status": last.status, "parent": last.parent or "", "candidate": last.candidate or ""})

@@ -1,22 +1,23 @@
 """Pre-annotate a whole Label Studio project through the queue, without any long HTTP call.
 
-`python -m backend prelabel --project ID` reads the project's labeling config and tasks with the Label
-Studio SDK, skips tasks that already have a prediction of the current model version (so a rerun only does
-what is missing) and tasks without rectangles, and enqueues one batch job per remaining task. Each job
-pushes its prediction with `predictions.create` as soon as it finishes; the command shows a progress bar
-until every job ended (or `--no-wait`).
+`python -m backend prelabel --project ID` reads the project's labeling config and tasks through Label
+Studio's API (`backend.labelstudio`), skips tasks that already have a prediction of the current model
+version (so a rerun only does what is missing) and tasks without rectangles, and enqueues one batch job
+per remaining task. Each job pushes its prediction to Label Studio as soon as it finishes; the command
+shows a progress bar until every job ended (or `--no-wait`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from backend import registry
-from backend.jobs import JobQueue, connect
+from backend.jobs import JobQueue, QueueFull, connect
 from backend.labelconfig import FillPlan, TaskError, regions_from_task
+from backend.labelstudio import LabelStudioClient
 from backend.payloads import make_payload
 from backend.settings import Settings
 
@@ -51,24 +52,20 @@ class PrelabelSummary:
 
 
 def run_prelabel(settings: Settings, project: int, *, wait: bool = True, timeout: float | None = None,
-                 client: Any = None, queue: JobQueue | None = None, progress: bool = True) -> PrelabelSummary:
+                 client: LabelStudioClient | None = None, queue: JobQueue | None = None,
+                 progress: bool = True) -> PrelabelSummary:
     """Enqueue push jobs for every task of `project` that lacks a prediction of the current version."""
-    if client is None:
-        if not (settings.label_studio_url and settings.label_studio_api_key):
-            raise SystemExit("prelabel needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
-        from label_studio_sdk import LabelStudio
-
-        client = LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key)
+    client = client or LabelStudioClient(settings)
     if queue is None:
         queue = JobQueue(settings, connect(settings.effective_redis_url, settings))
     version = registry.current_version(settings)
-    label_config = client.projects.get(id=project).label_config
+    label_config = client.project(project)["label_config"]
     plan = FillPlan.from_label_config(label_config)
     summary = PrelabelSummary(project=project, model_version=version)
     jobs: dict[str, Any] = {}
-    for task in _tasks(client, project):
+    for task in client.tasks(project):
         summary.tasks += 1
-        if any(_field(p, "model_version") == version for p in task.get("predictions") or []):
+        if any(isinstance(p, Mapping) and p.get("model_version") == version for p in task.get("predictions") or []):
             summary.already_predicted += 1
             continue
         try:
@@ -84,6 +81,7 @@ def run_prelabel(settings: Settings, project: int, *, wait: bool = True, timeout
             task_id=task["id"], project=str(project), image=image, plan=plan, regions=regions,
             label_config=label_config, model_version=version, keep_drawn_label=settings.keep_drawn_label,
             max_new_tokens=settings.max_new_tokens)
+        _wait_for_room(queue)
         jobs[queue.submit(payload, interactive=False, push=True)] = task["id"]
     summary.enqueued = len(jobs)
     if wait and jobs:
@@ -91,6 +89,16 @@ def run_prelabel(settings: Settings, project: int, *, wait: bool = True, timeout
     else:
         summary.pending = len(jobs)
     return summary
+
+
+def _wait_for_room(queue: JobQueue) -> None:
+    # A project larger than MAX_QUEUED_JOBS is queued as fast as the workers take jobs.
+    while True:
+        try:
+            queue.ensure_room(1)
+            return
+        except QueueFull:
+            time.sleep(_WAIT_SLICE_S)
 
 
 def _wait(queue: JobQueue, jobs: Mapping[str, Any], summary: PrelabelSummary, timeout: float | None,
@@ -114,11 +122,3 @@ def _wait(queue: JobQueue, jobs: Mapping[str, Any], summary: PrelabelSummary, ti
                 bar.update(1)
     summary.pending = len(remaining)
 
-
-def _tasks(client: Any, project: int) -> Iterable[dict[str, Any]]:
-    for task in client.tasks.list(project=project, fields="all"):
-        yield task if isinstance(task, dict) else task.model_dump(mode="json")
-
-
-def _field(item: Any, name: str) -> Any:
-    return item.get(name) if isinstance(item, Mapping) else getattr(item, name, None)

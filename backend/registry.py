@@ -21,6 +21,7 @@ renaming its finished staging folder, so a worker never sees half a checkpoint.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import re
@@ -33,6 +34,7 @@ from typing import Any
 from backend.settings import Settings
 
 CURRENT_FILE = "current"
+LOCK_FILE = ".current.lock"
 HISTORY_FILE = "history.jsonl"
 METADATA_FILE = "version.json"
 STAGING_PREFIX = ".staging-"
@@ -41,6 +43,10 @@ VERSION_NAME = re.compile(r"^v(\d{4,})-(\d{8}T\d{6})$")
 
 class RegistryError(LookupError):
     """No model is registered, or a version does not exist."""
+
+
+class PointerMoved(RegistryError):
+    """The current version is no longer the one a move was based on (someone else moved it first)."""
 
 
 @dataclass(frozen=True)
@@ -122,17 +128,30 @@ def read_metadata(settings: Settings, version: str) -> dict[str, Any]:
     return _read_metadata(checkpoint_path(settings, version))
 
 
-def set_current(settings: Settings, version: str, reason: str = "") -> str | None:
+def set_current(settings: Settings, version: str, reason: str = "", expected: str | None = None) -> str | None:
     """Point `current` at an existing version (atomically, so readers never see a partial name) and
-    append the move to the history; returns the previous current version."""
+    append the move to the history; returns the previous current version. With `expected`, the move happens
+    only while the current version is still that one (`PointerMoved` otherwise): moves take turns through
+    a lock file, so a fine-tune finishing after a rollback cannot undo it."""
     checkpoint_path(settings, version)
     root = Path(settings.model_dir)
     if (root / "config.json").is_file():
         raise RegistryError(f"MODEL_DIR={root} is a single checkpoint, not a registry; it has no pointer to move")
+    with open(root / LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _move(settings, root, version, reason, expected)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _move(settings: Settings, root: Path, version: str, reason: str, expected: str | None) -> str | None:
     try:
         previous: str | None = current_version(settings)
     except RegistryError:
         previous = None
+    if expected is not None and previous != expected:
+        raise PointerMoved(f"the current version became {previous} while this was based on {expected}")
     tmp = root / f".{CURRENT_FILE}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.write(version + "\n")

@@ -3,6 +3,7 @@
 - `python -m backend versions`: every registered version (the current one marked `*`), its parent, whether
   it was promoted, its held-out accuracy against its parent's, and the last fine-tune run with its reason.
 - `python -m backend rollback VERSION`: make `VERSION` current again (workers load it before their next job).
+- `python -m backend promote VERSION`: make a candidate kept for review current.
 - `python -m backend report [--png FILE]`: acceptance statistics per model version (`backend.acceptance`) as a
   table, and a PNG plot of them over the versions (matplotlib, Agg backend; default
   `DATA_DIR/acceptance.png`).
@@ -21,6 +22,8 @@ from typing import TextIO
 
 from backend import registry
 from backend.acceptance import AcceptanceStats, acceptance_by_version
+from backend.confirmation import counts as confirmation_counts
+from backend.connect import follow_version
 from backend.corrections import CorrectionsStore
 from backend.runs import FinetuneRun, FinetuneRuns, RunStatus
 from backend.settings import Settings
@@ -78,6 +81,7 @@ def print_versions(settings: Settings, out: TextIO = sys.stdout) -> int:
     last = FinetuneRuns.for_settings(settings).last()
     print("", file=out)
     print("last fine-tune: " + (describe_run(last, settings.finetune_lock_ttl) if last else "none yet"), file=out)
+    print(f"annotations by confirmation with Label Studio: {_confirmations(settings)}", file=out)
     moves = registry.history(settings)[-3:]
     for move in moves:
         print(f"  pointer {move.get('time')}: {move.get('previous')} -> {move.get('version')} "
@@ -85,15 +89,29 @@ def print_versions(settings: Settings, out: TextIO = sys.stdout) -> int:
     return 0
 
 
-def rollback_to(settings: Settings, version: str, out: TextIO = sys.stdout) -> int:
-    """`python -m backend rollback VERSION`."""
+def make_current(settings: Settings, version: str, reason: str, out: TextIO = sys.stdout) -> int:
+    """`python -m backend rollback VERSION` and `python -m backend promote VERSION`: make a registered
+    version current, and the prelabeling version of the connected Label Studio projects."""
     known = registry.list_versions(settings)
     if version not in known:
         print(f"unknown version {version!r}; registered: {', '.join(known) or 'none'}", file=sys.stderr)
         return 2
-    previous = registry.rollback(settings, version)
+    previous = registry.set_current(settings, version, reason=reason)
     print(f"current version: {version} (was {previous}); workers load it before their next job", file=out)
+    for step in follow_version(settings, version):
+        print(f"  {step.describe()}", file=out)
     return 0
+
+
+def _confirmations(settings: Settings) -> str:
+    found = confirmation_counts(settings)
+    if not found:
+        return "none stored"
+    text = ", ".join(f"{state} {n}" for state, n in sorted(found.items()))
+    unconfirmed = sum(n for state, n in found.items() if state != "confirmed")
+    if unconfirmed and not settings.train_on_unconfirmed:
+        text += f" (fine-tunes train on confirmed ones only; {unconfirmed} left out)"
+    return text
 
 
 def acceptance_table(stats: dict[str, AcceptanceStats], order: Sequence[str]) -> str:
@@ -151,6 +169,7 @@ def print_report(settings: Settings, png: Path | None = None, out: TextIO = sys.
     order = registry.list_versions(settings)
     print(f"corrected regions stored: {store.count_regions()} ({runs.new_regions()} since the last fine-tune)",
           file=out)
+    print(f"annotations by confirmation with Label Studio: {_confirmations(settings)}", file=out)
     if not stats:
         print("no corrected region with a known prediction yet: nothing to compare", file=out)
         return 0

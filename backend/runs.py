@@ -1,7 +1,8 @@
 """The fine-tune run ledger: every fine-tune attempt, how it ended, and what it trained on.
 
 A run is `running` while it works (its heartbeat refreshed by the fine-tune), then `promoted`, `rejected`,
-`failed` or `interrupted` (killed: found with a stale heartbeat by the next run). Its `watermark` is the
+`awaiting review` (its candidate kept for `python -m backend promote`), `failed` or `interrupted` (killed:
+found with a stale heartbeat by the next run). Its `watermark` is the
 newest corrected region it trained on, so "new corrections" are those after the last finished run.
 """
 
@@ -25,6 +26,7 @@ class RunStatus(enum.StrEnum):
     RUNNING = "running"
     PROMOTED = "promoted"
     REJECTED = "rejected"
+    AWAITING_REVIEW = "awaiting review"
     FAILED = "failed"
     INTERRUPTED = "interrupted"
 
@@ -115,7 +117,8 @@ class FinetuneRuns:
         """The newest region sequence number a finished (promoted or rejected) fine-tune has trained on:
         regions after it are the "new" corrections. With `attempted`, failed runs count too (automatic
         triggers wait for fresh corrections after a failure instead of failing again on the same data)."""
-        statuses = [RunStatus.PROMOTED, RunStatus.REJECTED] + ([RunStatus.FAILED] if attempted else [])
+        statuses = [RunStatus.PROMOTED, RunStatus.REJECTED, RunStatus.AWAITING_REVIEW] + (
+            [RunStatus.FAILED] if attempted else [])
         marks = ", ".join("?" for _ in statuses)
         row = self.database.read().execute(
             f"SELECT COALESCE(MAX(watermark), 0) FROM finetune_runs WHERE status IN ({marks})",

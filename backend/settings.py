@@ -41,11 +41,21 @@ class Settings:
         "`localhost`). Used to fetch uploaded images and to push batch predictions.")
     label_studio_api_key: str = _setting(
         "", "LABEL_STUDIO_API_KEY",
-        "Label Studio API token (legacy token; sent as `Authorization: Token …`) for image downloads "
-        "and for pushing predictions.", secret=True)
+        "Label Studio token for image downloads, pushing predictions, confirming annotations and `connect`: a "
+        "personal access token (Account & Settings → Personal Access Token; exchanged for short-lived access "
+        "tokens) or a legacy token where the organization allows them.", secret=True)
+    label_studio_timeout: float = _setting(
+        30.0, "LABEL_STUDIO_TIMEOUT", "Seconds one call to Label Studio's API may take.")
+    backend_url: str = _setting(
+        "", "BACKEND_URL",
+        "The URL Label Studio reaches this backend at (what `connect` registers, and whose webhook gets the "
+        "secret header). Unset: http://<HOST, or 127.0.0.1 for a wildcard address>:<PORT>.")
 
     # HTTP API
-    host: str = _setting("0.0.0.0", "HOST", "Address the API binds to.")
+    host: str = _setting(
+        "127.0.0.1", "HOST",
+        "Address the API binds to. The default answers this machine only; set 0.0.0.0 (as docker-compose does) "
+        "to serve others, with BASIC_AUTH_USER/BASIC_AUTH_PASS.")
     port: int = _setting(9090, "PORT", "Port the API listens on (Label Studio's convention is 9090).")
     basic_auth_user: str = _setting(
         "", "BASIC_AUTH_USER",
@@ -53,9 +63,16 @@ class Settings:
     basic_auth_pass: str = _setting("", "BASIC_AUTH_PASS", "Password for Basic auth.", secret=True)
     webhook_secret: str = _setting(
         "", "WEBHOOK_SECRET",
-        "When set, /webhook accepts only requests whose `X-Webhook-Secret` header equals it (Label "
-        "Studio webhooks carry no Basic auth; add the header to the webhook in Label Studio).",
-        secret=True)
+        "/webhook accepts only requests whose `X-Webhook-Secret` header equals it (Label Studio webhooks carry "
+        "no Basic auth). Unset: generated on first start and kept in DATA_DIR/webhook-secret; with Label Studio "
+        "credentials the backend adds the header to its webhook in Label Studio itself.", secret=True)
+    allow_unsigned_webhooks: bool = _setting(
+        False, "ALLOW_UNSIGNED_WEBHOOKS",
+        "Accept webhooks without the secret header (only where nobody else can reach /webhook).")
+    train_on_unconfirmed: bool = _setting(
+        False, "TRAIN_ON_UNCONFIRMED",
+        "Fine-tune on corrections that Label Studio's API did not confirm (for a backend without Label Studio "
+        "credentials); by default only confirmed annotations become training data.")
     threads: int = _setting(
         32, "THREADS",
         "Threads the API uses for blocking work (waiting on predictions, storing webhook events).")
@@ -130,6 +147,28 @@ class Settings:
     image_cache_size: int = _setting(
         32, "IMAGE_CACHE_SIZE",
         "Decoded images a worker keeps (LRU); the model reuses the features of a cached image.")
+    image_formats: tuple[str, ...] = _setting(
+        ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"), "IMAGE_FORMATS",
+        "Image formats decoded (Pillow names; JPEG covers cameras' multi-picture files); other files are refused "
+        "before any decoder runs.")
+
+    # Limits on what a request may ask for
+    max_request_bytes: int = _setting(
+        64_000_000, "MAX_REQUEST_BYTES", "Largest request body accepted (413 beyond), checked before parsing.")
+    max_tasks_per_request: int = _setting(
+        10_000, "MAX_TASKS_PER_REQUEST",
+        "Most tasks one /predict may carry (Retrieve Predictions sends the whole selection).")
+    max_regions_per_task: int = _setting(
+        256, "MAX_REGIONS_PER_TASK", "Most rectangles described in one task or one drawn-box request.")
+    max_choices_per_control: int = _setting(
+        256, "MAX_CHOICES_PER_CONTROL",
+        "Most values one Choices or RectangleLabels control of a labeling config may have.")
+    max_name_length: int = _setting(
+        256, "MAX_NAME_LENGTH", "Longest control name or candidate value in a labeling config, in characters.")
+    max_queued_jobs: int = _setting(
+        50_000, "MAX_QUEUED_JOBS", "Most prediction jobs waiting in the queues; beyond it /predict answers 429.")
+    queued_job_ttl: int = _setting(
+        86_400, "QUEUED_JOB_TTL", "Seconds a prediction job may wait in its queue before it is dropped.")
 
     # Model
     annotator_class: str = _setting(
@@ -144,6 +183,15 @@ class Settings:
         True, "INTERACTIVE_KEEP_DRAWN_LABEL",
         "Keep the label an annotator gave a drawn box; when false, or when the box has no label, the "
         "model's label is proposed.")
+
+    # What the store keeps
+    event_retention_days: float = _setting(
+        90.0, "EVENT_RETENTION_DAYS",
+        "Days the verbatim webhook events are kept (corrections themselves are kept until deleted in Label "
+        "Studio).")
+    proposal_retention_days: float = _setting(
+        180.0, "PROPOSAL_RETENTION_DAYS",
+        "Days what the model proposed for a region is kept to be compared with a later annotation.")
 
     # Training
     finetune_every_n: int = _setting(
@@ -217,10 +265,13 @@ class Settings:
     def __post_init__(self) -> None:
         for name in ("port", "threads", "max_image_bytes", "max_image_pixels", "image_cache_size",
                      "max_new_tokens", "interactive_job_timeout", "batch_job_timeout", "worker_heartbeat_ttl",
-                     "worker_maintenance_interval", "result_ttl"):
+                     "worker_maintenance_interval", "result_ttl", "max_request_bytes", "max_tasks_per_request",
+                     "max_regions_per_task", "max_choices_per_control", "max_name_length", "max_queued_jobs",
+                     "queued_job_ttl"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env_of(name)} must be positive, got {getattr(self, name)}")
-        for name in ("interactive_timeout", "batch_deadline", "redis_socket_timeout", "image_fetch_timeout"):
+        for name in ("interactive_timeout", "batch_deadline", "redis_socket_timeout", "image_fetch_timeout",
+                     "label_studio_timeout"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env_of(name)} must be positive, got {getattr(self, name)}")
         if self.job_retries < 0 or self.finetune_every_n < 0:
@@ -231,6 +282,10 @@ class Settings:
                 f"LABEL_STUDIO_URL must start with http:// or https://, got {self.label_studio_url!r}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        if self.backend_url and urlsplit(self.backend_url).scheme not in {"http", "https"}:
+            raise SettingsError(f"BACKEND_URL must start with http:// or https://, got {self.backend_url!r}")
+        if not self.image_formats:
+            raise SettingsError("IMAGE_FORMATS must name at least one image format")
         if self.dtype not in {"auto", "float32", "float16", "bfloat16"}:
             raise SettingsError(f"DTYPE must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
 
@@ -262,6 +317,14 @@ class Settings:
         return f"{self.key_prefix}-{self.batch_queue}"
 
     @property
+    def effective_backend_url(self) -> str:
+        """The URL Label Studio reaches this backend at (BACKEND_URL, or derived from HOST and PORT)."""
+        if self.backend_url:
+            return self.backend_url.rstrip("/")
+        host = "127.0.0.1" if self.host in {"0.0.0.0", "::", ""} else self.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+
+    @property
     def finetune_queue_name(self) -> str:
         """Full RQ name of the fine-tune queue."""
         return f"{self.key_prefix}-{self.finetune_queue}"
@@ -287,6 +350,9 @@ def load_for_command() -> Settings:
         print(f"configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # At INFO, httpx logs every request's full URL, presigned credentials included.
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
     return settings
 
 
@@ -319,7 +385,8 @@ def settings_table_markdown() -> str:
 
 def _check_finetune(settings: Settings) -> None:
     for name in ("finetune_min_new", "finetune_lora_rank", "finetune_eval_max", "finetune_lock_ttl",
-                 "finetune_job_timeout", "finetune_learning_rate", "finetune_epochs"):
+                 "finetune_job_timeout", "finetune_learning_rate", "finetune_epochs", "event_retention_days",
+                 "proposal_retention_days"):
         if getattr(settings, name) <= 0:
             raise SettingsError(f"{_env_of(name)} must be positive, got {getattr(settings, name)}")
     for name in ("finetune_steps", "finetune_replay_ratio", "finetune_base_ratio", "finetune_max_regression",
@@ -358,7 +425,8 @@ def _parse(raw: str, kind: Any, env: str) -> Any:
         if kind is Path:
             return Path(raw).expanduser()
         if kind == tuple[str, ...]:
-            return tuple(part.strip().lower() for part in raw.split(",") if part.strip())
+            parts = tuple(part.strip() for part in raw.split(",") if part.strip())
+            return tuple(p.upper() for p in parts) if env == "IMAGE_FORMATS" else tuple(p.lower() for p in parts)
         return raw
     except ValueError as exc:
         raise SettingsError(f"{env}={raw!r} is not valid: {exc}") from None

@@ -107,6 +107,23 @@ MIGRATIONS: tuple[str, ...] = (
         details TEXT
     );
     """,
+    # 1 → 2: annotations confirmed with Label Studio, deletions remembered, time indexes for retention, and
+    # the projects `connect` linked to this backend.
+    """
+    ALTER TABLE annotations ADD COLUMN confirmation TEXT;
+    ALTER TABLE annotations ADD COLUMN confirmed_at REAL;
+    CREATE TABLE IF NOT EXISTS deleted_annotations (
+        annotation_id INTEGER PRIMARY KEY,
+        deleted_at REAL NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS events_by_time ON events (received_at);
+    CREATE INDEX IF NOT EXISTS predictions_by_time ON predictions (created_at);
+    CREATE TABLE IF NOT EXISTS connected_projects (
+        project_id INTEGER PRIMARY KEY,
+        label_studio_url TEXT NOT NULL,
+        connected_at REAL NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -32,8 +32,9 @@ from backend import registry
 from backend.corrections import CorrectionsStore
 from backend.describe import describe, load_annotator, release_memory, resolve_device
 from backend.images import ImageError, ImageLoader
-from backend.jobs import JobQueue, connect
+from backend.jobs import JOB_FUNCTION, JobQueue, connect, restricted_job_class
 from backend.labelconfig import PredictionInvalid
+from backend.labelstudio import LabelStudioClient
 from backend.payloads import PayloadError, parse_payload, prediction_from_output
 from backend.settings import Settings
 
@@ -76,7 +77,7 @@ class Predictor:
         self.images = ImageCache(ImageLoader(settings), settings.image_cache_size)
         self.annotator: Any = None
         self.version: str | None = None
-        self._push_client: Any = None
+        self._label_studio: LabelStudioClient | None = None
 
     # ------------------------------------------------------------------ model
     def ensure_model(self) -> str:
@@ -131,16 +132,10 @@ class Predictor:
         if "error" in output or not output.get("regions"):
             return False
         prediction = prediction_from_output(payload, output)
-        if self._push_client is None:
-            from label_studio_sdk import LabelStudio
-
-            if not (self.settings.label_studio_url and self.settings.label_studio_api_key):
-                raise RuntimeError("cannot push predictions: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
-            self._push_client = LabelStudio(base_url=self.settings.label_studio_url,
-                                            api_key=self.settings.label_studio_api_key)
-        self._push_client.predictions.create(
-            task=payload["task_id"], result=prediction["result"], score=prediction["score"],
-            model_version=prediction["model_version"])
+        if self._label_studio is None:
+            self._label_studio = LabelStudioClient(self.settings)
+        self._label_studio.create_prediction(payload["task_id"], prediction["result"], prediction["score"],
+                                             prediction["model_version"])
         return True
 
 
@@ -264,6 +259,7 @@ def run_worker(settings: Settings, redis_url: str | None = None, *, burst: bool 
             [queue.interactive, queue.batch],
             connection=connection,
             serializer=JSONSerializer,
+            job_class=restricted_job_class(JOB_FUNCTION),
             name=name,
             heartbeat_ttl=settings.worker_heartbeat_ttl,
             maintenance_interval=settings.worker_maintenance_interval,

@@ -42,7 +42,8 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from tests.support import CAPTURES, REPO, free_port
+from backend.webhooks import SECRET_HEADER
+from tests.support import CAPTURES, REPO, WEBHOOK_SECRET, free_port
 
 CONFIG = REPO / "labelstudio_config" / "interactive.xml"
 SCENE = (640, 480)
@@ -265,7 +266,8 @@ def measure_webhooks(api_url: str, senders: int = 20, per_sender: int = 25) -> d
     event = json.loads((CAPTURES / "09_webhook_ANNOTATION_CREATED.json").read_text())["request"]["json"]
     # Clients and bodies are made before any request is sent: this process shares the CPU with the API, and
     # a client loads the CA bundle (tens of ms), so building them on the way would be counted as latency.
-    clients = [httpx.Client(base_url=api_url, timeout=30) for _ in range(senders)]
+    clients = [httpx.Client(base_url=api_url, timeout=30, headers={SECRET_HEADER: WEBHOOK_SECRET})
+               for _ in range(senders)]
     bodies = [[copy.deepcopy(event) for _ in range(per_sender)] for _ in range(senders)]
     for sender_id, own in enumerate(bodies):
         for index, body in enumerate(own):
@@ -323,8 +325,9 @@ def main(argv: list[str] | None = None) -> int:
            "DEVICE": args.device, "LOG_LEVEL": "WARNING", "REDIS_KEY_PREFIX": "bench",
            "ALLOWED_IMAGE_HOSTS": image_base.split("://", 1)[1], "MAX_NEW_TOKENS": str(args.max_new_tokens),
            "PORT": str(api_port), "HOST": "127.0.0.1"}
-    for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "WEBHOOK_SECRET"):
+    for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER", "BASIC_AUTH_PASS"):
         env.pop(name, None)
+    env["WEBHOOK_SECRET"] = WEBHOOK_SECRET
     logs = work / "logs"
     logs.mkdir()
     with open(logs / "worker.log", "wb") as worker_log, open(logs / "api.log", "wb") as api_log:

@@ -111,7 +111,7 @@ def generate(
             use_cache=True,
         )
         next_position = next_position + 1
-    return [parse_answer(tokenizer.decode(ids)) for ids in generated]
+    return [parse_answer(tokenizer.decode(tokenizer.drop_partial_character(ids))) for ids in generated]
 
 
 def _pick(logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:

@@ -354,6 +354,16 @@ class GPT4RoITokenizer:
                 previous_special = False
         return out + self.sp_model.decode_pieces(current)
 
+    def drop_partial_character(self, ids: Sequence[int]) -> list[int]:
+        """`ids` without a trailing run of byte-fallback tokens that stops inside a UTF-8 character, as a
+        generation cut off by its token budget can; decoded, such a tail would be a replacement character."""
+        ids = [int(i) for i in ids]
+        start = len(ids)
+        while start > 0 and _byte_piece_value(self._id_to_token(ids[start - 1])) is not None:
+            start -= 1
+        tail = [_byte_piece_value(self._id_to_token(i)) for i in ids[start:]]
+        return ids[:start + _complete_length(tail)]
+
     def batch_decode(self, sequences: Iterable[Iterable[int]], skip_special_tokens: bool = True) -> list[str]:
         """:meth:`decode` applied to each sequence."""
         return [self.decode(seq, skip_special_tokens=skip_special_tokens) for seq in sequences]
@@ -435,6 +445,19 @@ def _byte_piece_value(piece: str) -> int | None:
         except ValueError:
             return None
     return None
+
+
+def _complete_length(values: Sequence[int | None]) -> int:
+    """How many of these bytes form whole UTF-8 characters, counted from the start (a stray continuation
+    byte counts as one: it is broken anyway, not cut off)."""
+    position = 0
+    while position < len(values):
+        lead = values[position] or 0
+        size = 1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+        if position + size > len(values):
+            return position
+        position += size
+    return position
 
 
 def _read_json(path: Path) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.support import redis_server
+from tests.support import WEBHOOK_SECRET, redis_server
 from tests.support.fake_labelstudio import LS_TOKEN, FakeLabelStudio, running_fake_labelstudio
 from tests.support.model_factory import MODEL_VERSION
 from tests.support.processes import Api, Process, backend_env, start_api, start_worker
@@ -80,6 +80,7 @@ def base_env(model_dir: Path, fake_ls: FakeLabelStudio, tmp_path_factory: pytest
         "WORKER_HEARTBEAT_TTL": "3",
         "WORKER_MAINTENANCE_INTERVAL": "1",
         "LOG_LEVEL": "WARNING",
+        "WEBHOOK_SECRET": WEBHOOK_SECRET,
     }
 
 

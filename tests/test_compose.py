@@ -95,15 +95,21 @@ def test_the_finetune_queue_has_a_consumer_with_its_own_gpu(services: dict[str, 
     assert devices[0]["capabilities"] == ["gpu"]
 
 
-def test_label_studio_is_the_official_image_allowed_to_reach_the_backend(services: dict[str, Any]):
+def test_label_studio_is_the_stock_official_image_allowed_to_reach_the_backend(services: dict[str, Any]):
     ls = services["label-studio"]
     assert ls["image"] == "heartexlabs/label-studio:1.23.2"
     env = environment(ls)
     # Both switches are needed: with only the first, connecting works but no webhook is created.
     assert env["ML_BLOCK_LOCAL_IP"] == "false"
     assert env["SSRF_PROTECTION_ENABLED"] == "false"
-    assert env["LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN"] == "true"
+    # Legacy tokens stay as a stock organization has them: off; the backend holds a personal access token.
+    assert not any("LEGACY" in name for name in env)
     assert PurePosixPath("/label-studio/data") in [target for _, target in mounts(ls)]
+
+
+def test_the_backend_is_reached_over_the_compose_network(services: dict[str, Any]):
+    env = environment(services["backend"])
+    assert env["BACKEND_URL"] == "http://backend:9090" and env["HOST"] == "0.0.0.0"
 
 
 def test_redis_persists_with_an_append_only_file(services: dict[str, Any]):

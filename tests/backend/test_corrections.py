@@ -449,3 +449,45 @@ def test_report_prints_a_table_and_writes_a_plot(settings, tmp_path):
     assert "50.0%" in v1 and v1.split()[1] == "2"
     with Image.open(io.BytesIO(png.read_bytes())) as image:
         assert image.format == "PNG" and image.width > 300
+
+
+# ---------------------------------------------------------------------- order, deletions, retention
+def test_an_older_delivery_never_overwrites_a_newer_annotation(settings):
+    newer = annotation(1, 1, "the annotator's last word", updated_at="2026-11-20T10:00:05.000000Z")
+    older = annotation(1, 1, "a replayed first draft", updated_at="2026-11-20T10:00:01.000000Z")
+    store_of(settings).record_event(newer)
+    summary = store_of(settings).record_event(older)
+    assert summary["samples"] == 0 and "older" in summary["ignored"][0]
+    assert [r.caption for r in store_of(settings).regions()] == ["the annotator's last word"]
+    # A cancellation is a newer word too: the earlier result does not come back.
+    cancelled = annotation(1, 1, "x", updated_at="2026-11-20T10:00:09.000000Z", was_cancelled=True)
+    store_of(settings).record_event(cancelled)
+    store_of(settings).record_event(newer)
+    assert store_of(settings).regions() == []
+
+
+def test_a_deleted_annotation_stays_deleted(settings):
+    store_of(settings).record_event(annotation(5, 5, "kept for now"))
+    deleted = event("13")
+    deleted["annotations"] = [{"id": 5}]
+    assert store_of(settings).record_event(deleted)["deleted"] == 1
+    replayed = store_of(settings).record_event(annotation(5, 5, "kept for now",
+                                                          updated_at="2030-01-01T00:00:00Z"))
+    assert replayed["samples"] == 0 and "deleted earlier" in replayed["ignored"][0]
+    assert store_of(settings).annotation_ids() == set()
+
+
+def test_events_and_proposals_are_kept_for_their_retention_only(settings, monkeypatch):
+    store = CorrectionsStore(store_of(settings).database, event_retention_days=1, proposal_retention_days=2)
+    day = 86_400.0
+    clock = [1_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    store.record_predictions(1, "v1", {"r1": {"caption": "old", "choices": {}, "label": None}})
+    store.record_event(event("14"))
+    clock[0] += 1.5 * day
+    store.record_event(event("11"))
+    assert [e["action"] for e in store.events()] == ["START_TRAINING"]  # the first event is past a day
+    assert store.database.read().execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 1
+    clock[0] += day
+    store.record_event(event("11"))
+    assert store.database.read().execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 0

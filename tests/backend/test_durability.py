@@ -16,7 +16,8 @@ import pytest
 
 from backend.corrections import CorrectionsStore
 from backend.store import DB_FILE, Database
-from tests.support import capture
+from backend.webhooks import SECRET_HEADER
+from tests.support import WEBHOOK_SECRET, capture
 from tests.support.processes import backend_env, start_api
 
 pytestmark = pytest.mark.slow
@@ -42,7 +43,7 @@ class Sender(threading.Thread):
         self.unanswered: list[int] = []
 
     def run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=10) as client:
+        with httpx.Client(base_url=self.url, timeout=10, headers={SECRET_HEADER: WEBHOOK_SECRET}) as client:
             while True:
                 annotation_id = self.next_id
                 self.next_id += 1

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import redis
 
-from backend import registry
+from backend import finetune, registry
 from backend.acceptance import AcceptanceStats
 from backend.corrections import CorrectionsStore
 from backend.describe import describe, load_annotator
@@ -28,7 +28,7 @@ from backend.runs import FinetuneRuns, RunStatus
 from backend.settings import Settings
 from backend.store import DB_FILE, Database
 from backend.training_data import is_held_out
-from tests.support import REPO, capture, wait_until
+from tests.support import REPO, WEBHOOK_SECRET, capture, wait_until
 from tests.support.hitl import LABEL_CONFIG_FILE, SceneTask, annotation_event, make_tasks
 from tests.support.processes import backend_env, start_api
 from tests.support.redis_server import KEY_PREFIX, REDIS_URL
@@ -56,6 +56,8 @@ def env(tmp_path: Path, tiny_checkpoint: Path, redis_db: redis.Redis) -> dict[st
         "REDIS_KEY_PREFIX": KEY_PREFIX, "MAX_NEW_TOKENS": "4", "FINETUNE_STEPS": "2",
         "FINETUNE_LEARNING_RATE": "1e-2", "FINETUNE_EVAL_FRACTION": "0.3", "FINETUNE_DEVICE": "cpu",
         "LOG_LEVEL": "WARNING",
+        # No Label Studio here to confirm annotations with (tests/security/test_training_data.py has one).
+        "TRAIN_ON_UNCONFIRMED": "true", "WEBHOOK_SECRET": WEBHOOK_SECRET,
     }
 
 
@@ -79,19 +81,32 @@ def stats(right: int, total: int) -> AcceptanceStats:
     return item
 
 
-def test_the_promotion_rule():
+def figures(right: int, total: int) -> dict[str, Any]:
+    item = AcceptanceStats()
+    item.regions, item.fields = total, {"label": [right, total]}
+    return item.to_json()
+
+
+def test_the_promotion_rule_rests_on_sets_the_run_could_not_write():
     settings = Settings.from_env({}, finetune_max_regression=0.05, finetune_max_forgetting=0.01)
-    assert decide(settings, stats(8, 10), stats(8, 10), {})[0]
-    assert decide(settings, stats(76, 100), stats(80, 100), {})[0]
-    promoted, reason = decide(settings, stats(70, 100), stats(80, 100), {})
-    assert not promoted and "0.700 vs 0.800" in reason and "allowed drop 0.05" in reason
-    assert not decide(settings, stats(9, 10), stats(5, 10), {"base_candidate": 0.80, "base_parent": 0.82})[0]
-    assert decide(settings, stats(9, 10), stats(5, 10), {"base_candidate": 0.815, "base_parent": 0.82})[0]
-    assert decide(settings, AcceptanceStats(), stats(5, 10), {}) == (False, "no held-out field to compare on")
+
+    def verdict(**metrics: Any) -> Verdict:
+        return decide(settings, metrics)[0]
+
+    assert verdict(candidate=figures(8, 10), parent=figures(8, 10)) is Verdict.PROMOTED
+    assert verdict(candidate=figures(76, 100), parent=figures(80, 100)) is Verdict.PROMOTED
+    rejected, reason = decide(settings, {"candidate": figures(70, 100), "parent": figures(80, 100)})
+    assert rejected is Verdict.REJECTED and "0.700 vs 0.800" in reason and "allowed drop 0.05" in reason
+    assert verdict(candidate=figures(9, 10), parent=figures(5, 10), base_candidate=0.80,
+                   base_parent=0.82) is Verdict.REJECTED
+    assert verdict(base_candidate=0.815, base_parent=0.82) is Verdict.PROMOTED
+    # The run's own held-out corrections alone decide nothing: whoever wrote them could steer the gate.
+    waiting, reason = decide(settings, {"fresh_candidate": figures(10, 10), "fresh_parent": figures(0, 10)})
+    assert waiting is Verdict.AWAITING_REVIEW and "1.000 vs 0.000" in reason
 
 
 # ---------------------------------------------------------------------- a whole run
-def test_a_run_trains_compares_publishes_and_promotes(env, tmp_path):
+def test_a_first_run_trains_publishes_and_waits_for_review_then_the_next_promotes(env, tmp_path):
     settings = settings_of(env, finetune_max_regression=1.0)  # promote whatever the scores: the plumbing is tested
     tasks = make_tasks(tmp_path / "images", "b", 1, 6, seed=11)
     annotate(settings, tasks)
@@ -100,16 +115,18 @@ def test_a_run_trains_compares_publishes_and_promotes(env, tmp_path):
 
     outcome = run_finetune(settings, FinetuneOptions(trigger="test"))
 
-    assert outcome.status == "promoted", outcome.message
+    # No evaluation set existed before this run's corrections: the candidate is kept for a person.
+    assert outcome.status is Verdict.AWAITING_REVIEW, outcome.message
     name = outcome.candidate
-    assert registry.current_version(settings) == name and registry.list_versions(settings) == [BASE, name]
+    assert f"python -m backend promote {name}" in outcome.message
+    assert registry.current_version(settings) == BASE and registry.list_versions(settings) == [BASE, name]
     meta = registry.read_metadata(settings, name)
-    assert meta["parent"] == BASE and meta["promoted"] is True and meta["trigger"] == "test"
+    assert meta["parent"] == BASE and meta["promoted"] is False and meta["verdict"] == "awaiting review"
     held = [r for r in regions if is_held_out(r.task_id, 0.3)]
-    assert meta["data"]["eval_regions"] == len(held) > 0
+    assert meta["data"]["fresh_eval_regions"] == len(held) > 0 and meta["data"]["eval_regions"] == 0
     assert meta["data"]["new_regions"] == len(regions) - len(held)
     assert meta["data"]["train_records"] == 5 * meta["data"]["new_regions"]  # caption, label, 3 choices
-    for side in ("candidate", "parent"):
+    for side in ("fresh_candidate", "fresh_parent"):
         assert meta["metrics"][side]["regions"] == len(held)
         assert set(meta["metrics"][side]["field_accuracy"]) == {"caption", "label", "color", "size", "texture"}
     assert meta["training"]["steps"] == 2 and meta["training"]["trainable"] == "lora"
@@ -129,15 +146,45 @@ def test_a_run_trains_compares_publishes_and_promotes(env, tmp_path):
     assert any(k.startswith("spi_module.") for k in changed) and any("language_model" in k for k in changed)
 
     [run] = FinetuneRuns.for_settings(settings).runs()
-    assert (run.status, run.parent, run.candidate, run.watermark) == (RunStatus.PROMOTED, BASE, name, store.max_seq())
+    assert (run.status, run.parent, run.candidate, run.watermark) == (RunStatus.AWAITING_REVIEW, BASE, name,
+                                                                      store.max_seq())
     assert redis.Redis.from_url(REDIS_URL).get(lock_key()) is None
-
     again = run_finetune(settings, FinetuneOptions())
     assert again.status == "skipped" and "0 new corrected region(s)" in again.message
 
+    # A person promotes it; the next run has the first run's held-out corrections to decide on.
+    promoted = subprocess.run([sys.executable, "-m", "backend", "promote", name], cwd=REPO, env=backend_env(env),
+                              capture_output=True, text=True, timeout=120)
+    assert promoted.returncode == 0 and registry.current_version(settings) == name, promoted.stderr
+    annotate(settings, make_tasks(tmp_path / "images", "c", 100, 6, seed=21), first_id=500)
+    second = run_finetune(settings, FinetuneOptions())
+    assert second.status is Verdict.PROMOTED, second.message
+    meta = registry.read_metadata(settings, second.candidate)
+    assert meta["data"]["eval_regions"] == len(held) and meta["metrics"]["candidate"]["regions"] == len(held)
+    assert registry.current_version(settings) == second.candidate
+
+
+def test_a_rollback_during_a_run_is_not_undone_by_its_promotion(env, tmp_path, monkeypatch):
+    settings = settings_of(env, finetune_max_regression=1.0)
+    registry.import_checkpoint(settings, registry.checkpoint_path(settings, BASE), "other", symlink=True,
+                               make_current=False)
+    annotate(settings, make_tasks(tmp_path / "images", "b", 1, 6, seed=23))
+    real_decide = finetune.decide
+
+    def rollback_meanwhile(settings_: Settings, metrics: Any) -> Any:
+        registry.rollback(settings_, "other")  # an operator, while the run evaluates
+        return Verdict.PROMOTED, "forced for the test"
+
+    monkeypatch.setattr(finetune, "decide", rollback_meanwhile)
+    outcome = run_finetune(settings, FinetuneOptions())
+    assert outcome.status is Verdict.AWAITING_REVIEW and "became other" in outcome.message
+    assert registry.current_version(settings) == "other"
+    assert real_decide is not rollback_meanwhile
+
 
 def test_a_candidate_worse_than_the_current_version_is_not_promoted(env, tmp_path):
-    """Held-out annotations that agree with everything the current version proposes: any change is worse."""
+    """Held-out annotations, stored before the run, that agree with everything the current version proposes:
+    any change is worse."""
     settings = settings_of(env, finetune_eval_fraction=0.5, finetune_keep_rejected=True)
     tasks = make_tasks(tmp_path / "images", "b", 1, 6, seed=12)
     plan = FillPlan.from_label_config(DEMO_CONFIG)
@@ -148,6 +195,9 @@ def test_a_candidate_worse_than_the_current_version_is_not_promoted(env, tmp_pat
             event["annotation"]["result"] = accepted_as_proposed(annotator, settings, plan, task, tmp_path / "images")
         CorrectionsStore.for_settings(settings).record_event(event)
     assert any(is_held_out(str(t.task_id), 0.5) for t in tasks)
+    assert run_finetune(settings, FinetuneOptions()).status is Verdict.AWAITING_REVIEW
+    annotate(settings, [t for t in make_tasks(tmp_path / "images", "c", 100, 8, seed=22)
+                        if not is_held_out(str(t.task_id), 0.5)], first_id=600)
 
     outcome = run_finetune(settings, FinetuneOptions())
 
@@ -269,15 +319,20 @@ def test_an_interrupted_run_leaves_the_current_version_and_says_why(env, tmp_pat
     wait_until(lambda: redis.Redis.from_url(REDIS_URL).get(lock_key()) is None, 10, "the lock to expire")
     after = run_finetune(settings_of({**env, "FINETUNE_STEPS": "1", "FINETUNE_MAX_REGRESSION": "1"}),
                          FinetuneOptions())
-    assert after.status == "promoted", after.message
+    assert after.status is Verdict.AWAITING_REVIEW, after.message
     statuses = [r.status for r in store.runs()]
-    assert statuses == ["promoted", "interrupted", "interrupted"]
+    assert statuses == ["awaiting review", "interrupted", "interrupted"]
     assert "process stopped without finishing" in store.runs()[1].message
 
 
 # ---------------------------------------------------------------------- START_TRAINING through the backend
 def test_start_training_webhook_queues_a_job_the_finetune_worker_runs(env, tmp_path):
-    env = {**env, "FINETUNE_STEPS": "1", "FINETUNE_MAX_REGRESSION": "1"}
+    from model.demo.synthetic import generate_dataset
+
+    # A fixed evaluation set of earlier concepts lets the first fine-tune promote by itself.
+    base_eval = generate_dataset(tmp_path / "base", 3, 5, "base", exclude_shapes=["cross"], tasks=("attribute",))
+    env = {**env, "FINETUNE_STEPS": "1", "FINETUNE_MAX_REGRESSION": "1", "FINETUNE_BASE_EVAL": str(base_eval),
+           "FINETUNE_MAX_FORGETTING": "1"}
     tasks = make_tasks(tmp_path / "images", "b", 1, 4, seed=17)
     api = start_api(backend_env(env), tmp_path / "api.log")
     try:

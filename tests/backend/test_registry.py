@@ -148,3 +148,12 @@ def test_versions_and_rollback_on_the_command_line(settings):
     assert registry.current_version(settings) == "base"
     unknown = cli(settings, "rollback", "nope")
     assert unknown.returncode == 2 and "unknown version 'nope'" in unknown.stderr
+
+
+def test_a_move_based_on_a_version_fails_once_someone_else_moved_the_pointer(settings):
+    one = publish(settings, "base", dt.datetime(2026, 11, 26, 5, tzinfo=dt.UTC))
+    registry.set_current(settings, "base", reason="start")
+    registry.set_current(settings, one, reason="promoted", expected="base")
+    with pytest.raises(registry.PointerMoved, match=f"became {one}"):
+        registry.set_current(settings, "base", reason="late promotion", expected="base")
+    assert registry.current_version(settings) == one

@@ -10,7 +10,7 @@ import pytest
 from backend.annotations import AnnotationError
 from backend.corrections import CorrectionsStore
 from backend.settings import Settings
-from backend.webhooks import WebhookError, parse_event, secret_matches
+from backend.webhooks import WebhookError, parse_event, secret_matches, webhook_secret
 from tests.support import capture
 
 
@@ -28,10 +28,17 @@ def test_envelopes_without_an_action_are_refused(body, message):
 
 
 def test_secret_check():
-    assert secret_matches(Settings(), None)
-    guarded = Settings(webhook_secret="s3cret")
-    assert secret_matches(guarded, "s3cret")
-    assert not secret_matches(guarded, None) and not secret_matches(guarded, "S3CRET")
+    assert secret_matches(None, None)  # ALLOW_UNSIGNED_WEBHOOKS
+    assert secret_matches("s3cret", "s3cret")
+    assert not secret_matches("s3cret", None) and not secret_matches("s3cret", "S3CRET")
+
+
+def test_the_secret_is_the_setting_or_one_generated_once_per_data_dir(tmp_path):
+    assert webhook_secret(Settings(webhook_secret="set", data_dir=tmp_path)) == "set"
+    assert webhook_secret(Settings(allow_unsigned_webhooks=True, data_dir=tmp_path)) is None
+    generated = webhook_secret(Settings(data_dir=tmp_path))
+    assert len(generated) >= 32 and webhook_secret(Settings(data_dir=tmp_path)) == generated
+    assert webhook_secret(Settings(data_dir=tmp_path / "other")) != generated
 
 
 def test_concurrent_events_are_all_stored_and_a_malformed_one_fails_alone(tmp_path):

@@ -2,9 +2,10 @@
 
 Label Studio runs from its own virtual environment (its pinned dependencies clash with the project's),
 installed by ``scripts/ensure_labelstudio.sh`` at a stable path so that repeated runs reuse it. The
-server is started with the settings an ML backend on loopback needs (see the protocol notes,
-``label-studio-protocol.md`` §11, §12, §14): local-IP blocking and SSRF protection off, legacy
-API tokens on, analytics and version checks off.
+server is started as a team starts it, with only the settings an ML backend on loopback needs: local-IP
+blocking and SSRF protection off, analytics and version checks off. Legacy API tokens stay disabled for
+the organization (Label Studio's default): the tests log in with the user's password, create a personal
+access token as a user would in Account & Settings, and give the backend that.
 """
 
 from __future__ import annotations
@@ -144,11 +145,21 @@ class LabelStudioServer:
     credentials: Credentials = field(default_factory=lambda: Credentials.generate())
     port: int = field(default_factory=free_port)
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    # `--enable-legacy-api-token`: only the pristine data is built without it, so leave it off.
+    legacy_tokens: bool = False
     process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    personal_token: str = field(default="", init=False, repr=False)
 
     @property
     def token(self) -> str:
-        """The user's legacy API token (``Authorization: Token ...``)."""
+        """The user's personal access token (created at start; the kind Label Studio hands out today)."""
+        if not self.personal_token:
+            raise RuntimeError("the server has not started: no personal access token yet")
+        return self.personal_token
+
+    @property
+    def legacy_token(self) -> str:
+        """The user's legacy token: accepted only while legacy tokens are enabled (`set_legacy_tokens`)."""
         return self.credentials.token
 
     @property
@@ -163,8 +174,8 @@ class LabelStudioServer:
             "--internal-host", "127.0.0.1", "--port", str(self.port), "--host", self.url,
             "--data-dir", str(self.data_dir),
             "--username", self.credentials.username, "--password", self.credentials.password,
-            "--user-token", self.credentials.token, "--enable-legacy-api-token",
-        ]
+            "--user-token", self.credentials.token,
+        ] + (["--enable-legacy-api-token"] if self.legacy_tokens else [])
 
     def environment(self) -> dict[str, str]:
         """The process environment: ours minus Label Studio's own knobs, plus SERVER_ENV and extra_env."""
@@ -176,8 +187,9 @@ class LabelStudioServer:
         env.update(self.extra_env)
         return env
 
-    def start(self, timeout_s: float = 180.0) -> float:
-        """Start the server and wait until the API answers with the user's token; return seconds taken.
+    def start(self, timeout_s: float = 180.0, with_token: bool = True) -> float:
+        """Start the server, wait until it answers and (with `with_token`) create the user's personal access
+        token; return seconds taken.
 
         Raises LabelStudioStartError (naming the log file, with its tail) when the process exits or
         does not answer within ``timeout_s``.
@@ -203,9 +215,10 @@ class LabelStudioServer:
                         f"Label Studio exited with code {code} during start; log {self.log_path}:\n"
                         f"{read_log_tail(self.log_path)}")
                 try:
-                    answer = http.get(f"{self.url}/api/current-user/whoami",
-                                      headers={"Authorization": f"Token {self.token}"})
+                    answer = http.get(f"{self.url}/health/")
                     if answer.status_code == 200:
+                        if with_token:
+                            self.personal_token = self._personal_token()
                         return time.monotonic() - started
                     last_error = f"HTTP {answer.status_code}: {answer.text[:200]}"
                 except httpx.TransportError as exc:
@@ -231,8 +244,39 @@ class LabelStudioServer:
             process.wait(timeout=grace_s)
 
     def client(self, timeout_s: float = 120.0) -> LabelStudioClient:
-        """An API client authenticated as the server's user."""
+        """An API client authenticated as the server's user, with its personal access token."""
         return LabelStudioClient(self.url, self.token, timeout_s=timeout_s)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[httpx.Client]:
+        """An HTTP client logged in through Label Studio's login form, as the user's browser would be."""
+        with httpx.Client(base_url=self.url, timeout=60.0, follow_redirects=True) as http:
+            http.get("/user/login/")  # the form's CSRF cookie
+            csrf = http.cookies.get("csrftoken", "")
+            answer = http.post("/user/login/", data={"email": self.credentials.username,
+                                                     "password": self.credentials.password,
+                                                     "csrfmiddlewaretoken": csrf})
+            if answer.status_code != 200 or "/user/login" in str(answer.url):
+                raise LabelStudioStartError(f"logging in as {self.credentials.username} failed "
+                                            f"(HTTP {answer.status_code}); log {self.log_path}")
+            yield http
+
+    def _personal_token(self) -> str:
+        # What a user does under Account & Settings → Personal Access Token.
+        with self.session() as http:
+            answer = http.post("/api/token/")
+            if answer.status_code != 201:
+                raise LabelStudioStartError(f"creating a personal access token failed: HTTP {answer.status_code} "
+                                            f"{answer.text[:300]}")
+            return answer.json()["token"]
+
+    def set_legacy_tokens(self, enabled: bool) -> None:
+        """What an administrator does under Organization → API Tokens Settings."""
+        with self.session() as http:
+            answer = http.post("/api/jwt/settings", json={"api_tokens_enabled": True,
+                                                          "legacy_api_tokens_enabled": enabled})
+            if answer.status_code >= 400:
+                raise LabelStudioError("POST", "/api/jwt/settings", answer.status_code, answer.text)
 
     def __enter__(self) -> LabelStudioServer:
         self.start()
@@ -289,12 +333,15 @@ class ImageServer:
 
 
 class LabelStudioClient:
-    """The Label Studio REST calls the end-to-end tests need, authenticated with a legacy token."""
+    """The Label Studio REST calls the end-to-end tests need, authenticated with either kind of token (the
+    backend's own authentication, `backend.labelstudio`)."""
 
     def __init__(self, base_url: str, token: str, timeout_s: float = 120.0) -> None:
+        from backend.labelstudio import LabelStudioAuth, LabelStudioCredentials
+
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s,
-                                  headers={"Authorization": f"Token {token}"})
+                                  auth=LabelStudioAuth(LabelStudioCredentials(self.base_url, token)))
 
     def close(self) -> None:
         """Close the underlying connection pool."""
@@ -359,6 +406,21 @@ class LabelStudioClient:
         if task_ids is None or len(task_ids) != len(tasks):
             raise LabelStudioError("POST", f"/api/projects/{project_id}/import", 200,
                                    f"expected {len(tasks)} task ids, got: {json.dumps(answer)[:500]}")
+        return [int(t) for t in task_ids]
+
+    def upload_images(self, project_id: int, files: Mapping[str, bytes]) -> list[int]:
+        """Upload image files into Label Studio (one task each, its image stored by Label Studio under
+        ``/data/upload/``), as the import dialog does; return the new task ids in file order."""
+        answer = self._http.post(f"/api/projects/{project_id}/import", params={"return_task_ids": "true"},
+                                 # One form field per file: Label Studio reads one file per field name.
+                                 files=[(f"file{i}", (name, data, "image/png"))
+                                        for i, (name, data) in enumerate(files.items())])
+        if answer.status_code >= 400:
+            raise LabelStudioError("POST", f"/api/projects/{project_id}/import", answer.status_code, answer.text)
+        task_ids = answer.json().get("task_ids")
+        if not task_ids or len(task_ids) != len(files):
+            raise LabelStudioError("POST", f"/api/projects/{project_id}/import", answer.status_code,
+                                   f"expected {len(files)} task ids, got: {answer.text[:500]}")
         return [int(t) for t in task_ids]
 
     def list_tasks(self, project_id: int) -> list[dict[str, Any]]:
@@ -473,7 +535,8 @@ def pristine_data_dir(venv: Path, version: str = LS_VERSION,
     credentials of its user.
     """
     root = cache_root()
-    template = root / f"data-template-{version}"
+    # "-stock": made without --enable-legacy-api-token, so the organization has legacy tokens off.
+    template = root / f"data-template-{version}-stock"
     recorded = template / "credentials.json"
     if not recorded.is_file():
         root.mkdir(parents=True, exist_ok=True)
@@ -481,7 +544,7 @@ def pristine_data_dir(venv: Path, version: str = LS_VERSION,
         credentials = Credentials.generate()
         server = LabelStudioServer(venv=venv, data_dir=build / "data", log_path=build / "labelstudio.log",
                                    credentials=credentials)
-        server.start(timeout_s)
+        server.start(timeout_s, with_token=False)  # each copy's user creates its own token
         server.stop()  # a clean stop leaves a consistent SQLite file to copy
         (build / "credentials.json").write_text(json.dumps(dataclasses.asdict(credentials)), encoding="utf-8")
         try:

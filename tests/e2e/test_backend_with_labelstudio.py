@@ -1,15 +1,21 @@
-"""The GPT4RoI backend serves a real Label Studio 1.23.2 end to end.
+"""The GPT4RoI backend serves a stock Label Studio 1.23.2 end to end.
 
-Our API and a model worker (a tiny random checkpoint, on the local Redis) are connected to a Label Studio
-project built from ``labelstudio_config/demo_shapes.xml``. Its tasks carry rectangles from an imported
-annotation or prediction; "Retrieve Predictions" must leave one prediction of ours per task that fills the
-caption and every per-region choice of each rectangle, and a rectangle drawn in the labeling UI must come
-back with its caption and choices. Random weights make the words arbitrary: this checks the protocol.
+Label Studio runs as a team runs it: legacy tokens disabled for the organization, the backend holding only
+a personal access token. Our API and a worker serve the shipped demo model; `python -m backend connect`
+registers it in a project built from ``labelstudio_config/demo_shapes.xml``, adds the webhook secret and
+selects its model version. Most tasks' images are uploaded into Label Studio (so the worker downloads them
+with the token), one comes from an image server; their boxes come from a detector's predictions. The
+demo model knows these scenes' world, so its answers are checked for being right, not only well formed.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import secrets
+import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,10 +24,17 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-import redis
 from label_studio_sdk.label_interface import LabelInterface
 
-from tests.support.images import scene
+from backend.confirmation import Confirmation, confirm
+from backend.corrections import CorrectionsStore
+from backend.images import ImageLoader
+from backend.labelstudio import LabelStudioClient as BackendClient
+from backend.labelstudio import LabelStudioError
+from backend.settings import Settings
+from model.demo import demo_version_name, ensure_demo_checkpoint
+from model.demo.synthetic import HELD_OUT_SHAPE, ObjectSpec, image_seed, make_image
+from tests.support import REPO, WEBHOOK_SECRET
 from tests.support.processes import Api, Process, backend_env, start_api, start_worker
 from tests.support.redis_server import REDIS_URL
 
@@ -31,58 +44,85 @@ pytestmark = pytest.mark.e2e
 
 CONFIG_NAME = "demo_shapes.xml"
 PER_REGION = {"caption": "textarea", "color": "choices", "size": "choices", "texture": "choices"}
-IMAGE_SIZE = (96, 64)
-# Each task: a coloured rectangle in pixels and the box Label Studio holds for it, in percent.
-SCENES: list[tuple[tuple[int, int, int], tuple[int, int, int, int], tuple[float, float, float, float]]] = [
-    ((220, 30, 30), (10, 12, 50, 44), (10.4, 18.75, 41.7, 50.0)),
-    ((20, 40, 220), (40, 8, 90, 60), (41.7, 12.5, 52.1, 81.25)),
-    ((30, 180, 60), (5, 30, 35, 60), (5.2, 46.9, 31.3, 46.9)),
-]
 PREDICTION_TIMEOUT_S = 120.0
+UPLOADED = 3  # scenes uploaded into Label Studio; one more is served by the image server
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A synthetic scene as a Label Studio task: its id, the object its one box frames, that box's id."""
+
+    task_id: int
+    obj: ObjectSpec
+    width: int
+    height: int
+    region_id: str
+
+    def box_item(self) -> dict[str, Any]:
+        """The detector's box, as Label Studio stores a rectanglelabels region (no label yet)."""
+        x1, y1, x2, y2 = self.obj.box
+        return {"id": self.region_id, "from_name": "bbox", "to_name": "image", "type": "rectanglelabels",
+                "original_width": self.width, "original_height": self.height, "image_rotation": 0,
+                "value": {"x": 100 * x1 / self.width, "y": 100 * y1 / self.height,
+                          "width": 100 * (x2 - x1) / self.width, "height": 100 * (y2 - y1) / self.height,
+                          "rotation": 0, "rectanglelabels": ["square"]}}
 
 
 @dataclass
 class ConnectedProject:
-    """A Label Studio project with our backend connected and tasks whose rectangles are known."""
+    """A Label Studio project our backend is connected to, with scenes whose truth is known."""
 
     project: dict[str, Any]
     label_config: str
-    ml_backend: dict[str, Any]
-    task_ids: list[int]
-    region_ids: dict[int, str]
+    scenes: list[Scene]
     model_version: str
+    connect_output: str
+    env: dict[str, str]
+
+    @property
+    def task_ids(self) -> list[int]:
+        return [s.task_id for s in self.scenes]
+
+    def scene(self, task_id: int) -> Scene:
+        return next(s for s in self.scenes if s.task_id == task_id)
+
+
+def scenes(count: int) -> Iterator[tuple[bytes, ObjectSpec, tuple[int, int]]]:
+    """PNG bytes of unseen scenes, each with its largest object that is not the held-back shape."""
+    seed = 0
+    while count:
+        image, objects = make_image(image_seed(4242, seed), exclude_shapes=[HELD_OUT_SHAPE])
+        seed += 1
+        obj = max(objects, key=lambda o: (o.box[2] - o.box[0]) * (o.box[3] - o.box[1]))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        count -= 1
+        yield buffer.getvalue(), obj, image.size
 
 
 @pytest.fixture(scope="module")
-def our_backend(labelstudio: LabelStudioServer, image_server: ImageServer, model_dir: Path,
-                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    """Our API and one worker, told to reach the test Label Studio and to fetch from the image server."""
-    connection = redis.Redis.from_url(REDIS_URL)
-    try:
-        connection.ping()
-    except redis.ConnectionError:
-        pytest.fail("the end-to-end backend test needs Redis at 127.0.0.1:6379 (start redis-server)")
-    finally:
-        connection.close()
-    image_host = urlsplit(image_server.base_url).netloc
-    # A prefix of its own keeps these queues away from any other worker on the same Redis database.
+def demo_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A MODEL_DIR whose current version is the shipped demo model."""
+    root = tmp_path_factory.mktemp("demo-models")
+    version = demo_version_name()
+    (root / version).symlink_to(ensure_demo_checkpoint(), target_is_directory=True)
+    (root / "current").write_text(version + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def our_backend(labelstudio: LabelStudioServer, image_server: ImageServer, demo_models: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Api, dict[str, str]]]:
+    """Our API and one worker with the demo model, holding the user's personal access token."""
     prefix = f"gpt4roi-e2e-{secrets.token_hex(4)}"
     logs = tmp_path_factory.mktemp("backend-logs")
     env = backend_env({
-        "REDIS_URL": REDIS_URL,
-        "REDIS_KEY_PREFIX": prefix,
-        "MODEL_DIR": str(model_dir),
-        "DATA_DIR": str(tmp_path_factory.mktemp("backend-data")),
-        "LABEL_STUDIO_URL": labelstudio.url,
-        "LABEL_STUDIO_API_KEY": labelstudio.token,
-        "ALLOWED_IMAGE_HOSTS": image_host,
-        "DEVICE": "cpu",
-        "MAX_NEW_TOKENS": "6",
-        "WORKER_HEARTBEAT_TTL": "5",
-        "WORKER_MAINTENANCE_INTERVAL": "2",
-        "INTERACTIVE_TIMEOUT": "90",
-        "BATCH_PREDICT_DEADLINE": "90",
-        "LOG_LEVEL": "INFO",
+        "REDIS_URL": REDIS_URL, "REDIS_KEY_PREFIX": prefix, "MODEL_DIR": str(demo_models),
+        "DATA_DIR": str(tmp_path_factory.mktemp("backend-data")), "LABEL_STUDIO_URL": labelstudio.url,
+        "LABEL_STUDIO_API_KEY": labelstudio.token, "ALLOWED_IMAGE_HOSTS": urlsplit(image_server.base_url).netloc,
+        "WEBHOOK_SECRET": WEBHOOK_SECRET, "DEVICE": "cpu", "WORKER_HEARTBEAT_TTL": "5",
+        "WORKER_MAINTENANCE_INTERVAL": "2", "INTERACTIVE_TIMEOUT": "90", "BATCH_PREDICT_DEADLINE": "90",
+        "FINETUNE_STEPS": "1", "FINETUNE_DEVICE": "cpu", "LOG_LEVEL": "INFO",
     })
     worker: Process = start_worker(env, logs / "worker.log", f"{prefix}-worker")
     try:
@@ -90,126 +130,193 @@ def our_backend(labelstudio: LabelStudioServer, image_server: ImageServer, model
     except BaseException:
         worker.stop()
         raise
+    env = {**env, "PORT": str(urlsplit(api.url).port), "HOST": "127.0.0.1", "BACKEND_URL": api.url}
     try:
-        yield api
+        yield api, env
     finally:
         api.stop()
         worker.stop()
 
 
-def box_item(region_id: str, box: tuple[float, float, float, float], label: str) -> dict[str, Any]:
-    """A ``rectanglelabels`` region as Label Studio stores it."""
-    x, y, width, height = box
-    return {"id": region_id, "from_name": "bbox", "to_name": "image", "type": "rectanglelabels",
-            "original_width": IMAGE_SIZE[0], "original_height": IMAGE_SIZE[1], "image_rotation": 0,
-            "value": {"x": x, "y": y, "width": width, "height": height, "rotation": 0,
-                      "rectanglelabels": [label]}}
+def run_backend(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m backend ARGS` with the backend's environment."""
+    return subprocess.run([sys.executable, "-m", "backend", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
-def connected(ls_client: LabelStudioClient, image_server: ImageServer, our_backend: Api) -> ConnectedProject:
-    """The demo project with three tasks (an annotated one, two pre-labeled ones) and our backend connected."""
+def connected(ls_client: LabelStudioClient, image_server: ImageServer,
+              our_backend: tuple[Api, dict[str, str]]) -> ConnectedProject:
+    """The demo project: three uploaded scenes and one served one, a detector box each, our backend connected
+    with `python -m backend connect`."""
+    _, env = our_backend
     label_config = (CONFIG_DIR / CONFIG_NAME).read_text(encoding="utf-8")
     project = ls_client.create_project_from_config(CONFIG_NAME, title="gpt4roi end to end")
-    tasks: list[dict[str, Any]] = []
-    region_ids: list[str] = []
-    for index, (colour, pixels, percent) in enumerate(SCENES):
-        name = f"e2e-scene-{index}.png"
-        scene(IMAGE_SIZE, pixels, colour).save(image_server.root / name)
-        region_id = f"Box{index:03d}"
-        item = box_item(region_id, percent, "square")
-        task: dict[str, Any] = {"data": {"image": image_server.url(name)}}
-        # The first task's box comes from an annotator, the others from an earlier detector's prediction.
-        if index == 0:
-            task["annotations"] = [{"result": [item]}]
-        else:
-            task["predictions"] = [{"model_version": "detector", "score": 0.9, "result": [item]}]
-        tasks.append(task)
-        region_ids.append(region_id)
-    task_ids = ls_client.import_tasks(project["id"], tasks)
+    made = list(scenes(UPLOADED + 1))
+    task_ids = ls_client.upload_images(project["id"], {f"scene-{i}.png": data
+                                                        for i, (data, _, _) in enumerate(made[:UPLOADED])})
+    served = "e2e-served-scene.png"
+    (image_server.root / served).write_bytes(made[UPLOADED][0])
+    task_ids += ls_client.import_tasks(project["id"], [{"data": {"image": image_server.url(served)}}])
+    result = [Scene(task_id, obj, size[0], size[1], f"Box{i:03d}")
+              for i, (task_id, (_, obj, size)) in enumerate(zip(task_ids, made, strict=True))]
+    for scene in result:
+        ls_client.request("POST", "/api/predictions/", json_body={
+            "task": scene.task_id, "model_version": "detector", "score": 0.9, "result": [scene.box_item()]})
+    # As after importing a detector's predictions: they are what the label stream shows.
+    ls_client.update_project(project["id"], model_version="detector")
 
-    setup = our_backend.client.post("/setup", json={
-        "project": f"{project['id']}.{int(time.time())}",
-        "schema": label_config, "hostname": ls_client.base_url, "access_token": "",
-        "model_version": None, "extra_params": None})
-    assert setup.status_code == 200, setup.text
-    model_version = setup.json()["model_version"]
-
-    ml_backend = ls_client.connect_ml_backend(project["id"], our_backend.url, title="gpt4roi",
-                                              is_interactive=True)
-    assert ml_backend["state"] == "CO", ml_backend
-    return ConnectedProject(project=project, label_config=label_config, ml_backend=ml_backend,
-                            task_ids=task_ids, region_ids=dict(zip(task_ids, region_ids, strict=True)),
-                            model_version=model_version)
+    done = run_backend(env, "connect", "--project", str(project["id"]))
+    assert done.returncode == 0, done.stdout + done.stderr
+    version = demo_version_name()
+    return ConnectedProject(project=project, label_config=label_config, scenes=result, model_version=version,
+                            connect_output=done.stdout, env=env)
 
 
-def assert_filled_region(result: list[dict[str, Any]], region_id: str, label_config: str) -> None:
-    """The region ``region_id`` has its rectangle, a non-empty caption and one valid choice per attribute."""
-    items = {item["from_name"]: item for item in result if item["id"] == region_id}
-    assert set(items) == {"bbox", *PER_REGION}, f"region {region_id} has items {sorted(items)}: {result}"
+def assert_right_region(result: list[dict[str, Any]], scene: Scene, label_config: str) -> None:
+    """The region has its rectangle, a caption naming the object's colour, and the right colour ticked."""
+    items = {item["from_name"]: item for item in result if item["id"] == scene.region_id}
+    assert set(items) == {"bbox", *PER_REGION}, f"region {scene.region_id} has items {sorted(items)}: {result}"
     controls = {control.name: control for control in LabelInterface(label_config).controls}
     for name, kind in PER_REGION.items():
         item = items[name]
-        assert item["type"] == kind and item["to_name"] == "image", item
         for key in ("x", "y", "width", "height"):
             assert item["value"][key] == pytest.approx(items["bbox"]["value"][key]), (name, key)
-        if kind == "textarea":
-            (text,) = item["value"]["text"]
-            assert isinstance(text, str) and text.strip(), item
-        else:
+        if kind == "choices":
             (choice,) = item["value"]["choices"]
             assert choice in controls[name].labels, item
+    assert items["color"]["value"]["choices"] == [scene.obj.color], (scene.obj, items["color"])
+    (caption,) = items["caption"]["value"]["text"]
+    assert scene.obj.color in caption.split(), (scene.obj, caption)
 
 
-def test_connecting_answers_the_version_our_setup_reports(connected: ConnectedProject,
-                                                          ls_client: LabelStudioClient):
-    (stored,) = ls_client.list_ml_backends(connected.project["id"])
-    assert stored["id"] == connected.ml_backend["id"]
-    assert stored["state"] == "CO", stored
-    assert stored["model_version"] == connected.model_version
-    assert stored["is_interactive"] is True
+# ---------------------------------------------------------------------- connect
+def test_connect_registers_hooks_up_and_versions_the_project(connected: ConnectedProject,
+                                                             ls_client: LabelStudioClient):
+    output = connected.connect_output
+    assert "[done] ML backend" in output and "[done] webhook" in output, output
+    [backend] = ls_client.list_ml_backends(connected.project["id"])
+    assert backend["state"] == "CO" and backend["is_interactive"] is True and backend["title"] == "gpt4roi"
+    [hook] = ls_client.list_webhooks(connected.project["id"])
+    assert hook["headers"] == {"X-Webhook-Secret": WEBHOOK_SECRET}
+    # The detector's imported predictions had made "detector" the prelabeling version; now it is our live
+    # model, which Label Studio knows to serve the backend's current version.
+    assert "'detector' → the live model 'gpt4roi'" in output, output
+    assert ls_client.get_project(connected.project["id"])["model_version"] == "gpt4roi"
+    assert backend["model_version"] == connected.model_version
 
 
-def test_retrieve_predictions_stores_one_filled_prediction_per_task(connected: ConnectedProject,
-                                                                    ls_client: LabelStudioClient):
+def test_connect_again_changes_nothing_and_check_reports(connected: ConnectedProject, ls_client: LabelStudioClient):
+    again = run_backend(connected.env, "connect", "--project", str(connected.project["id"]))
+    assert again.returncode == 0 and "connected: nothing to change" in again.stdout, again.stdout + again.stderr
+    assert "[done]" not in again.stdout
+    assert len(ls_client.list_ml_backends(connected.project["id"])) == 1
+    assert len(ls_client.list_webhooks(connected.project["id"])) == 1
+    checked = run_backend(connected.env, "connect", "--project", str(connected.project["id"]), "--check")
+    assert checked.returncode == 0 and "[ok]" in checked.stdout, checked.stdout
+
+
+# ---------------------------------------------------------------------- predictions
+def test_retrieve_predictions_fills_every_task_rightly_uploaded_images_included(connected: ConnectedProject,
+                                                                                ls_client: LabelStudioClient):
     answer = ls_client.retrieve_predictions(connected.project["id"])
     assert answer["processed_items"] == len(connected.task_ids), answer
-
     interface = LabelInterface(connected.label_config)
-    for task_id in connected.task_ids:
-        # Imported detector predictions stay; ours is the one extra carrying our model version.
-        already = 0 if task_id == connected.task_ids[0] else 1
-        predictions = ls_client.wait_for_predictions(task_id, count=already + 1, timeout_s=PREDICTION_TIMEOUT_S)
+    for scene in connected.scenes:
+        predictions = ls_client.wait_for_predictions(scene.task_id, count=2, timeout_s=PREDICTION_TIMEOUT_S)
         ours = [p for p in predictions if p["model_version"] == connected.model_version]
-        assert len(ours) == 1, predictions
-        assert len(predictions) == already + 1, predictions
+        assert len(ours) == 1 and len(predictions) == 2, predictions
         (prediction,) = ours
-        assert {item["id"] for item in prediction["result"]} == {connected.region_ids[task_id]}
-        assert_filled_region(prediction["result"], connected.region_ids[task_id], connected.label_config)
-        assert 0.0 <= prediction["score"] <= 1.0, prediction
-        errors = interface.validate_prediction(
-            {"model_version": prediction["model_version"], "score": prediction["score"],
-             "result": prediction["result"]}, return_errors=True)
-        assert errors == [], errors
+        assert {item["id"] for item in prediction["result"]} == {scene.region_id}
+        assert_right_region(prediction["result"], scene, connected.label_config)
+        assert interface.validate_prediction({k: prediction[k] for k in ("model_version", "score", "result")},
+                                             return_errors=True) == []
 
 
-def test_a_drawn_rectangle_comes_back_with_caption_and_choices(connected: ConnectedProject,
-                                                              ls_client: LabelStudioClient):
-    task_id = connected.task_ids[1]
-    before = len(ls_client.list_predictions(task_id=task_id))
-    drawn = region_result(connected.label_config, "Drawn01", (40.0, 10.0, 55.0, 80.0), IMAGE_SIZE)[0]
-
-    answer = ls_client.interactive_annotating(connected.ml_backend["id"], task_id, {"result": [drawn]})
-
+def test_a_rectangle_drawn_on_an_uploaded_image_comes_back_rightly(connected: ConnectedProject,
+                                                                   ls_client: LabelStudioClient):
+    scene = connected.scenes[0]
+    [backend] = ls_client.list_ml_backends(connected.project["id"])
+    drawn = {**scene.box_item(), "id": "Drawn01"}
+    answer = ls_client.interactive_annotating(backend["id"], scene.task_id, {"result": [drawn]})
     assert "errors" not in answer, answer
     data = answer["data"]
     assert data["model_version"] == connected.model_version, data
-    result = data["result"]
-    assert {item["id"] for item in result} == {"Drawn01"}, result
-    (box,) = [item for item in result if item["from_name"] == "bbox"]
-    for key in ("x", "y", "width", "height"):
-        assert box["value"][key] == pytest.approx(drawn["value"][key]), key
-    assert box["value"]["rectanglelabels"] == drawn["value"]["rectanglelabels"], box
-    assert_filled_region(result, "Drawn01", connected.label_config)
-    assert LabelInterface(connected.label_config).validate_prediction(data, return_errors=True) == []
-    assert len(ls_client.list_predictions(task_id=task_id)) == before, "interactive answers are not stored"
+    assert_right_region(data["result"], Scene(scene.task_id, scene.obj, scene.width, scene.height, "Drawn01"),
+                        connected.label_config)
+
+
+def test_the_label_stream_shows_our_prediction(connected: ConnectedProject, ls_client: LabelStudioClient):
+    task = ls_client.next_task(connected.project["id"])
+    versions = [p["model_version"] for p in task["predictions"]]
+    assert connected.model_version in versions, task["predictions"]
+
+
+# ---------------------------------------------------------------------- corrections
+def test_corrections_arrive_signed_and_only_confirmed_ones_are_trained_on(connected: ConnectedProject,
+                                                                          our_backend: tuple[Api, dict[str, str]],
+                                                                          ls_client: LabelStudioClient):
+    api, env = our_backend
+    settings = Settings.from_env(env)
+    store = CorrectionsStore.for_settings(settings)
+    genuine = []
+    for scene in connected.scenes[:2]:
+        result = region_result(connected.label_config, scene.region_id, tuple(
+            scene.box_item()["value"][k] for k in ("x", "y", "width", "height")), (scene.width, scene.height),
+            caption=scene.obj.caption)
+        genuine.append(ls_client.create_annotation(scene.task_id, result)["id"])
+    deadline = time.monotonic() + 30
+    while not set(genuine) <= store.annotation_ids():
+        assert time.monotonic() < deadline, f"Label Studio's webhooks did not arrive: {store.annotation_ids()}"
+        time.sleep(0.2)
+
+    # Someone who learnt the secret posts an annotation Label Studio never had.
+    forged = json.loads(json.dumps(next(e for e in store.events() if e["action"] == "ANNOTATION_CREATED")))
+    forged["annotation"]["id"] = 987_654
+    assert api.client.post("/webhook", json=forged).status_code == 200
+    states = confirm(settings, store.regions())
+    assert {a: states[a] for a in genuine} == dict.fromkeys(genuine, Confirmation.CONFIRMED)
+    assert states[987_654] is Confirmation.MISSING
+
+    tuned = run_backend(env, "finetune", "--min-new", "1")
+    assert tuned.returncode == 0, tuned.stdout + tuned.stderr
+    versions = run_backend(env, "versions")
+    assert "missing 1" in versions.stdout and "1 left out" in versions.stdout, versions.stdout
+
+
+def live_version(ls_client: LabelStudioClient, project_id: int) -> str:
+    """The version Label Studio holds for the project's live model (what it last read from /setup)."""
+    [backend] = ls_client.list_ml_backends(project_id)
+    return backend["model_version"]
+
+
+def test_a_promotion_moves_the_projects_prelabeling_version(connected: ConnectedProject,
+                                                            ls_client: LabelStudioClient):
+    models = Path(connected.env["MODEL_DIR"])
+    promoted = "demo-promoted"
+    shutil.copytree(models / connected.model_version, models / promoted, symlinks=False)
+    ls_client.update_project(connected.project["id"], model_version="detector")  # someone changed it by hand
+    done = run_backend(connected.env, "promote", promoted)
+    assert done.returncode == 0 and f"prelabels with {promoted}" in done.stdout, done.stdout + done.stderr
+    project = ls_client.get_project(connected.project["id"])
+    assert project["model_version"] == "gpt4roi" and live_version(ls_client, connected.project["id"]) == promoted
+    back = run_backend(connected.env, "rollback", connected.model_version)
+    assert back.returncode == 0
+    assert live_version(ls_client, connected.project["id"]) == connected.model_version
+
+
+# ---------------------------------------------------------------------- the legacy token
+def test_a_legacy_token_works_where_an_administrator_enabled_legacy_tokens(connected: ConnectedProject,
+                                                                           labelstudio: LabelStudioServer):
+    settings = Settings(label_studio_url=labelstudio.url, label_studio_api_key=labelstudio.legacy_token)
+    task = next(t for t in LabelStudioClient(labelstudio.url, labelstudio.token).list_tasks(connected.project["id"])
+                if t["data"]["image"].startswith("/data/upload/"))
+    with pytest.raises(LabelStudioError):
+        BackendClient(settings).project(connected.project["id"])  # off, as in a stock organization
+    labelstudio.set_legacy_tokens(True)
+    try:
+        assert BackendClient(settings).project(connected.project["id"])["id"] == connected.project["id"]
+        image = ImageLoader(settings).load(task["data"]["image"])
+        assert image.size == (connected.scene(task["id"]).width, connected.scene(task["id"]).height)
+    finally:
+        labelstudio.set_legacy_tokens(False)

@@ -1,9 +1,10 @@
-"""Our predictions render in Label Studio's labeling UI, as an annotator sees them.
+"""Our predictions render in Label Studio's labeling UI, as an annotator sees them, and they are right.
 
 A headless Chromium logs in to the test Label Studio with the user the harness created, opens a task whose
-only prediction was made by our backend through "Retrieve Predictions", and selects the region in the
-regions panel. The editor must show the image, the predicted label, the caption in the region's TextArea and
-the predicted value checked in every per-region Choices. A screenshot of that view is kept either way; the
+only prediction was made by our backend (the shipped demo model) through "Retrieve Predictions", and
+selects the region in the regions panel. The editor must show the image, the predicted label, the caption
+in the region's TextArea and the predicted value checked in every per-region Choices; and the object's true
+colour must be the one ticked and named in the caption. A screenshot of that view is kept either way; the
 run's summary names it (``e2e artifact: ...``).
 """
 
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from .conftest import Artifacts
 
 # The protocol tests' backend and project, set up again for this module (they are module-scoped).
+demo_models = protocol.demo_models
 our_backend = protocol.our_backend
 connected = protocol.connected
 
@@ -69,7 +71,8 @@ def open_and_select_region(page: Page, server: LabelStudioServer, project_id: in
 def test_browser_shows_our_caption_and_choices_for_the_selected_region(
         browser: Browser, connected: protocol.ConnectedProject, ls_client: LabelStudioClient,
         labelstudio: LabelStudioServer, artifacts: Artifacts, tmp_path: Path):
-    task_id = connected.task_ids[1]
+    scene = connected.scenes[1]
+    task_id = scene.task_id
     prediction = only_our_prediction(connected, ls_client, task_id)
     values = {item["from_name"]: item["value"] for item in prediction["result"]}
     (label,) = values["bbox"]["rectanglelabels"]
@@ -97,3 +100,6 @@ def test_browser_shows_our_caption_and_choices_for_the_selected_region(
     assert region_title.strip() == label
     assert shown_captions == [caption]
     assert checked == [values[name]["choices"] for name in CHOICES]
+    # What the annotator sees is right: the object's colour ticked, and named in the caption.
+    assert checked[CHOICES.index("color")] == [scene.obj.color], (scene.obj, checked)
+    assert scene.obj.color in caption.split(), (scene.obj, caption)

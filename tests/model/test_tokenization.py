@@ -328,3 +328,15 @@ def test_train_sentencepiece_explains_an_impossible_vocabulary_size():
         train_sentencepiece(["", "<bbox>"], vocab_size=300)
     with pytest.raises(TypeError, match="must be str"):
         train_sentencepiece([b"bytes"], vocab_size=300)
+
+
+def test_a_generation_cut_inside_a_character_loses_the_broken_bytes_not_the_text(tokenizer):
+    ids = tokenizer.encode("a café ☕ cup")
+    pieces = [tokenizer._id_to_token(i) for i in ids]
+    first_byte = pieces.index("<0xE2>")
+    for cut in (first_byte + 1, first_byte + 2):  # inside the three bytes of ☕
+        kept = tokenizer.drop_partial_character(ids[:cut])
+        assert kept == ids[:first_byte] and "\ufffd" not in tokenizer.decode(kept)
+    whole = ids[:first_byte + 3]
+    assert tokenizer.drop_partial_character(whole) == whole and tokenizer.decode(whole).endswith("☕")
+    assert tokenizer.drop_partial_character(ids) == ids

@@ -16,6 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures"
 CAPTURES = FIXTURES / "labelstudio_captures"
 CONFIG_DIR = REPO / "labelstudio_config"
+# The webhook secret of the backends the tests start (sent by their clients, as Label Studio would).
+WEBHOOK_SECRET = "test-webhook-secret"
 
 
 def free_port() -> int:

@@ -13,6 +13,7 @@ import json
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,12 +25,32 @@ from tests.support.images import png_bytes, scene
 LS_TOKEN = "test-legacy-token"
 
 
+def jwt(claims: dict[str, Any]) -> str:
+    """An (unsigned) JWT with these claims, shaped like Label Studio's tokens."""
+    def part(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(claims)}.c2lnbmF0dXJl"
+
+
+def personal_access_token(lifetime_s: float = 3600 * 24 * 365) -> str:
+    """A personal access token (a JWT refresh token), as Label Studio hands them out."""
+    return jwt({"token_type": "refresh", "exp": int(time.time() + lifetime_s), "jti": uuid.uuid4().hex,
+                "user_id": "1"})
+
+
 @dataclass
 class FakeLabelStudio:
     """Label Studio's REST and file routes the backend uses, over real HTTP, with inspectable state."""
 
     url: str = ""
     token: str = LS_TOKEN
+    # Personal access tokens: the refresh token, the access tokens it was exchanged for (5 minutes each, as
+    # Label Studio gives them), and how many exchanges there were.
+    personal_token: str = field(default_factory=personal_access_token)
+    access_tokens: set[str] = field(default_factory=set)
+    refreshes: int = 0
+    legacy_tokens_enabled: bool = True
+    annotations: dict[int, dict[str, Any]] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)
     projects: dict[int, dict[str, Any]] = field(default_factory=dict)
     predictions: list[dict[str, Any]] = field(default_factory=list)
@@ -41,6 +62,11 @@ class FakeLabelStudio:
         with self.lock:
             self.projects[project_id] = {"label_config": label_config, "tasks": tasks}
             self.predictions = [p for p in self.predictions if p["project"] != project_id]
+
+    def expire_access_tokens(self) -> None:
+        """Make every access token handed out so far invalid (as when its five minutes are over)."""
+        with self.lock:
+            self.access_tokens.clear()
 
     def predictions_for(self, project_id: int) -> list[dict[str, Any]]:
         """Predictions pushed for a project, in arrival order."""
@@ -69,7 +95,11 @@ def _handler(ls: FakeLabelStudio) -> type[BaseHTTPRequestHandler]:
             self._send(status, json.dumps(data).encode())
 
         def _authorized(self) -> bool:
-            return self.headers.get("Authorization") == f"Token {ls.token}"
+            sent = self.headers.get("Authorization") or ""
+            if sent.startswith("Bearer "):
+                with ls.lock:
+                    return sent.removeprefix("Bearer ") in ls.access_tokens
+            return ls.legacy_tokens_enabled and sent == f"Token {ls.token}"
 
         def do_GET(self) -> None:
             parts = urlsplit(self.path)
@@ -91,6 +121,9 @@ def _handler(ls: FakeLabelStudio) -> type[BaseHTTPRequestHandler]:
                 uri = base64.urlsafe_b64decode(query["fileuri"][0]).decode()
                 name = uri.rsplit("/", 1)[1]
                 return self._send(302, headers={"Location": f"{ls.url}/img/{name}?X-Amz-Signature=secret"})
+            if path.startswith("/api/annotations/"):
+                annotation = ls.annotations.get(int(path.strip("/").split("/")[2]))
+                return self._json(200, annotation) if annotation is not None else self._json(404, {"detail": "no"})
             if path.startswith("/api/projects/"):
                 project_id = int(path.strip("/").split("/")[2])
                 project = ls.projects.get(project_id)
@@ -115,6 +148,14 @@ def _handler(ls: FakeLabelStudio) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             ls.requests.append(("POST", self.path, dict(self.headers)))
+            if urlsplit(self.path).path == "/api/token/refresh/":
+                if json.loads(body or b"{}").get("refresh") != ls.personal_token:
+                    return self._json(401, {"detail": "Token is invalid or expired", "code": "token_not_valid"})
+                access = jwt({"token_type": "access", "exp": int(time.time() + 300), "jti": uuid.uuid4().hex})
+                with ls.lock:
+                    ls.access_tokens.add(access)
+                    ls.refreshes += 1
+                return self._json(200, {"access": access})
             if not self._authorized():
                 return self._json(401, {"detail": "Authentication credentials were not provided."})
             if urlsplit(self.path).path == "/api/predictions/":

@@ -22,8 +22,9 @@ from typing import Any
 from backend.acceptance import compare_fields
 from backend.annotations import parse_annotation_regions
 from backend.labelconfig import FillPlan
+from backend.webhooks import SECRET_HEADER
 from model.demo.synthetic import ObjectSpec, image_seed, make_image
-from tests.support import REPO, free_port
+from tests.support import REPO, WEBHOOK_SECRET, free_port
 
 LABEL_CONFIG_FILE = REPO / "labelstudio_config" / "demo_shapes.xml"
 NEW_SHAPE = "cross"
@@ -170,7 +171,8 @@ class Backend:
         self.port = free_port()
         self.env.update({"PORT": str(self.port), "HOST": "127.0.0.1"})
         self.processes: list[subprocess.Popen] = []
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=900)
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=900,
+                                   headers={SECRET_HEADER: self.env["WEBHOOK_SECRET"]})
 
     def _start(self, args: list[str], log_name: str) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -272,15 +274,19 @@ class LoopResult:
                 "predict_seconds": {k: round(v, 1) for k, v in self.predict_seconds.items()}}
 
 
-def finetune_env(steps: int, base_data: Path | None) -> dict[str, str]:
+def finetune_env(steps: int, base_data: Path | None, base_eval: Path | None) -> dict[str, str]:
     """FINETUNE_* settings of the loop (tuned for the demo model on a CPU). The region module barely moves
     (a twentieth of the LoRA rate) and three base records come per correction, which keeps the old shapes:
-    88 % of old regions accepted unchanged afterwards with 0.3 and one base record, 91 % with these."""
+    88 % of old regions accepted unchanged afterwards with 0.3 and one base record, 91 % with these. The
+    simulation has no Label Studio to confirm corrections with (TRAIN_ON_UNCONFIRMED), and the gate decides
+    on a fixed set of the old shapes (FINETUNE_BASE_EVAL), the only set its own corrections cannot write."""
     env = {"FINETUNE_STEPS": str(steps), "FINETUNE_LEARNING_RATE": "1e-3", "FINETUNE_LORA_RANK": "16",
-           "FINETUNE_REGION_LR_SCALE": "0.05",
+           "FINETUNE_REGION_LR_SCALE": "0.05", "TRAIN_ON_UNCONFIRMED": "true",
            "FINETUNE_EVAL_FRACTION": "0.2", "FINETUNE_REPLAY_RATIO": "1.0", "FINETUNE_DEVICE": "cpu"}
     if base_data is not None:
         env.update({"FINETUNE_BASE_DATA": str(base_data), "FINETUNE_BASE_RATIO": "3.0"})
+    if base_eval is not None:
+        env["FINETUNE_BASE_EVAL"] = str(base_eval)
     return env
 
 
@@ -302,17 +308,19 @@ def run_loop(workdir: Path, redis_url: str, *, before: int, after: int, steps: i
     base_version = "demo"
     (model_dir / base_version).symlink_to(checkpoint.resolve(), target_is_directory=True)
     (model_dir / "current").write_text(base_version + "\n")
-    base_data = None
+    base_data = base_eval = None
     if base_images:
         base_data = generate_dataset(workdir / "base", base_images, 4242, "base", exclude_shapes=[NEW_SHAPE],
                                      tasks=("caption", "attribute"))
+        base_eval = generate_dataset(workdir / "base-eval", max(8, base_images // 4), 4343, "base-eval",
+                                     exclude_shapes=[NEW_SHAPE], tasks=("caption", "attribute"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_", "FINETUNE_"))}
     env.update({
         "REDIS_URL": redis_url, "REDIS_KEY_PREFIX": key_prefix, "MODEL_DIR": str(model_dir),
         "DATA_DIR": str(workdir / "data"), "LOCAL_FILES_DOCUMENT_ROOT": str(images), "DEVICE": "cpu",
         "BATCH_PREDICT_DEADLINE": "900", "INTERACTIVE_TIMEOUT": "300", "BATCH_JOB_TIMEOUT": "900",
-        "LOG_LEVEL": "WARNING",
-        **finetune_env(steps, base_data), **(extra_env or {}),
+        "LOG_LEVEL": "WARNING", "WEBHOOK_SECRET": WEBHOOK_SECRET,
+        **finetune_env(steps, base_data, base_eval), **(extra_env or {}),
     })
     log(f"[hitl] tasks: {before} before, {after} after; demo checkpoint {checkpoint}")
     first = make_tasks(images, "before", 1, before, seed=7001)

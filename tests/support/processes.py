@@ -14,6 +14,7 @@ import httpx
 import pytest
 import redis
 
+from backend.webhooks import SECRET_HEADER
 from tests.support import REPO, free_port, wait_until
 
 
@@ -98,7 +99,9 @@ def start_api(env: dict[str, str], log: Path) -> Api:
     proc = start_process([sys.executable, "-m", "backend", "serve-api"], env, log)
     url = f"http://127.0.0.1:{port}"
     auth = (env["BASIC_AUTH_USER"], env["BASIC_AUTH_PASS"]) if env.get("BASIC_AUTH_USER") else None
-    client = httpx.Client(base_url=url, timeout=120, auth=auth)
+    # The backend's webhook secret, as Label Studio sends it once `connect` installed it.
+    secret = {SECRET_HEADER: env["WEBHOOK_SECRET"]} if env.get("WEBHOOK_SECRET") else {}
+    client = httpx.Client(base_url=url, timeout=120, auth=auth, headers=secret)
 
     def ready() -> bool:
         if not proc.alive():
