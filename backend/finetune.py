@@ -41,6 +41,10 @@ failed (with the reason: bad data, unreachable images, an exception in training)
 detected by its stale heartbeat at the next run). A failed run leaves the current version serving and its corrections
 count as new for the next run.
 
+The module reads as one run, top to bottom (lock, data, training, evaluation, decision, publication), the
+way a training script does; the pieces it calls live in `training_data`, `confirmation`, `describe`,
+`acceptance`, `registry` and `runs`.
+
 Hardware. Weights are trained in fp32 and, on CUDA, the training loop runs under bf16 autocast (standard
 mixed precision); a model of more than a billion parameters (GPT4RoI-7B) also gets gradient checkpointing.
 For the 7B that is 27 GB of fp32 weights plus small LoRA/region-module gradients and optimizer state and

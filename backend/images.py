@@ -25,6 +25,9 @@ counted on the bytes as they arrive; `Accept-Encoding: identity`, and an answer 
 is refused, so a few kilobytes cannot inflate into gigabytes; MAX_IMAGE_PIXELS checked from the header
 before decoding; and only the decoders of IMAGE_FORMATS. EXIF orientation is applied (the browser shows
 the image that way, so Label Studio's coordinates refer to it) and the result is RGB.
+
+The locating rules, the network guard and the budget are one policy and are kept in one module, to be
+read (and audited) together.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ scoring of their values). From a request: the regions to describe (`regions_from
 shared by the rectangle and its caption and choices, percent coordinates), checked with
 `LabelInterface.validate_prediction` before they leave (`build_prediction`).
 
-Pure Python on purpose: the API process uses it and must not import torch.
+Pure Python on purpose: the API process uses it and must not import torch. It is one module because the
+plan, the regions and the prediction are one vocabulary: what the config asks for decides which questions a
+region gets and how their answers become Label Studio results.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 `Settings.from_env()` builds one frozen `Settings`; each field carries its environment variable and a
 description in its metadata, so `describe_settings()` (and `python -m backend settings`) can print the
-configuration table of the README from the code itself.
+configuration table of the README from the code itself. (The module is long because that table is: one
+declaration per setting, kept in one place on purpose.)
 """
 
 from __future__ import annotations

@@ -4,8 +4,7 @@ Names are imported lazily, so `import model.prompts` or `import model.data_forma
 for processes that only need the templates or the dataset format.
 """
 
-from importlib import import_module
-from typing import Any
+from model.lazy import lazy_attributes
 
 _EXPORTS = {
     "GPT4RoIConfig": "configuration_gpt4roi",
@@ -20,7 +19,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'model' has no attribute {name!r}")
-    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__ = lazy_attributes(__name__, _EXPORTS)

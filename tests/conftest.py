@@ -52,6 +52,12 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(model_dir: Path) -> Path:
+    """The session's tiny random checkpoint (read it, link it; never write into it)."""
+    return model_dir / MODEL_VERSION
+
+
 @pytest.fixture
 def redis_db() -> Iterator[redis.Redis]:
     """The session's Redis, holding none of the session's keys at the start of the test (but its workers')."""

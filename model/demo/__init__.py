@@ -13,8 +13,7 @@ It builds on the `model` library and is never imported by it:
 Names are imported lazily, so `from model.demo.synthetic import make_image` does not load torch.
 """
 
-from importlib import import_module
-from typing import Any
+from model.lazy import lazy_attributes
 
 _EXPORTS = {
     "DemoRecipe": "recipe",
@@ -29,7 +28,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'model.demo' has no attribute {name!r}")
-    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__ = lazy_attributes(__name__, _EXPORTS)

@@ -34,10 +34,8 @@ from backend.training_data import IMAGE_CACHE_DIR, is_held_out, local_images, sp
 from model.data_format import read_jsonl, write_jsonl
 from model.prompts import attribute_question, caption_question
 from tests.support import REPO, capture, free_port
-from tests.support.hitl import LABEL_CONFIG_FILE, annotation_event, make_tasks, task_json
+from tests.support.hitl import DEMO_CONFIG, annotation_event, make_tasks, task_json
 from tests.support.redis_server import KEY_PREFIX, REDIS_URL
-
-DEMO_CONFIG = LABEL_CONFIG_FILE.read_text(encoding="utf-8")
 
 
 def event(prefix: str) -> dict[str, Any]:

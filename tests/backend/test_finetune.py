@@ -29,20 +29,12 @@ from backend.settings import Settings
 from backend.store import DB_FILE, Database
 from backend.training_data import is_held_out
 from tests.support import REPO, WEBHOOK_SECRET, capture, wait_until
-from tests.support.hitl import LABEL_CONFIG_FILE, SceneTask, annotation_event, make_tasks
+from tests.support.hitl import DEMO_CONFIG, SceneTask, annotation_event, make_tasks
 from tests.support.processes import backend_env, start_api
 from tests.support.redis_server import KEY_PREFIX, REDIS_URL
 
 pytestmark = pytest.mark.slow
-DEMO_CONFIG = LABEL_CONFIG_FILE.read_text(encoding="utf-8")
 BASE = "tiny-0"
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.support.model_factory import make_tiny_checkpoint
-
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "checkpoint")
 
 
 @pytest.fixture

@@ -19,20 +19,12 @@ from backend.finetune import FinetuneOptions, run_finetune
 from backend.settings import Settings
 from tests.support import REPO
 from tests.support.fake_labelstudio import LS_TOKEN
-from tests.support.hitl import LABEL_CONFIG_FILE, annotation_event, make_tasks
+from tests.support.hitl import DEMO_CONFIG, annotation_event, make_tasks
 from tests.support.processes import backend_env
 from tests.support.redis_server import KEY_PREFIX, REDIS_URL
 
 pytestmark = pytest.mark.slow
-DEMO_CONFIG = LABEL_CONFIG_FILE.read_text(encoding="utf-8")
 BASE = "tiny-0"
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.support.model_factory import make_tiny_checkpoint
-
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "checkpoint")
 
 
 @pytest.fixture

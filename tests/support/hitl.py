@@ -27,6 +27,7 @@ from model.demo.synthetic import ObjectSpec, image_seed, make_image
 from tests.support import REPO, WEBHOOK_SECRET, free_port
 
 LABEL_CONFIG_FILE = REPO / "labelstudio_config" / "demo_shapes.xml"
+DEMO_CONFIG = LABEL_CONFIG_FILE.read_text(encoding="utf-8")
 NEW_SHAPE = "cross"
 CHOICE_CONTROLS = ("color", "size", "texture")
 PROJECT_ID = 1
@@ -300,7 +301,7 @@ def run_loop(workdir: Path, redis_url: str, *, before: int, after: int, steps: i
     if HELD_OUT_SHAPE != NEW_SHAPE:
         raise RuntimeError(f"the demo model holds back {HELD_OUT_SHAPE!r}, the bench expects {NEW_SHAPE!r}")
     checkpoint = checkpoint or ensure_demo_checkpoint()
-    label_config = LABEL_CONFIG_FILE.read_text(encoding="utf-8")
+    label_config = DEMO_CONFIG
     plan = FillPlan.from_label_config(label_config)
     images = workdir / "images"
     model_dir = workdir / "models"
