@@ -2,8 +2,9 @@
 
 `describe` asks the model, for every region of one image, the caption and each closed-set question the
 labeling config needs (its Choices controls, the RectangleLabels label), in one `answer` and one `score`
-call. `load_annotator` loads a checkpoint onto a device; `resolve_device` and `release_memory` are the
-device handling both callers share.
+call; `describe_many` does the same for the regions of several images (a worker's batch of jobs).
+`load_annotator` loads a checkpoint onto a device; `resolve_device` and `release_memory` are the device
+handling both callers share.
 
 Only workers and fine-tunes import this module (the API never does: it holds no model); torch is imported
 inside the functions all the same, so that importing it is cheap.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import gc
 import importlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,37 +24,56 @@ from backend.labelconfig import FillPlan, Region, wants_label
 DEFAULT_ANNOTATOR = "model.inference.RegionAnnotator"
 
 
+@dataclass(frozen=True)
+class Description:
+    """What to describe on one image: its regions, with the labeling config's fill plan."""
+
+    image: Any
+    plan: FillPlan
+    regions: Sequence[Region]
+    keep_drawn_label: bool
+
+
 def describe(annotator: Any, image: Any, plan: FillPlan, regions: Sequence[Region], keep_drawn_label: bool,
              max_new_tokens: int) -> list[dict[str, Any]]:
     """Per region `{"id", "caption", "choices": {control: distribution}, "label": distribution | None}`."""
+    return describe_many(annotator, [Description(image, plan, regions, keep_drawn_label)], max_new_tokens)[0]
+
+
+def describe_many(annotator: Any, items: Sequence[Description], max_new_tokens: int) -> list[list[dict[str, Any]]]:
+    """`describe` for several images (several jobs) at once: every caption of every item goes into one
+    `answer` call and every closed-set question into one `score` call. Returns one answer list per item."""
     from model import prompts
     from model.inference import RegionQuery
 
-    answers: list[dict[str, Any]] = [{"id": r.id, "caption": None, "choices": {}, "label": None} for r in regions]
-    captions: list[Any] = []
-    scored: list[tuple[Any, tuple[str, ...], int, str | None]] = []
-    for index, region in enumerate(regions):
-        boxes = (region.box(),)
-        if plan.captions:
-            captions.append(RegionQuery(image=image, boxes=boxes, question=prompts.caption_question()))
-        for control in plan.choices:
-            query = RegionQuery(image=image, boxes=boxes, question=prompts.attribute_question(control.name))
-            scored.append((query, control.candidates, index, control.name))
-        if wants_label(plan, region, keep_drawn_label):
-            query = RegionQuery(image=image, boxes=boxes, question=prompts.attribute_question("category"))
-            scored.append((query, plan.labels, index, None))
+    answers = [[{"id": r.id, "caption": None, "choices": {}, "label": None} for r in item.regions] for item in items]
+    captions: list[tuple[Any, dict[str, Any]]] = []
+    scored: list[tuple[Any, tuple[str, ...], dict[str, Any], str | None]] = []
+    for item, item_answers in zip(items, answers, strict=True):
+        plan = item.plan
+        for region, answer in zip(item.regions, item_answers, strict=True):
+            boxes = (region.box(),)
+            if plan.captions:
+                captions.append((RegionQuery(image=item.image, boxes=boxes, question=prompts.caption_question()),
+                                 answer))
+            for control in plan.choices:
+                query = RegionQuery(image=item.image, boxes=boxes, question=prompts.attribute_question(control.name))
+                scored.append((query, control.candidates, answer, control.name))
+            if wants_label(plan, region, item.keep_drawn_label):
+                query = RegionQuery(image=item.image, boxes=boxes, question=prompts.attribute_question("category"))
+                scored.append((query, plan.labels, answer, None))
     if captions:
-        texts = annotator.answer(captions, max_new_tokens=max_new_tokens)
-        for answer, text in zip(answers, texts, strict=True):
+        texts = annotator.answer([query for query, _ in captions], max_new_tokens=max_new_tokens)
+        for (_, answer), text in zip(captions, texts, strict=True):
             answer["caption"] = text
     if scored:
         distributions = annotator.score([s[0] for s in scored], [s[1] for s in scored])
-        for (_, _, index, control), distribution in zip(scored, distributions, strict=True):
+        for (_, _, answer, control), distribution in zip(scored, distributions, strict=True):
             clean = {str(k): float(v) for k, v in distribution.items()}
             if control is None:
-                answers[index]["label"] = clean
+                answer["label"] = clean
             else:
-                answers[index]["choices"][control] = clean
+                answer["choices"][control] = clean
     return answers
 
 

@@ -2,9 +2,14 @@
 
 `python -m backend worker` loads the current model version once, then takes jobs from the interactive
 queue first and the batch queue second. Each job is one task: its image is fetched (or taken from the
-LRU cache, keeping the same `PIL.Image` object per URL so the model's per-image feature cache hits), every
-region of the job goes into one `answer` call (captions) and one `score` call (choices and labels), and
+LRU cache, keeping the same `PIL.Image` object per URL so the model's per-image feature cache hits), and
 the answers come back as JSON. When the registry's current version changes, the next job loads it.
+
+Jobs are answered in batches: with a job the worker takes whatever else is waiting in the same queue, up
+to BATCH_MAX_REGIONS regions (waiting at most BATCH_WAIT_MS for more), and every region of them all goes
+into one `answer` call (captions) and one `score` call (choices and labels). Each job still ends on its
+own, through RQ: its own result, its own error (a bad image fails only its job), its own retries. A
+job being retried runs alone, and so does every job of a batch whose model call failed.
 
 A worker that dies mid-job stops sending heartbeats; after WORKER_HEARTBEAT_TTL another worker's sweep
 re-queues the job (up to JOB_RETRIES times) or records it as failed, so a job is never silently lost.
@@ -17,20 +22,22 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis
-from rq import SimpleWorker
+from rq import SimpleWorker, get_current_job
+from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
+from rq.timeouts import JobTimeoutException
 from rq.worker import WorkerStatus
 
 from backend import registry
 from backend.corrections import CorrectionsStore
-from backend.describe import describe, load_annotator, release_memory, resolve_device
+from backend.describe import Description, describe_many, load_annotator, release_memory, resolve_device
 from backend.images import ImageError, ImageLoader
 from backend.jobs import JOB_FUNCTION, JobQueue, connect, restricted_job_class
 from backend.labelconfig import PredictionInvalid
@@ -94,34 +101,47 @@ class Predictor:
             self.version = version
         return version
 
-    # ------------------------------------------------------------------ one job
+    # ------------------------------------------------------------------ jobs
     def run(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         """Answer one job payload (see `backend.labelstudio_backend.make_payload`)."""
+        return self.run_many([payload])[0]
+
+    def run_many(self, payloads: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Answer several job payloads with one model call per answer length; one answer per payload, an
+        `error` answer for a payload whose input or image cannot be used."""
         started = time.perf_counter()
         version = self.ensure_model()
-        try:
-            plan, regions, keep_drawn = parse_payload(payload)
-        except PayloadError as exc:
-            return {"error": {"kind": "input", "message": str(exc)}, "model_version": version}
-        fetch_started = time.perf_counter()
-        try:
-            image = self.images.get(payload["image"], payload.get("task_id"))
-        except ImageError as exc:
-            return {"error": {"kind": "image", "message": str(exc)}, "model_version": version}
-        model_started = time.perf_counter()
-        answers = describe(self.annotator, image, plan, regions, keep_drawn,
-                           int(payload.get("max_new_tokens") or 32))
-        done = time.perf_counter()
-        return {
-            "model_version": version,
-            "image_size": list(image.size),
-            "regions": answers,
-            "timing": {
-                "fetch_ms": round((model_started - fetch_started) * 1000, 3),
-                "model_ms": round((done - model_started) * 1000, 3),
-                "total_ms": round((done - started) * 1000, 3),
-            },
-        }
+        outputs: list[dict[str, Any]] = [{} for _ in payloads]
+        ready: dict[int, list[tuple[int, Description, float]]] = {}
+        for index, payload in enumerate(payloads):
+            fetch_started = time.perf_counter()
+            try:
+                plan, regions, keep_drawn = parse_payload(payload)
+                image = self.images.get(payload["image"], payload.get("task_id"))
+            except PayloadError as exc:
+                outputs[index] = {"error": {"kind": "input", "message": str(exc)}, "model_version": version}
+                continue
+            except ImageError as exc:
+                outputs[index] = {"error": {"kind": "image", "message": str(exc)}, "model_version": version}
+                continue
+            fetch_ms = (time.perf_counter() - fetch_started) * 1000
+            ready.setdefault(int(payload.get("max_new_tokens") or 32), []).append(
+                (index, Description(image, plan, regions, keep_drawn), fetch_ms))
+        for max_new_tokens, group in ready.items():
+            model_started = time.perf_counter()
+            answers = describe_many(self.annotator, [item for _, item, _ in group], max_new_tokens)
+            done = time.perf_counter()
+            batch = {"jobs": len(group), "regions": sum(len(item.regions) for _, item, _ in group)}
+            for (index, item, fetch_ms), regions in zip(group, answers, strict=True):
+                outputs[index] = {
+                    "model_version": version,
+                    "image_size": list(item.image.size),
+                    "regions": regions,
+                    "timing": {"fetch_ms": round(fetch_ms, 3), "model_ms": round((done - model_started) * 1000, 3),
+                               "total_ms": round((done - started) * 1000, 3)},
+                    "batch": batch,
+                }
+        return outputs
 
     # ------------------------------------------------------------------ push
     def push(self, payload: Mapping[str, Any], output: Mapping[str, Any]) -> bool:
@@ -143,6 +163,8 @@ class Predictor:
 _predictor: Predictor | None = None
 _predictor_lock = threading.Lock()
 _shutdown = threading.Event()
+# Answers computed for a batch, by job id; each job's own run takes its answer from here.
+_answered: dict[str, dict[str, Any]] = {}
 # One thread, so proposals are recorded in job order; its queue is drained when the process exits.
 _bookkeeping = ThreadPoolExecutor(max_workers=1, thread_name_prefix="proposals")
 
@@ -165,10 +187,13 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
             settings = Settings.from_env()
             _predictor = Predictor(settings, JobQueue(settings, connect(settings.effective_redis_url, settings)))
     predictor = _predictor
-    output = predictor.run(payload)
+    job = get_current_job()
+    output = _answered.pop(job.id, None) if job is not None else None
+    if output is None:
+        output = predictor.run(payload)
     # Off the answer's path: the proposal record is a disk write the waiting annotator does not need.
     _bookkeeping.submit(_remember_proposals, predictor.settings, payload, dict(output))
-    if predictor.queue is not None and not predictor.queue.claim_return(_current_job_id()):
+    if predictor.queue is not None and not predictor.queue.claim_return(_current_job_id(job)):
         try:
             output["pushed"] = predictor.push(payload, output)
         except PredictionInvalid as exc:
@@ -185,26 +210,25 @@ def _remember_proposals(settings: Settings, payload: dict[str, Any], output: dic
         log.warning("could not record the proposals of task %s", payload.get("task_id"), exc_info=True)
 
 
-def _current_job_id() -> str:
-    from rq import get_current_job
-
-    job = get_current_job()
+def _current_job_id(job: Job | None) -> str:
     if job is None:
         raise RuntimeError("run_job must run inside an RQ worker")
     return job.id
 
 
 class PredictionWorker(SimpleWorker):
-    """RQ worker that runs jobs in its own process (the model stays resident, nothing is forked) and keeps
-    a running job's heartbeat fresh from a side thread, so a dead worker's job is detected within
-    WORKER_HEARTBEAT_TTL instead of the job's whole timeout."""
+    """RQ worker that runs jobs in its own process (the model stays resident, nothing is forked), answers
+    the jobs waiting together in one model call (see the module docstring), and keeps running jobs'
+    heartbeats fresh from a side thread, so a dead worker's jobs are detected within WORKER_HEARTBEAT_TTL
+    instead of their whole timeout."""
 
-    def __init__(self, *args: Any, heartbeat_ttl: int = 10, **kwargs: Any):
+    def __init__(self, *args: Any, predictor: Predictor, heartbeat_ttl: int = 10, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.predictor = predictor
         self.heartbeat_ttl = heartbeat_ttl
 
     def request_stop(self, signum: int, frame: Any) -> None:
-        """SIGTERM/SIGINT: finish the current job, then stop (and do not restart the loop)."""
+        """SIGTERM/SIGINT: finish the current batch, then stop (and do not restart the loop)."""
         _shutdown.set()
         super().request_stop(signum, frame)
 
@@ -218,25 +242,99 @@ class PredictionWorker(SimpleWorker):
         return max(1, min(int(self.maintenance_interval), self.worker_ttl - 15))
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        """Run the job in this process while a side thread sends its heartbeats."""
-        execution = self.prepare_execution(job)
+        """Run `job` and the jobs taken with it in this process while a side thread sends their heartbeats:
+        one model call for them all, then each job performed by RQ on its own."""
+        batch = [(job, queue), *self._companions(job, queue)]
+        running = [(each, each_queue, self.prepare_execution(each)) for each, each_queue in batch]
+        if len(batch) > 1:
+            # Started from now on (RQ would mark each only when performing it): nobody may cancel a job as
+            # still queued while the batch answers it.
+            for each, _ in batch:
+                self.prepare_job_execution(each)
         stop = threading.Event()
-        beat = threading.Thread(target=self._beat, args=(job, execution, stop), daemon=True,
-                                name="job-heartbeat")
+        beat = threading.Thread(target=self._beat, args=(running, stop), daemon=True, name="job-heartbeat")
         beat.start()
         try:
-            self.perform_job(job, queue, execution)
+            if len(batch) > 1:
+                self._answer_together([each for each, _ in batch])
+            for each, each_queue, execution in running:
+                self.perform_job(each, each_queue, execution)
         finally:
             stop.set()
             beat.join()
+            _answered.clear()
         self.set_state(WorkerStatus.IDLE)
 
-    def _beat(self, job: Job, execution: Any, stop: threading.Event) -> None:
-        while not stop.wait(max(0.5, self.heartbeat_ttl / 3)):
+    def _companions(self, job: Job, queue: Queue) -> list[tuple[Job, Queue]]:
+        """The jobs waiting behind `job` in its queue that fit in one batch with it (none for a job being
+        retried: it runs alone)."""
+        settings = self.predictor.settings
+        if settings.batch_max_regions <= 1 or not _batchable(job, settings.job_retries):
+            return []
+        budget = settings.batch_max_regions - _region_count(job)
+        deadline = time.monotonic() + settings.batch_wait_ms / 1000
+        taken: list[tuple[Job, Queue]] = []
+        while budget > 0:
+            job_id = self.connection.lpop(queue.key)
+            if job_id is None:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.002)
+                continue
             try:
-                self.maintain_heartbeats(job, execution)
-            except Exception:
-                log.warning("heartbeat for job %s failed", job.id, exc_info=True)
+                companion = self.job_class.fetch(job_id.decode(), connection=self.connection,
+                                                 serializer=self.serializer)
+            except NoSuchJobError:  # expired or deleted while it waited
+                continue
+            regions = _region_count(companion)
+            if not _batchable(companion, settings.job_retries) or regions > budget:
+                # Back at the front, where it was: it starts the next batch.
+                self.connection.lpush(queue.key, companion.id)
+                break
+            taken.append((companion, queue))
+            budget -= regions
+        return taken
+
+    def _answer_together(self, jobs: Sequence[Job]) -> None:
+        """Answer `jobs` in one `run_many`; if that fails, nothing is kept and each job runs alone."""
+        timeout = min(job.timeout or self.queue_class.DEFAULT_TIMEOUT for job in jobs)
+        try:
+            with self.death_penalty_class(timeout, JobTimeoutException, job_id=jobs[0].id):
+                outputs = self.predictor.run_many([job.args[0] for job in jobs])
+        except Exception:
+            log.warning("a batch of %d jobs failed together; each runs alone", len(jobs), exc_info=True)
+            return
+        _answered.update({job.id: output for job, output in zip(jobs, outputs, strict=True)})
+
+    def _beat(self, running: Sequence[tuple[Job, Queue, Any]], stop: threading.Event) -> None:
+        while not stop.wait(max(0.5, self.heartbeat_ttl / 3)):
+            for job, _, execution in running:
+                try:
+                    self.maintain_heartbeats(job, execution)
+                except Exception:
+                    log.warning("heartbeat for job %s failed", job.id, exc_info=True)
+
+
+def _payload(job: Job) -> dict[str, Any] | None:
+    """The payload of a prediction job of ours (one JSON object), else None."""
+    try:
+        args, kwargs = job.args, job.kwargs
+    except Exception:  # undecodable: it fails on its own when performed
+        return None
+    if job.func_name != JOB_FUNCTION or len(args) != 1 or not isinstance(args[0], dict) or kwargs:
+        return None
+    return args[0]
+
+
+def _batchable(job: Job, retries: int) -> bool:
+    """A prediction job of ours that is not being retried."""
+    retried = job.retries_left is not None and job.retries_left < retries
+    return _payload(job) is not None and not retried
+
+
+def _region_count(job: Job) -> int:
+    regions = (_payload(job) or {}).get("regions")
+    return max(1, len(regions)) if isinstance(regions, list) else 1
 
 
 def run_worker(settings: Settings, redis_url: str | None = None, *, burst: bool = False,
@@ -261,6 +359,7 @@ def run_worker(settings: Settings, redis_url: str | None = None, *, burst: bool 
             serializer=JSONSerializer,
             job_class=restricted_job_class(JOB_FUNCTION),
             name=name,
+            predictor=predictor,
             heartbeat_ttl=settings.worker_heartbeat_ttl,
             maintenance_interval=settings.worker_maintenance_interval,
         )

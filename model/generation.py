@@ -92,7 +92,7 @@ def generate(
     next_position = mask.sum(-1, keepdim=True)
     generated: list[list[int]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    for _ in range(config.max_new_tokens):
+    for step in range(config.max_new_tokens):
         next_ids = _pick(out.logits[:, -1].float(), config)
         next_ids = torch.where(done, torch.full_like(next_ids, tokenizer.pad_token_id), next_ids)
         for row in (~done).nonzero().flatten().tolist():
@@ -103,7 +103,7 @@ def generate(
             generated[row].append(token)
             if STOP_STRING in tokenizer.decode(generated[row][-4:]):
                 done[row] = True
-        if done.all():
+        if done.all() or step == config.max_new_tokens - 1:  # no forward pass for a token nobody reads
             break
         mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
         out = model.language_model(

@@ -54,6 +54,8 @@ class FakeLabelStudio:
     files: dict[str, bytes] = field(default_factory=dict)
     projects: dict[int, dict[str, Any]] = field(default_factory=dict)
     predictions: list[dict[str, Any]] = field(default_factory=list)
+    # Task id → how many more prediction pushes for it are answered 503 (a Label Studio having a bad moment).
+    failing_pushes: dict[int, int] = field(default_factory=dict)
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -161,6 +163,9 @@ def _handler(ls: FakeLabelStudio) -> type[BaseHTTPRequestHandler]:
             if urlsplit(self.path).path == "/api/predictions/":
                 data = json.loads(body)
                 with ls.lock:
+                    if ls.failing_pushes.get(data["task"], 0) > 0:
+                        ls.failing_pushes[data["task"]] -= 1
+                        return self._json(503, {"detail": "Service Unavailable"})
                     project = next((pid for pid, p in ls.projects.items()
                                     if any(t["id"] == data["task"] for t in p["tasks"])), None)
                     record = {"id": len(ls.predictions) + 1, "project": project, **data}
