@@ -11,8 +11,9 @@ Payload (version 1), plain JSON only:
      "max_new_tokens": 32, "model_version": "demo-1", "label_config": "<View>…</View>"}
 
 Answer: `{"model_version", "image_size": [w, h], "regions": [{"id", "caption", "choices", "label"}],
-"timing": {...}}`, or `{"error": {"kind": "image" | "input" | "invalid", "message"}, "model_version"}` when
-the job's input cannot be used (retrying would not help).
+"timing": {...}, "batch": {"jobs", "regions"}}` (`batch`: the model call the job was answered in), or
+`{"error": {"kind": "image" | "input" | "invalid", "message"}, "model_version"}` when the job's input cannot
+be used (retrying would not help).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ answers many region questions per forward pass.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import weakref
 from collections import OrderedDict
@@ -65,6 +66,10 @@ class RegionAnnotator:
         self._image_keys: dict[int, tuple[weakref.ref, str]] = {}
         self.cache_hits = 0
         self.cache_misses = 0
+        # A question's tokens, and each candidate answer's after it, are the same for every region and
+        # image; tokenizing the long image-token prompt costs as much as scoring it.
+        self._prompt_ids = functools.lru_cache(maxsize=1024)(self._encode_prompt)
+        self._answer_ids = functools.lru_cache(maxsize=8192)(self._encode_answer)
         # Every prompt starts with the same tokens up to the image block; they are run once per image.
         probe = self.tokenizer.encode(processor.expand_image_tokens(generation_prompt(caption_question())))
         self._prefix_ids, _ = split_prefix([probe], self.tokenizer.im_end_token_id)
@@ -136,8 +141,14 @@ class RegionAnnotator:
         return self._features(images), image_index, boxes
 
     # ----------------------------------------------------------------- answers
-    def _prompt(self, query: RegionQuery) -> str:
-        return self.processor.expand_image_tokens(generation_prompt(query.question))
+    def _prompt(self, question: str) -> str:
+        return self.processor.expand_image_tokens(generation_prompt(question))
+
+    def _encode_prompt(self, question: str) -> list[int]:
+        return self.tokenizer.encode(self._prompt(question))
+
+    def _encode_answer(self, question: str, answer: str) -> tuple[list[int], list[int]]:
+        return answer_ids(self.tokenizer, self._prompt(question), answer)
 
     def answer(self, queries: Sequence[RegionQuery], max_new_tokens: int = 32) -> list[str]:
         """Greedy answers, one per query, batched `max_batch_size` prompts at a time."""
@@ -146,7 +157,7 @@ class RegionAnnotator:
         for start in range(0, len(queries), self.max_batch_size):
             chunk = queries[start: start + self.max_batch_size]
             features, image_index, boxes = self._prepare(chunk)
-            prompt_ids = [self.tokenizer.encode(self._prompt(q)) for q in chunk]
+            prompt_ids = [self._prompt_ids(q.question) for q in chunk]
             answers += generate(self.model, self.tokenizer, prompt_ids, boxes, features, image_index, config)
         return answers
 
@@ -169,7 +180,7 @@ class RegionAnnotator:
         for start in range(0, len(rows), self.max_batch_size):
             chunk = rows[start: start + self.max_batch_size]
             features, image_index, boxes = self._prepare([q for q, _, _ in chunk])
-            sequences = [answer_ids(self.tokenizer, self._prompt(q), c) for q, _, c in chunk]
+            sequences = [self._answer_ids(q.question, c) for q, _, c in chunk]
             totals[start: start + len(chunk)] = sequence_log_likelihood(
                 self.model, self.tokenizer, sequences, boxes, features, image_index
             ).cpu()

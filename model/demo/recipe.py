@@ -21,7 +21,7 @@ what the recipe trains (the model's forward pass, the tokenizer, the training lo
 checkpoint no longer matches: `ensure_demo_checkpoint` then trains the new one once into
 `~/.cache/gpt4roi-ls/demo-<key>` (`python -m model.demo --out model/demo/checkpoint` ships it).
 Documentation and refactoring leave the key alone. `python -m model.demo --verify` retrains the recipe
-(about 15 minutes on one core) and checks that the shipped figures still come out; the tests train a
+(about 20 minutes on one core) and checks that the shipped figures still come out; the tests train a
 miniature of it and compare with what it trained when the checkpoint was shipped.
 """
 
