@@ -217,14 +217,19 @@ def redacted(event: Mapping[str, Any]) -> dict[str, Any]:
     return {**event, "project": clean}
 
 
+# Ids are stored in 64-bit columns (SQLite's INTEGER, PostgreSQL's BIGINT).
+_ID_RANGE = range(-(2**63), 2**63)
+
+
 def int_or_none(value: Any) -> int | None:
-    """`value` as an int (booleans and non-numbers: None)."""
+    """`value` as an int that fits a 64-bit id (booleans, non-numbers and larger numbers: None)."""
     if isinstance(value, bool):
         return None
     try:
-        return int(value)
-    except (TypeError, ValueError):
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
         return None
+    return number if number in _ID_RANGE else None
 
 
 def text_or_none(value: Any) -> str | None:

@@ -13,9 +13,11 @@
 Errors are JSON `{"status": <code>, "detail": "<message>"}`: 400/422 for requests the backend cannot use,
 401 for missing credentials, 413 for bodies, task lists or regions past their limits (MAX_REQUEST_BYTES,
 MAX_TASKS_PER_REQUEST, MAX_REGIONS_PER_TASK), 429 when the queues hold MAX_QUEUED_JOBS, 503 when Redis (or
-the model registry) is unavailable, 504 when an interactive prediction misses INTERACTIVE_TIMEOUT, 500 for
-anything else (with an incident id; the details go to the log, never to the caller). Blocking work (waiting on jobs,
-storing events) runs on bounded thread pools, so `/health` and `/setup` answer while predictions wait.
+the model registry) is unavailable, 504 when an interactive prediction misses INTERACTIVE_TIMEOUT, 500 when
+a worker failed on the job, and for anything else. A 500 says what failed and names an incident id
+(`backend.jobs.log_incident`); the details go to the log under that id, never to the caller. Blocking work
+(waiting on jobs, storing events) runs on bounded thread pools, so `/health` and `/setup` answer while
+predictions wait.
 
 This module never imports torch: the model lives in the workers.
 """
@@ -29,7 +31,6 @@ import json
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -42,11 +43,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from backend import registry
 from backend.annotations import AnnotationError
 from backend.connect import install_webhook_secret
-from backend.jobs import JobQueue, QueueFull, QueueUnavailable, connect
+from backend.jobs import JobQueue, QueueFull, QueueUnavailable, connect, log_incident
 from backend.labelconfig import ConfigError
 from backend.labelstudio_backend import GPT4RoIBackend, PredictionFailed, PredictionTimeout, RequestError
 from backend.metrics import Metrics
 from backend.settings import Settings
+from backend.store import StoreUnavailable
 from backend.webhooks import SECRET_HEADER, WebhookError, parse_event, secret_matches, webhook_secret
 
 log = logging.getLogger(__name__)
@@ -214,9 +216,12 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AnnotationError, handler(422))
     app.add_exception_handler(ConfigError, handler(422))
     app.add_exception_handler(QueueUnavailable, handler(503))
+    app.add_exception_handler(StoreUnavailable, handler(503))
     app.add_exception_handler(QueueFull, handler(429))
     app.add_exception_handler(registry.RegistryError, handler(503))
     app.add_exception_handler(PredictionTimeout, handler(504))
+    # Its message is made of the jobs' own: what failed in plain words and, for a worker's error, the incident
+    # id under which `backend.jobs` logged the details.
     app.add_exception_handler(PredictionFailed, handler(500))
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -225,8 +230,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         # The details (and the traceback) go to the log, under an id the answer names; never to the caller.
-        incident = uuid.uuid4().hex[:12]
-        log.error("unhandled error %s on %s %s", incident, request.method, request.url.path, exc_info=exc)
+        incident = log_incident(log, f"unhandled error on {request.method} {request.url.path}", exc_info=exc)
         return _error(500, f"internal error {incident} while answering {request.url.path}; the backend's log "
                            "has the details")
 

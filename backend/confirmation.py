@@ -2,8 +2,9 @@
 
 A webhook says that an annotation exists and what it holds, and anyone who reaches `/webhook` with the
 secret (or a leaked one) could say so. Before a fine-tune trains on an annotation it asks Label Studio's API
-for it, with the backend's own token, and trains on it only when Label Studio has it, on the same task,
-not cancelled, with the regions, captions, choices and labels the store holds. The outcome is kept
+for it, with the backend's own token, and trains on it only when Label Studio has it, on the same task (and
+the same project, when the webhook named one), not cancelled, with the regions, captions, choices and labels
+the store holds. The outcome is kept
 with the annotation (a new delivery of the annotation clears it), so each one is asked about once.
 
 Without Label Studio credentials nothing can be confirmed: such corrections are counted as unchecked,
@@ -50,10 +51,11 @@ def confirm(settings: Settings, regions: Sequence[CorrectedRegion],
     pending = [a for a in by_annotation if known.get(a) in (None, Confirmation.UNCHECKED)]
     if pending:
         owned = client is None
+        projects = _projects(database, pending)
         try:
             if client is None and settings.label_studio_url and settings.label_studio_api_key:
                 client = LabelStudioClient(settings)
-            answers = {a: _ask(client, a, by_annotation[a]) for a in pending}
+            answers = {a: _ask(client, a, by_annotation[a], projects.get(a)) for a in pending}
         finally:
             if owned and client is not None:
                 client.close()
@@ -81,7 +83,8 @@ def counts(settings: Settings) -> dict[str, int]:
     return {row["state"]: int(row["n"]) for row in rows}
 
 
-def _ask(client: LabelStudioClient | None, annotation_id: int, regions: Sequence[CorrectedRegion]) -> Confirmation:
+def _ask(client: LabelStudioClient | None, annotation_id: int, regions: Sequence[CorrectedRegion],
+         project: str | None) -> Confirmation:
     if client is None:
         return Confirmation.UNCHECKED
     try:
@@ -89,16 +92,21 @@ def _ask(client: LabelStudioClient | None, annotation_id: int, regions: Sequence
     except LabelStudioError as exc:
         log.warning("annotation %s not confirmed: %s", annotation_id, exc)
         return Confirmation.UNCHECKED
-    return judge(held, regions)
+    return judge(held, regions, project)
 
 
-def judge(held: Mapping[str, Any] | None, regions: Sequence[CorrectedRegion]) -> Confirmation:
+def judge(held: Mapping[str, Any] | None, regions: Sequence[CorrectedRegion],
+          project: str | None = None) -> Confirmation:
     """Compare what Label Studio holds for an annotation (`GET /api/annotations/{id}/`, None for a 404) with
-    the regions stored for it."""
+    the regions stored for it and `project`, the project the webhook named (None when it named none)."""
     if held is None:
         return Confirmation.MISSING
     first = regions[0]
     if str(held.get("task")) != str(first.task_id):
+        return Confirmation.FOREIGN
+    # Label Studio numbers tasks across projects, so another project here means the webhook named the wrong
+    # one, and with it the labeling config the correction was read with.
+    if project is not None and held.get("project") is not None and str(held["project"]) != project:
         return Confirmation.FOREIGN
     if held.get("was_cancelled"):
         return Confirmation.CANCELLED
@@ -128,6 +136,19 @@ def _stored(database: Database, annotation_ids: Iterable[int]) -> dict[int, Conf
             f"SELECT annotation_id, confirmation FROM annotations WHERE annotation_id IN ({marks})", chunk)
         found.update({int(row["annotation_id"]): Confirmation(row["confirmation"])
                       for row in rows if row["confirmation"]})
+    return found
+
+
+def _projects(database: Database, annotation_ids: Sequence[int]) -> dict[int, str]:
+    """Annotation id → the project its webhook named, for those that named one."""
+    found: dict[int, str] = {}
+    for start in range(0, len(annotation_ids), 500):
+        chunk = list(annotation_ids[start:start + 500])
+        marks = ", ".join("?" for _ in chunk)
+        rows = database.read().execute(
+            f"SELECT annotation_id, project_id FROM annotations WHERE annotation_id IN ({marks}) "
+            "AND project_id IS NOT NULL", chunk)
+        found.update({int(row["annotation_id"]): str(row["project_id"]) for row in rows})
     return found
 
 

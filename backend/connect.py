@@ -119,7 +119,7 @@ def _ml_backend(settings: Settings, client: LabelStudioClient, project_id: int, 
         return Step(what, StepStatus.DONE, f"connected (id {created.get('id')}; Label Studio reached /health and "
                                            "/setup)")
     except LabelStudioError as exc:
-        return Step(what, StepStatus.FAILED, _with_fix(str(exc), url))
+        return Step(what, StepStatus.FAILED, _with_fix(exc, url))
 
 
 def _webhook(settings: Settings, client: LabelStudioClient, project_id: int, check: bool) -> Step:
@@ -145,7 +145,7 @@ def _webhook(settings: Settings, client: LabelStudioClient, project_id: int, che
                                         headers=headers)
         return Step(what, StepStatus.DONE, f"created (id {created.get('id')})")
     except LabelStudioError as exc:
-        return Step(what, StepStatus.FAILED, _with_fix(str(exc), url))
+        return Step(what, StepStatus.FAILED, _with_fix(exc, url))
 
 
 def _prelabeling_version(client: LabelStudioClient, project_id: int, project: dict[str, Any], version: str,
@@ -230,15 +230,20 @@ def connected_projects(settings: Settings) -> list[tuple[int, str]]:
 
 def _remember(settings: Settings, project_id: int, base_url: str) -> None:
     Database.for_settings(settings).write(lambda db: db.execute(
-        "INSERT OR REPLACE INTO connected_projects (project_id, label_studio_url, connected_at) VALUES (?, ?, ?)",
-        (project_id, base_url, time.time())))
+        "INSERT INTO connected_projects (project_id, label_studio_url, connected_at) VALUES (?, ?, ?) "
+        "ON CONFLICT (project_id) DO UPDATE SET label_studio_url = excluded.label_studio_url, "
+        "connected_at = excluded.connected_at", (project_id, base_url, time.time())))
 
 
-def _with_fix(message: str, url: str) -> str:
+def _with_fix(exc: LabelStudioError, url: str) -> str:
+    """What Label Studio answered, with what to do about the refusals a first connect runs into."""
+    message = str(exc)
     if "reserved network address" in message:
-        return (f"{message}. Label Studio refuses {url} because it is on a loopback or private network: start "
-                "Label Studio with ML_BLOCK_LOCAL_IP=false and SSRF_PROTECTION_ENABLED=false (or give BACKEND_URL "
-                "a public address)")
+        # Label Studio's guard against loopback and private URLs answers 403: the token is fine, so say only
+        # what to change.
+        return (f"Label Studio refuses {url} ({exc.detail or message}): a stock Label Studio calls no ML backend "
+                "or webhook on a loopback or private network. Start Label Studio with ML_BLOCK_LOCAL_IP=false and "
+                "SSRF_PROTECTION_ENABLED=false (or set BACKEND_URL to a public address of this backend)")
     if "health check failed" in message or "Can't connect" in message:
         return (f"{message}. Start the backend first (`python -m backend serve`) and make sure Label Studio "
                 f"reaches {url} (BACKEND_URL)")

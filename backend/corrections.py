@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -42,7 +41,7 @@ from backend.annotations import (
 from backend.labelconfig import FillPlan, Region, predicted_fields
 from backend.payloads import PayloadError, parse_payload
 from backend.settings import Settings
-from backend.store import Database
+from backend.store import Connection, Database
 
 # Events and proposals pruned past their retention, at most this many per write (old rows go in steps).
 _PRUNE_STEP = 200
@@ -82,12 +81,15 @@ class CorrectionsStore:
             deleted_ids = [i for i in (int_or_none(item.get("id")) for item in event.get("annotations") or []
                                        if isinstance(item, Mapping)) if i is not None]
 
-        def store(db: sqlite3.Connection) -> dict[str, Any]:
+        def store(db: Connection) -> dict[str, Any]:
             summary: dict[str, Any] = {"action": action, "samples": 0}
             now = time.time()
-            cursor = db.execute("INSERT INTO events (action, received_at, annotation_id, body) VALUES (?, ?, ?, ?)",
-                                (action, now, annotation_id, body))
-            event_seq = int(cursor.lastrowid or 0)
+            # Two replicas storing events about the same annotation take turns (see backend.store).
+            self.database.serialize(db, *(f"annotation:{i}" for i, _, _ in contributions),
+                                    *(f"annotation:{i}" for i in deleted_ids))
+            event_seq = int(db.execute(
+                "INSERT INTO events (action, received_at, annotation_id, body) VALUES (?, ?, ?, ?) RETURNING seq",
+                (action, now, annotation_id, body)).fetchone()[0])
             for contributed_id, samples, updated_at in contributions:
                 ignored = _superseded(db, contributed_id, updated_at)
                 if ignored is not None:
@@ -102,8 +104,8 @@ class CorrectionsStore:
                                "VALUES (?, ?, 0, ?)", (contributed_id, updated_at, event_seq))
             if action == "ANNOTATIONS_DELETED":
                 summary["deleted"] = _delete(db, deleted_ids)
-                db.executemany("INSERT OR IGNORE INTO deleted_annotations (annotation_id, deleted_at) VALUES (?, ?)",
-                               [(i, now) for i in deleted_ids])
+                db.executemany("INSERT INTO deleted_annotations (annotation_id, deleted_at) VALUES (?, ?) "
+                               "ON CONFLICT (annotation_id) DO NOTHING", [(i, now) for i in deleted_ids])
             self._prune(db, now)
             return summary
 
@@ -120,8 +122,9 @@ class CorrectionsStore:
         rows = [(str(task_id), str(region_id), model_version, json.dumps(_check_fields(fields)), now)
                 for region_id, fields in fields_by_region.items()]
         self.database.write(lambda db: db.executemany(
-            "INSERT OR REPLACE INTO predictions (task_id, region_id, model_version, fields, created_at) "
-            "VALUES (?, ?, ?, ?, ?)", rows))
+            "INSERT INTO predictions (task_id, region_id, model_version, fields, created_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (task_id, region_id, model_version) DO UPDATE SET fields = excluded.fields, "
+            "created_at = excluded.created_at", rows))
         return len(rows)
 
     def record_job_output(self, payload: Mapping[str, Any], output: Mapping[str, Any]) -> int:
@@ -139,14 +142,15 @@ class CorrectionsStore:
     # ------------------------------------------------------------------ reading
     def regions(self, since_seq: int = 0, model_version: str | None = None) -> list[CorrectedRegion]:
         """Stored regions with `seq > since_seq` (optionally only those predicted by `model_version`),
-        oldest first."""
+        oldest first; every region committed later has a larger `seq` (`Database.read_settled`)."""
         query = ("SELECT s.*, a.plan AS plan, a.ground_truth AS ground_truth FROM samples s "
                  "LEFT JOIN annotations a ON a.annotation_id = s.annotation_id WHERE s.seq > ?")
         params: list[Any] = [since_seq]
         if model_version is not None:
             query += " AND s.predicted_version = ?"
             params.append(model_version)
-        rows = self.database.read().execute(query + " ORDER BY s.seq", params).fetchall()
+        rows = self.database.read_settled(
+            "samples", lambda db: db.execute(query + " ORDER BY s.seq", params).fetchall())
         plans: dict[str, FillPlan] = {}
         return [_region_from_row(row, plans) for row in rows]
 
@@ -171,12 +175,13 @@ class CorrectionsStore:
         return {int(row[0]) for row in self.database.read().execute("SELECT DISTINCT annotation_id FROM samples")}
 
 
-    def _prune(self, db: sqlite3.Connection, now: float) -> None:
+    def _prune(self, db: Connection, now: float) -> None:
         # A few rows per write keeps each commit short; the tables shrink to their retention over time.
         db.execute("DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE received_at < ? ORDER BY seq "
                    "LIMIT ?)", (now - self.event_retention_s, _PRUNE_STEP))
-        db.execute("DELETE FROM predictions WHERE rowid IN (SELECT rowid FROM predictions WHERE created_at < ? "
-                   "LIMIT ?)", (now - self.proposal_retention_s, _PRUNE_STEP))
+        db.execute("DELETE FROM predictions WHERE (task_id, region_id, model_version) IN (SELECT task_id, "
+                   "region_id, model_version FROM predictions WHERE created_at < ? LIMIT ?)",
+                   (now - self.proposal_retention_s, _PRUNE_STEP))
 
 
 def _contribution(event: Mapping[str, Any],
@@ -188,7 +193,7 @@ def _contribution(event: Mapping[str, Any],
     return annotation_id, samples, updated_at if isinstance(updated_at, str) else None
 
 
-def _superseded(db: sqlite3.Connection, annotation_id: int, updated_at: str | None) -> str | None:
+def _superseded(db: Connection, annotation_id: int, updated_at: str | None) -> str | None:
     """Why an event about `annotation_id` must change nothing: the annotation was deleted, or what is stored
     is newer. None when it applies."""
     if db.execute("SELECT 1 FROM deleted_annotations WHERE annotation_id = ?", (annotation_id,)).fetchone():
@@ -210,7 +215,7 @@ def _instant(text: str | None) -> dt.datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
-def _insert(db: sqlite3.Connection, annotation: AnnotationSamples, event_seq: int) -> int:
+def _insert(db: Connection, annotation: AnnotationSamples, event_seq: int) -> int:
     proposed = _proposed(db, annotation)
     now = time.time()
     rows = []
@@ -232,7 +237,7 @@ def _insert(db: sqlite3.Connection, annotation: AnnotationSamples, event_seq: in
     return len(rows)
 
 
-def _proposed(db: sqlite3.Connection, annotation: AnnotationSamples) -> dict[str, tuple[dict[str, Any], str | None]]:
+def _proposed(db: Connection, annotation: AnnotationSamples) -> dict[str, tuple[dict[str, Any], str | None]]:
     """Region id → (fields the model proposed, its version) for an annotation's regions."""
     if annotation.shown is not None:
         return {rid: (fields, annotation.shown_version) for rid, fields in annotation.shown.items()}
@@ -244,7 +249,7 @@ def _proposed(db: sqlite3.Connection, annotation: AnnotationSamples) -> dict[str
     return {row["region_id"]: (json.loads(row["fields"]), row["model_version"]) for row in rows}
 
 
-def _delete(db: sqlite3.Connection, annotation_ids: Sequence[int]) -> int:
+def _delete(db: Connection, annotation_ids: Sequence[int]) -> int:
     removed = 0
     for annotation_id in annotation_ids:
         removed += db.execute("DELETE FROM samples WHERE annotation_id = ?", (annotation_id,)).rowcount
@@ -265,7 +270,7 @@ def _check_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     return {"caption": caption, "choices": {str(k): [str(x) for x in v] for k, v in choices.items()}, "label": label}
 
 
-def _region_from_row(row: sqlite3.Row, plans: dict[str, FillPlan]) -> CorrectedRegion:
+def _region_from_row(row: Any, plans: dict[str, FillPlan]) -> CorrectedRegion:
     plan = None
     if row["plan"]:
         plan = plans.get(row["plan"])

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from backend.calibration import Calibration, confidences
 from backend.labelconfig import FillPlan, Region, wants_label
 
 DEFAULT_ANNOTATOR = "model.inference.RegionAnnotator"
@@ -35,18 +36,23 @@ class Description:
 
 
 def describe(annotator: Any, image: Any, plan: FillPlan, regions: Sequence[Region], keep_drawn_label: bool,
-             max_new_tokens: int) -> list[dict[str, Any]]:
-    """Per region `{"id", "caption", "choices": {control: distribution}, "label": distribution | None}`."""
-    return describe_many(annotator, [Description(image, plan, regions, keep_drawn_label)], max_new_tokens)[0]
+             max_new_tokens: int, calibration: Calibration | None = None) -> list[dict[str, Any]]:
+    """Per region `{"id", "caption", "caption_confidence", "choices": {control: distribution},
+    "label": distribution | None, "confidence"}`: `confidence` holds each field's confidence
+    (`backend.calibration.confidences`), calibrated by `calibration` (raw without one)."""
+    return describe_many(annotator, [Description(image, plan, regions, keep_drawn_label)], max_new_tokens,
+                         calibration)[0]
 
 
-def describe_many(annotator: Any, items: Sequence[Description], max_new_tokens: int) -> list[list[dict[str, Any]]]:
+def describe_many(annotator: Any, items: Sequence[Description], max_new_tokens: int,
+                  calibration: Calibration | None = None) -> list[list[dict[str, Any]]]:
     """`describe` for several images (several jobs) at once: every caption of every item goes into one
     `answer` call and every closed-set question into one `score` call. Returns one answer list per item."""
     from model import prompts
     from model.inference import RegionQuery
 
-    answers = [[{"id": r.id, "caption": None, "choices": {}, "label": None} for r in item.regions] for item in items]
+    answers = [[{"id": r.id, "caption": None, "caption_confidence": None, "choices": {}, "label": None}
+                for r in item.regions] for item in items]
     captions: list[tuple[Any, dict[str, Any]]] = []
     scored: list[tuple[Any, tuple[str, ...], dict[str, Any], str | None]] = []
     for item, item_answers in zip(items, answers, strict=True):
@@ -63,9 +69,15 @@ def describe_many(annotator: Any, items: Sequence[Description], max_new_tokens: 
                 query = RegionQuery(image=item.image, boxes=boxes, question=prompts.attribute_question("category"))
                 scored.append((query, plan.labels, answer, None))
     if captions:
-        texts = annotator.answer([query for query, _ in captions], max_new_tokens=max_new_tokens)
-        for (_, answer), text in zip(captions, texts, strict=True):
-            answer["caption"] = text
+        queries = [query for query, _ in captions]
+        if hasattr(annotator, "answer_with_confidence"):
+            generated = annotator.answer_with_confidence(queries, max_new_tokens=max_new_tokens)
+            texts, sureness = [g.text for g in generated], [g.confidence for g in generated]
+        else:  # an ANNOTATOR_CLASS of its own that gives text alone: the caption goes unscored
+            texts = annotator.answer(queries, max_new_tokens=max_new_tokens)
+            sureness = [None] * len(texts)
+        for (_, answer), text, confidence in zip(captions, texts, sureness, strict=True):
+            answer["caption"], answer["caption_confidence"] = text, confidence
     if scored:
         distributions = annotator.score([s[0] for s in scored], [s[1] for s in scored])
         for (_, _, answer, control), distribution in zip(scored, distributions, strict=True):
@@ -74,6 +86,9 @@ def describe_many(annotator: Any, items: Sequence[Description], max_new_tokens: 
                 answer["label"] = clean
             else:
                 answer["choices"][control] = clean
+    for item_answers in answers:
+        for answer in item_answers:
+            answer["confidence"] = confidences(answer, calibration)
     return answers
 
 

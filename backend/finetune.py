@@ -65,14 +65,12 @@ import contextlib
 import dataclasses
 import enum
 import logging
-import os
 import random
 import shutil
 import signal
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -85,11 +83,20 @@ from redis.exceptions import LockError
 from backend import registry
 from backend.acceptance import AcceptanceStats, same_answer
 from backend.annotations import CorrectedRegion
+from backend.calibration import Observation, calibration_report, fit, observe
 from backend.confirmation import Confirmation, confirm, usable
 from backend.connect import follow_version
 from backend.corrections import CorrectionsStore
 from backend.describe import describe, load_annotator, release_memory, resolve_device
-from backend.jobs import FINETUNE_FUNCTION, connect, restricted_job_class
+from backend.jobs import (
+    FINETUNE_FUNCTION,
+    PointerBusy,
+    QueueUnavailable,
+    connect,
+    lock_token,
+    pointer_lock,
+    restricted_job_class,
+)
 from backend.labelconfig import predicted_fields
 from backend.runs import FinetuneRuns, RunStatus
 from backend.settings import Settings, load_for_command
@@ -163,10 +170,6 @@ def lock_holder(connection: redis.Redis, settings: Settings) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _owner_token() -> str:
-    return f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
 class _Heartbeat:
     """Extends the lock and the run's heartbeat from a side thread while the run works."""
 
@@ -236,7 +239,7 @@ def run_finetune(settings: Settings, options: FinetuneOptions | None = None,
     runs = FinetuneRuns.for_settings(settings)
     connection = connection or connect(settings.effective_redis_url, settings)
     lock = finetune_lock(connection, settings)
-    if not lock.acquire(blocking=False, token=_owner_token()):
+    if not lock.acquire(blocking=False, token=lock_token()):
         return FinetuneOutcome(Verdict.BUSY, f"another fine-tune is running ({lock.name} held by "
                                f"{lock_holder(connection, settings)}); nothing done")
     run_id: int | None = None
@@ -258,7 +261,7 @@ def run_finetune(settings: Settings, options: FinetuneOptions | None = None,
         run_id = runs.start(options.trigger, parent)
         log.info("fine-tune run %s from %s: %d new corrected regions (%s)", run_id, parent, new, options.trigger)
         with _Heartbeat(lock, runs, run_id, settings.finetune_lock_ttl) as beat:
-            outcome = _run(settings, options, parent, regions, watermark, beat)
+            outcome = _run(settings, options, parent, regions, watermark, beat, connection)
         outcome.run_id = run_id
         runs.finish(run_id, RunStatus(outcome.status.value), outcome.message, candidate=outcome.candidate,
                     watermark=max((r.seq for r in regions), default=watermark), details=outcome.details)
@@ -284,7 +287,7 @@ def run_finetune(settings: Settings, options: FinetuneOptions | None = None,
 
 
 def _run(settings: Settings, options: FinetuneOptions, parent: str, regions: Sequence[CorrectedRegion],
-         watermark: int, beat: _Heartbeat) -> FinetuneOutcome:
+         watermark: int, beat: _Heartbeat, connection: redis.Redis) -> FinetuneOutcome:
     started = time.perf_counter()
     parent_path = registry.checkpoint_path(settings, parent)
     confirmations = confirm(settings, regions)
@@ -356,11 +359,18 @@ def _run(settings: Settings, options: FinetuneOptions, parent: str, regions: Seq
     release_memory()
 
     metrics: dict[str, Any] = {}
+    observed: list[tuple[list[Observation], bool]] = []
     for key, held in (("", frozen), ("fresh_", fresh)):
         if held:
-            metrics[f"{key}candidate"] = _evaluate(settings, staging, held, images, device).to_json()
-            metrics[f"{key}parent"] = _evaluate(settings, parent_path, held, images, device).to_json()
+            candidate = _evaluate(settings, staging, held, images, device)
+            metrics[f"{key}candidate"] = candidate.stats.to_json()
+            metrics[f"{key}parent"] = _evaluate(settings, parent_path, held, images, device).stats.to_json()
+            observed += candidate.regions
     metrics.update(_base_eval(settings, staging, parent_path, device))
+    # The candidate's confidences, calibrated on what annotators kept of the held-out corrections; the
+    # workers read them from the version folder.
+    calibration = fit(o for observations, _ in observed for o in observations)
+    calibration.save(staging)
     verdict, reason = decide(settings, metrics)
     if beat.lost.is_set():
         raise FinetuneError("the fine-tune lock expired during the run (FINETUNE_LOCK_TTL too short, or Redis "
@@ -373,6 +383,7 @@ def _run(settings: Settings, options: FinetuneOptions, parent: str, regions: Seq
         "trigger": options.trigger,
         "data": data,
         "metrics": metrics,
+        "calibration": calibration_report(calibration, observed),
         "training": {**dataclasses.asdict(config), "steps": result.steps, "seconds": round(result.seconds, 2),
                      "first_loss": result.first_loss, "last_loss": result.last_loss, "device": str(device)},
         "wall_seconds": round(time.perf_counter() - started, 2),
@@ -383,12 +394,14 @@ def _run(settings: Settings, options: FinetuneOptions, parent: str, regions: Seq
         registry.publish(settings, staging, name, metadata)
     if verdict is Verdict.PROMOTED:
         try:
-            # Only over the version this run started from: a rollback meanwhile wins.
-            registry.set_current(settings, name, reason=f"fine-tune from {parent}: {reason}", expected=parent)
-        except registry.PointerMoved as exc:
+            # Only over the version this run started from: a rollback meanwhile wins. Under the pointer lock, so
+            # that a person's move and this one, each with its Label Studio update, take turns.
+            with pointer_lock(connection, settings, f"the promotion of {name}"):
+                registry.set_current(settings, name, reason=f"fine-tune from {parent}: {reason}", expected=parent)
+                follow_version(settings, name)
+        except (registry.PointerMoved, PointerBusy, QueueUnavailable) as exc:
             return FinetuneOutcome(Verdict.AWAITING_REVIEW, f"{name} kept, not made current: {exc}",
                                    parent=parent, candidate=name, details=details)
-        follow_version(settings, name)
         return FinetuneOutcome(verdict, f"{name} promoted: {reason}", parent=parent, candidate=name,
                                details=details)
     if verdict is Verdict.AWAITING_REVIEW:
@@ -453,13 +466,22 @@ def _load(path: Path, device: Any) -> tuple[Any, Any, Any]:
     return model.to(device), GPT4RoIProcessor.from_pretrained(path), stored_dtype
 
 
+@dataclass
+class _Evaluation:
+    """A checkpoint's answers on held-out regions: acceptance figures, and per region its fields' raw
+    confidences with what the annotator kept (`backend.calibration.observe`) and whether all were kept."""
+
+    stats: AcceptanceStats = field(default_factory=AcceptanceStats)
+    regions: list[tuple[list[Observation], bool]] = field(default_factory=list)
+
+
 def _evaluate(settings: Settings, checkpoint: Path, regions: Sequence[CorrectedRegion],
-              images: Mapping[str, LocalImage], device: Any) -> AcceptanceStats:
+              images: Mapping[str, LocalImage], device: Any) -> _Evaluation:
     """Ask a checkpoint about held-out regions as the worker would and compare with the final values."""
     from PIL import Image
 
     annotator = load_annotator(checkpoint, device)
-    stats = AcceptanceStats()
+    evaluation = _Evaluation()
     groups: dict[tuple[str, Any], list[CorrectedRegion]] = {}
     for region in regions:
         groups.setdefault((region.image, region.plan), []).append(region)
@@ -470,10 +492,12 @@ def _evaluate(settings: Settings, checkpoint: Path, regions: Sequence[CorrectedR
             image = opened.convert("RGB")
         answers = describe(annotator, image, plan, [r.region for r in group], False, settings.max_new_tokens)
         for region, answer in zip(group, answers, strict=True):
-            stats.add(predicted_fields(plan, region.region, answer, keep_drawn_label=False), region.final)
+            kept = evaluation.stats.add(predicted_fields(plan, region.region, answer, keep_drawn_label=False),
+                                        region.final)
+            evaluation.regions.append((observe(kept, answer["confidence"]), bool(kept) and all(kept.values())))
     del annotator
     release_memory()
-    return stats
+    return evaluation
 
 
 def _base_eval(settings: Settings, candidate: Path, parent: Path, device: Any) -> dict[str, Any]:

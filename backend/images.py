@@ -3,7 +3,8 @@
 A task's image reference (`ImageLoader.load`) is located first (`locate`), then fetched:
 
 - `/data/upload/…` (also `upload/…`), `/storage-data/…`, `/data/local-files/?d=…`: from Label Studio
-  (`LABEL_STUDIO_URL`), with its token;
+  (`LABEL_STUDIO_URL`), with its token (`backend.labelstudio`'s credentials, shared with its API client: a
+  personal access token's access token is refreshed once when Label Studio answers 401);
 - `/data/local-files/?d=<path>` with LOCAL_FILES_DOCUMENT_ROOT set: from that folder, regular files only;
 - `s3://`, `gs://`, `azure-blob://`: through Label Studio's `/tasks/<id>/presign/` route (with the token),
   then the one redirect it answers with (without it);
@@ -33,6 +34,7 @@ read (and audited) together.
 from __future__ import annotations
 
 import base64
+import contextlib
 import enum
 import io
 import ipaddress
@@ -45,6 +47,7 @@ import stat
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +56,7 @@ from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 import httpcore
 from PIL import Image, ImageOps
 
-from backend.labelstudio import LabelStudioCredentials, same_origin
+from backend.labelstudio import LabelStudioCredentials, LabelStudioError, credentials_for, same_origin
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -319,10 +322,7 @@ class ImageLoader:
             raise ImageError(f"IMAGE_FORMATS names formats Pillow cannot open: {', '.join(unknown)} (it can: "
                              f"{', '.join(sorted(Image.OPEN))})")
         self.settings = settings
-        self.credentials = credentials
-        if credentials is None and settings.label_studio_url and settings.label_studio_api_key:
-            self.credentials = LabelStudioCredentials(settings.label_studio_url, settings.label_studio_api_key,
-                                                      settings.label_studio_timeout)
+        self.credentials = credentials or credentials_for(settings)
         self._backend = _GuardedBackend()
         self._pool = httpcore.ConnectionPool(ssl_context=ssl.create_default_context(),
                                              network_backend=self._backend, max_connections=16,
@@ -360,7 +360,7 @@ class ImageLoader:
             if kind is SourceKind.REMOTE:
                 check_host(url, self.settings.image_hosts)
             try:
-                with self._pool.stream("GET", url, headers=self._headers(url, kind)) as response:
+                with self._get(url, kind, reference) as response:
                     location = _header(response, b"location")
                     if 300 <= response.status < 400 and location:
                         url = urljoin(url, location)
@@ -385,14 +385,35 @@ class ImageLoader:
                                        f"{_short(str(exc))})") from None
         raise ImageUnavailable(f"{_short(reference)}: more than {MAX_REDIRECTS} redirects")
 
-    def _headers(self, url: str, kind: SourceKind) -> list[tuple[bytes, bytes]]:
-        headers = [(b"Accept-Encoding", b"identity"), (b"User-Agent", b"gpt4roi-labelstudio")]
-        if kind in (SourceKind.LABEL_STUDIO, SourceKind.PRESIGN) and self._sends_token(url):
-            if self.credentials is None:
-                raise ImageUnavailable(f"{_short(url)} is stored in Label Studio, which requires a token: set "
-                                       "LABEL_STUDIO_API_KEY (a personal access token, or a legacy token)")
-            headers.append((b"Authorization", self.credentials.header().encode()))
-        return headers
+    @contextlib.contextmanager
+    def _get(self, url: str, kind: SourceKind, reference: str) -> Iterator[httpcore.Response]:
+        """One GET of the fetch; Label Studio's 401 to an access token (expired or revoked before its time)
+        refreshes it and sends the request once more, as the API client does."""
+        sent = self._authorization(url, kind, reference)
+        with self._pool.stream("GET", url, headers=_headers(sent)) as response:
+            retry = self._retry_authorization(sent, reference) if response.status == 401 else None
+            if retry is None:
+                yield response
+                return
+        with self._pool.stream("GET", url, headers=_headers(retry)) as response:
+            yield response
+
+    def _authorization(self, url: str, kind: SourceKind, reference: str) -> str | None:
+        """The Authorization header a request to `url` carries: Label Studio's token on its storage and presign
+        routes, nothing anywhere else."""
+        if kind not in (SourceKind.LABEL_STUDIO, SourceKind.PRESIGN) or not self._sends_token(url):
+            return None
+        if self.credentials is None:
+            raise ImageUnavailable(f"{_short(url)} is stored in Label Studio, which requires a token: set "
+                                   "LABEL_STUDIO_API_KEY (a personal access token, or a legacy token)")
+        return _token_call(self.credentials.header, reference)
+
+    def _retry_authorization(self, sent: str | None, reference: str) -> str | None:
+        """The header to send a refused request once more with, or None when no retry can help."""
+        credentials = self.credentials
+        if sent is None or credentials is None:
+            return None
+        return _token_call(lambda: credentials.retry_header(sent), reference)
 
     def _sends_token(self, url: str) -> bool:
         base = self.settings.label_studio_url
@@ -400,6 +421,22 @@ class ImageLoader:
             return False
         path = urlsplit(url).path
         return _PRESIGN_PATH.match(path) is not None or unquote(path).startswith(STORAGE_PREFIXES)
+
+
+def _headers(authorization: str | None) -> list[tuple[bytes, bytes]]:
+    headers = [(b"Accept-Encoding", b"identity"), (b"User-Agent", b"gpt4roi-labelstudio")]
+    if authorization is not None:
+        headers.append((b"Authorization", authorization.encode()))
+    return headers
+
+
+def _token_call(call: Callable[[], str | None], reference: str) -> str | None:
+    """`call()`, which may exchange the personal access token; a failed exchange is the image's error."""
+    try:
+        return call()
+    except LabelStudioError as exc:
+        raise ImageUnavailable(f"{_short(reference)}: stored in Label Studio, but no access token to download it "
+                               f"with: {exc}") from None
 
 
 def _header(response: httpcore.Response, name: bytes) -> str | None:

@@ -15,20 +15,32 @@ Hand-off of slow batch tasks (`claim_push` / `claim_return`): when `/predict` st
 it claims the job for "push" and the worker pushes the prediction through the Label Studio API when it
 finishes; a worker that finishes first claims it for "return" and the API includes the result in its
 answer. The claim is one `SET NX`, so each prediction is stored exactly once.
+
+Moves of the current model version take turns through a lock in Redis (`pointer_lock`): a person's
+rollback or promotion and a fine-tune's promotion each move the pointer and tell Label Studio before the
+next one starts.
+
+A job that fails in the worker is reported as what failed, in plain words, with an incident id
+(`log_incident`); its traceback goes to the log of the process that waited on it, under that id, never into
+an answer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
+import os
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis.exceptions import LockError
 from rq import Queue, Retry
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
@@ -37,6 +49,8 @@ from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from backend.settings import Settings
+
+log = logging.getLogger(__name__)
 
 JOB_FUNCTION = "backend.worker.run_job"
 FINETUNE_FUNCTION = "backend.finetune.run_job"
@@ -47,6 +61,21 @@ CLAIM_RETURN = "return"
 # Longest single blocking read; waits are sliced so a Redis outage surfaces within a socket timeout.
 _BLOCK_SLICE_S = 1.0
 _ACTIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
+POINTER_LOCK_KEY = "model-pointer:lock"
+# A move holds the pointer lock for one database write and a few Label Studio calls per connected project; a
+# holder that died frees it after this long.
+POINTER_LOCK_TTL_S = 300
+# How long a person's rollback or promotion waits for a move in progress (a fine-tune promoting) to end.
+POINTER_LOCK_WAIT_S = 120.0
+
+
+def log_incident(logger: logging.Logger, what: str, details: str = "",
+                 exc_info: BaseException | None = None) -> str:
+    """Log `what`, with `details` or the traceback of `exc_info`, under a fresh incident id, and return the
+    id. Answers name only the id: tracebacks carry paths, settings and tokens that callers must not see."""
+    incident = uuid.uuid4().hex[:12]
+    logger.error("incident %s: %s%s", incident, what, f"\n{details}" if details else "", exc_info=exc_info)
+    return incident
 
 
 class QueueUnavailable(RuntimeError):
@@ -55,6 +84,14 @@ class QueueUnavailable(RuntimeError):
 
 class QueueFull(RuntimeError):
     """More jobs are waiting than MAX_QUEUED_JOBS allows (HTTP 429)."""
+
+
+class PointerBusy(RuntimeError):
+    """Another move of the current model version did not end within the wait; `holder` names it."""
+
+    def __init__(self, message: str, holder: str):
+        super().__init__(message)
+        self.holder = holder
 
 
 class ForeignJob(RuntimeError):
@@ -134,6 +171,32 @@ def enqueue_finetune(settings: Settings, connection: redis.Redis, trigger: str, 
             timeout=settings.finetune_job_timeout, result_ttl=FINETUNE_RESULT_TTL, failure_ttl=FINETUNE_RESULT_TTL,
             job_id=f"{settings.finetune_queue_name}-{uuid.uuid4().hex[:12]}", description=f"fine-tune ({trigger})")
     return f"queued {job.id}"
+
+
+def lock_token(who: str = "") -> str:
+    """The token a lock is taken with, which is what its holder shows: `who`, host, pid and a random tag."""
+    owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return f"{who} ({owner})" if who else owner
+
+
+@contextlib.contextmanager
+def pointer_lock(connection: redis.Redis, settings: Settings, who: str,
+                 wait: float = POINTER_LOCK_WAIT_S) -> Iterator[None]:
+    """Hold the lock under which the current model version moves (see the module docstring), waiting up to
+    `wait` seconds for the holder before raising `PointerBusy`; `QueueUnavailable` when Redis is unreachable."""
+    lock = connection.lock(f"{settings.key_prefix}:{POINTER_LOCK_KEY}", timeout=POINTER_LOCK_TTL_S,
+                           thread_local=False)
+    with _RedisGuard(redacted(settings.effective_redis_url)):
+        if not lock.acquire(blocking=True, blocking_timeout=wait, token=lock_token(who)):
+            holder = _text(connection.get(lock.name)) or "a move that just ended"
+            raise PointerBusy(f"the current model version is being moved by {holder}, still after {wait:g}s; "
+                              "try again in a minute (`python -m backend versions` shows the outcome)", holder)
+    try:
+        yield
+    finally:
+        # Past its TTL the lock may be gone or another's: nothing left to release then.
+        with contextlib.suppress(LockError, redis.RedisError):
+            lock.release()
 
 
 class JobQueue:
@@ -333,8 +396,11 @@ def _failure_message(result: Result) -> str:
     text = (result.exc_string or "").strip()
     if "AbandonedJobError" in text:
         return "the worker running this job died and the job ran out of retries (JOB_RETRIES)"
-    last = text.splitlines()[-1] if text else f"job ended as {result.type.name}"
-    return last
+    # The traceback's last line is an exception from inside the worker (paths, settings): it goes to the log.
+    incident = log_incident(log, f"job {result.job_id} failed in worker {result.worker_name or '?'}",
+                            text or f"it ended as {result.type.name}")
+    return (f"the worker failed on this job (incident {incident}; the log of the backend that waited on it "
+            "has the details)")
 
 
 def _text(value: Any) -> str | None:

@@ -14,6 +14,7 @@ region gets and how their answers become Label Studio results.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from label_studio_sdk.label_interface import LabelInterface
+
+from backend.calibration import task_score
 
 RECTANGLE_TAGS = ("Rectangle", "RectangleLabels")
 RECTANGLE_TYPES = ("rectangle", "rectanglelabels")
@@ -313,15 +316,22 @@ def build_prediction(
     `answers[i]` belongs to `regions[i]` and holds `caption` (text or None), `choices` (control name →
     distribution over its values) and `label` (distribution over the RectangleLabels values, or None).
     A drawn region is echoed with its id, geometry and its annotator's label (unless `keep_drawn_label` is
-    false or it has none). The score is the mean probability of the chosen closed-set answers; with no
-    closed-set control to answer it is 1.0.
+    false or it has none).
+
+    Scores (`backend.calibration`): every proposed field's result item carries its confidence as `score`
+    (the answer's calibrated `confidence`, or else the raw probability of the chosen value), and the
+    prediction's `score` is the probability that the annotator keeps all of it (`task_score`), so that
+    sorting tasks by it puts the least certain first. A prediction with no field to be sure of scores 0.
     """
     if len(answers) != len(regions):
         raise ValueError(f"{len(answers)} answers for {len(regions)} regions")
     result: list[dict[str, Any]] = []
-    chosen_probabilities: list[float] = []
+    scores: list[float] = []
     for region, answer in zip(regions, answers, strict=True):
         proposal = propose(plan, region, answer, keep_drawn_label)
+        confidence = answer.get("confidence") or {}
+        if proposal.label is not None and confidence.get("label") is not None:
+            proposal = dataclasses.replace(proposal, label=(proposal.label[0], float(confidence["label"])))
         common = {
             "id": region.id,
             "to_name": plan.image,
@@ -332,22 +342,27 @@ def build_prediction(
         common = {k: v for k, v in common.items() if v is not None}
         rectangle = _rectangle_item(plan, region, common, proposal.label)
         if proposal.label is not None and "score" in rectangle:
-            chosen_probabilities.append(proposal.label[1])
+            scores.append(proposal.label[1])
         result.append(rectangle)
         if proposal.caption is not None:
+            caption_confidence = confidence.get("caption")
             for name in plan.captions:
-                result.append({**common, "from_name": name, "type": "textarea",
-                               "value": {**region.geometry(), "text": [proposal.caption]}})
+                item = {**common, "from_name": name, "type": "textarea",
+                        "value": {**region.geometry(), "text": [proposal.caption]}}
+                if caption_confidence is not None:
+                    item["score"] = round(float(caption_confidence), 6)
+                result.append(item)
+            if caption_confidence is not None:
+                scores.append(float(caption_confidence))
         for control in plan.choices:
             if control.name not in proposal.choices:
                 continue
             picked, probability = proposal.choices[control.name]
-            chosen_probabilities.append(probability)
-            result.append({**common, "from_name": control.name, "type": "choices",
+            probability = float((confidence.get("choices") or {}).get(control.name, probability))
+            scores.append(probability)
+            result.append({**common, "from_name": control.name, "type": "choices", "score": round(probability, 6),
                            "value": {**region.geometry(), "choices": picked}})
-    score = sum(chosen_probabilities) / len(chosen_probabilities) if chosen_probabilities else 1.0
-    if not regions:
-        score = 0.0
+    score = task_score(scores) if regions and scores else 0.0
     return {"result": result, "score": round(score, 6), "model_version": model_version}
 
 

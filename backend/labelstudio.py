@@ -12,8 +12,10 @@
 
 `LabelStudioCredentials` does this for any caller: `LabelStudioClient` (projects, tasks, predictions,
 annotations, webhooks, ML backends) and the image fetcher (`backend.images`), which needs the header for
-downloads of uploaded files. label-studio-sdk exchanges personal access tokens for its own calls, but it
-refreshes only after expiry, never on a 401, and cannot sign the raw file downloads, so the backend keeps
+downloads of uploaded files and retries a refused download the same way (`retry_header`). Both take their
+credentials from `credentials_for`, so a process holds one access token per Label Studio and token, however
+many clients and loaders it makes. label-studio-sdk exchanges personal access tokens for its own calls, but
+it refreshes only after expiry, never on a 401, and cannot sign the raw file downloads, so the backend keeps
 this one implementation rather than two.
 """
 
@@ -50,9 +52,11 @@ class TokenKind(enum.StrEnum):
 class LabelStudioError(RuntimeError):
     """Label Studio refused a call or could not be reached; the message says what to check."""
 
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, status: int | None = None, detail: str = ""):
         super().__init__(message)
         self.status = status
+        # What Label Studio itself said (its `detail`), for callers that explain particular refusals.
+        self.detail = detail
 
 
 def token_kind(token: str) -> TokenKind:
@@ -107,6 +111,11 @@ class LabelStudioCredentials:
                 self._access = None
         return True
 
+    def retry_header(self, sent: str) -> str | None:
+        """After a 401 to a request sent with `sent`: the header to send it once more with (a fresh access
+        token), or None when another try cannot help (a legacy or plain access token)."""
+        return self.header() if self.refused(sent) else None
+
     def _refresh(self) -> None:
         url = self.base_url + REFRESH_PATH
         try:
@@ -124,6 +133,24 @@ class LabelStudioCredentials:
         self._access = access
         # Without an expiry claim, keep it a minute and let a 401 tell when it ends.
         self._expires_at = float(claims.get("exp") or time.time() + 60 + REFRESH_MARGIN_S)
+
+
+_shared: dict[tuple[str, str, float], LabelStudioCredentials] = {}
+_shared_lock = threading.Lock()
+
+
+def credentials_for(settings: Settings) -> LabelStudioCredentials | None:
+    """The process's credentials for LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (None without them): one
+    object per Label Studio and token, so that the API client and the image fetcher share one access token,
+    exchanged once and refreshed once when Label Studio expires it."""
+    if not (settings.label_studio_url and settings.label_studio_api_key):
+        return None
+    key = (settings.label_studio_url.rstrip("/"), settings.label_studio_api_key, settings.label_studio_timeout)
+    with _shared_lock:
+        credentials = _shared.get(key)
+        if credentials is None:
+            credentials = _shared[key] = LabelStudioCredentials(*key)
+        return credentials
 
 
 def _access_token(answer: httpx.Response) -> str:
@@ -146,8 +173,9 @@ class LabelStudioAuth(httpx.Auth):
         sent = self.credentials.header()
         request.headers["Authorization"] = sent
         response = yield request
-        if response.status_code == 401 and self.credentials.refused(sent):
-            request.headers["Authorization"] = self.credentials.header()
+        retry = self.credentials.retry_header(sent) if response.status_code == 401 else None
+        if retry is not None:
+            request.headers["Authorization"] = retry
             yield request
 
 
@@ -168,12 +196,12 @@ class LabelStudioClient:
     """The Label Studio REST calls the backend makes (see the module docstring for authentication)."""
 
     def __init__(self, settings: Settings, transport: httpx.BaseTransport | None = None):
-        if not (settings.label_studio_url and settings.label_studio_api_key):
+        credentials = credentials_for(settings)
+        if credentials is None:
             raise LabelStudioError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (a personal access token, or a "
                                    "legacy token) to let the backend call Label Studio")
-        self.base_url = settings.label_studio_url.rstrip("/")
-        self.credentials = LabelStudioCredentials(self.base_url, settings.label_studio_api_key,
-                                                  settings.label_studio_timeout)
+        self.base_url = credentials.base_url
+        self.credentials = credentials
         self._http = httpx.Client(base_url=self.base_url, auth=LabelStudioAuth(self.credentials), transport=transport,
                                   timeout=settings.label_studio_timeout, follow_redirects=False)
 
@@ -201,10 +229,10 @@ class LabelStudioClient:
             raise LabelStudioError(
                 f"Label Studio refused {method} {path} (HTTP {answer.status_code}: {_detail(answer)}); check "
                 f"LABEL_STUDIO_API_KEY ({self.credentials.kind}) and that its user may see the project",
-                status=answer.status_code)
+                status=answer.status_code, detail=_said(answer))
         if answer.status_code >= 400:
             raise LabelStudioError(f"Label Studio answered {method} {path} with HTTP {answer.status_code}: "
-                                   f"{_detail(answer)}", status=answer.status_code)
+                                   f"{_detail(answer)}", status=answer.status_code, detail=_said(answer))
         if not answer.content:
             return None
         try:
@@ -285,3 +313,12 @@ def _detail(answer: httpx.Response) -> str:
             if key in body:
                 return json.dumps(body[key])[:300]
     return json.dumps(body)[:300]
+
+
+def _said(answer: httpx.Response) -> str:
+    """Label Studio's own words for a refusal: its `detail` as it wrote it, else what `_detail` shows."""
+    try:
+        detail = answer.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    return detail if isinstance(detail, str) else _detail(answer)

@@ -1,17 +1,19 @@
 """Model versions on disk: immutable checkpoint folders, a `current` pointer, and its history.
 
-Layout of MODEL_DIR:
+Layout of MODEL_DIR (a local folder on one machine; on several, a volume every worker and fine-tune mounts):
 
     MODEL_DIR/
-        current              # one line: the name of the current version
-        history.jsonl        # every move of the pointer: time, version, previous, reason
+        current              # one line: the first current version, until the pointer is first moved
         <version>/           # a `save_pretrained` checkpoint, never modified once published
             version.json     # fine-tuned versions: parent, data counts, metrics, training config
         .staging-<version>/  # a version being written (never read by workers; removed if abandoned)
 
-A MODEL_DIR without a `current` file that is itself a checkpoint (it has `config.json`) is one version
-named after the folder. Reading the pointer is a small file read, so the API answers `/setup` from it
-without touching the model, and workers compare it before every job to pick up a new version.
+The current version is a row of the backend's database (`backend.store`: the SQLite file, or PostgreSQL
+shared by every machine), moved by compare-and-swap, with every move recorded. Until a promotion, rollback
+or `promote` first moves it, it is what the `current` file names, or, for a MODEL_DIR that is itself a
+checkpoint (it has `config.json`), the folder's name. Reading it is one small query, so the API answers
+`/setup` from it without touching the model, and workers read it before every job: a move made on any
+machine reaches every worker before its next job.
 
 Fine-tuned versions are named `v<NNNN>-<UTC time>` (for example `v0003-20261126T041500`): the number grows
 by one per published version, so names sort in creation order and never repeat. A version is published by
@@ -21,21 +23,23 @@ renaming its finished staging folder, so a worker never sees half a checkpoint.
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import json
 import os
 import re
 import shutil
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from backend.settings import Settings
+from backend.store import Connection, Database
 
 CURRENT_FILE = "current"
-LOCK_FILE = ".current.lock"
+# Moves of the pointer recorded by earlier releases, which kept it in a file; read, never written.
 HISTORY_FILE = "history.jsonl"
+POINTER = "current"
 METADATA_FILE = "version.json"
 STAGING_PREFIX = ".staging-"
 VERSION_NAME = re.compile(r"^v(\d{4,})-(\d{8}T\d{6})$")
@@ -71,6 +75,16 @@ class VersionInfo:
 
 def current_version(settings: Settings) -> str:
     """The version every prediction is made and labelled with."""
+    root = Path(settings.model_dir)
+    if (root / "config.json").is_file():  # a single checkpoint: no registry, no pointer
+        return root.resolve().name
+    row = Database.for_settings(settings).read().execute(
+        "SELECT version FROM model_pointer WHERE name = ?", (POINTER,)).fetchone()
+    return row[0] if row else _initial_version(settings)
+
+
+def _initial_version(settings: Settings) -> str:
+    """The version before the pointer was first moved: the `current` file, or a single checkpoint's name."""
     root = Path(settings.model_dir)
     pointer = root / CURRENT_FILE
     try:
@@ -129,42 +143,35 @@ def read_metadata(settings: Settings, version: str) -> dict[str, Any]:
 
 
 def set_current(settings: Settings, version: str, reason: str = "", expected: str | None = None) -> str | None:
-    """Point `current` at an existing version (atomically, so readers never see a partial name) and
-    append the move to the history; returns the previous current version. With `expected`, the move happens
-    only while the current version is still that one (`PointerMoved` otherwise): moves take turns through
-    a lock file, so a fine-tune finishing after a rollback cannot undo it."""
+    """Point the current version at an existing version and record the move; returns the previous current
+    version. With `expected`, the move happens only while the current version is still that one
+    (`PointerMoved` otherwise): moves take turns in the database, so a fine-tune finishing after a rollback
+    cannot undo it, whichever machines they ran on."""
     checkpoint_path(settings, version)
     root = Path(settings.model_dir)
     if (root / "config.json").is_file():
         raise RegistryError(f"MODEL_DIR={root} is a single checkpoint, not a registry; it has no pointer to move")
-    with open(root / LOCK_FILE, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            return _move(settings, root, version, reason, expected)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    database = Database.for_settings(settings)
 
+    def move(db: Connection) -> str | None:
+        database.serialize(db, "model-pointer")
+        row = db.execute("SELECT version FROM model_pointer WHERE name = ?", (POINTER,)).fetchone()
+        previous: str | None = row[0] if row else None
+        if previous is None:
+            try:
+                previous = _initial_version(settings)
+            except RegistryError:
+                previous = None
+        if expected is not None and previous != expected:
+            raise PointerMoved(f"the current version became {previous} while this was based on {expected}")
+        now = time.time()
+        db.execute("INSERT INTO model_pointer (name, version, moved_at) VALUES (?, ?, ?) ON CONFLICT (name) "
+                   "DO UPDATE SET version = excluded.version, moved_at = excluded.moved_at", (POINTER, version, now))
+        db.execute("INSERT INTO pointer_moves (moved_at, version, previous, reason) VALUES (?, ?, ?, ?)",
+                   (now, version, previous, reason))
+        return previous
 
-def _move(settings: Settings, root: Path, version: str, reason: str, expected: str | None) -> str | None:
-    try:
-        previous: str | None = current_version(settings)
-    except RegistryError:
-        previous = None
-    if expected is not None and previous != expected:
-        raise PointerMoved(f"the current version became {previous} while this was based on {expected}")
-    tmp = root / f".{CURRENT_FILE}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(version + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(root / CURRENT_FILE)
-    _fsync_dir(root)
-    entry = {"time": _now_iso(), "version": version, "previous": previous, "reason": reason}
-    with open(root / HISTORY_FILE, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(entry) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    return previous
+    return database.write(move)
 
 
 def rollback(settings: Settings, version: str) -> str | None:
@@ -175,11 +182,16 @@ def rollback(settings: Settings, version: str) -> str | None:
 
 def history(settings: Settings) -> list[dict[str, Any]]:
     """Every recorded move of the pointer, oldest first."""
-    path = Path(settings.model_dir) / HISTORY_FILE
-    if not path.is_file():
-        return []
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    moves = []
+    legacy = Path(settings.model_dir) / HISTORY_FILE
+    if legacy.is_file():
+        with open(legacy, encoding="utf-8") as handle:
+            moves += [json.loads(line) for line in handle if line.strip()]
+    rows = Database.for_settings(settings).read().execute(
+        "SELECT moved_at, version, previous, reason FROM pointer_moves ORDER BY seq").fetchall()
+    moves += [{"time": _iso(row["moved_at"]), "version": row["version"], "previous": row["previous"],
+               "reason": row["reason"]} for row in rows]
+    return moves
 
 
 def next_version_name(settings: Settings, now: dt.datetime | None = None) -> str:
@@ -298,6 +310,10 @@ def _age_key(info: VersionInfo) -> tuple[int, float, str]:
 
 def _now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _iso(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="seconds")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -4,27 +4,34 @@
   it was promoted, its held-out accuracy against its parent's, and the last fine-tune run with its reason.
 - `python -m backend rollback VERSION`: make `VERSION` current again (workers load it before their next job).
 - `python -m backend promote VERSION`: make a candidate kept for review current.
+  Both take turns with a fine-tune's promotion (`backend.jobs.pointer_lock`, in Redis): while one moves the
+  pointer they wait up to two minutes, then give up saying who holds the lock.
 - `python -m backend report [--png FILE]`: acceptance statistics per model version (`backend.acceptance`) as a
   table, and a PNG plot of them over the versions (matplotlib, Agg backend; default
-  `DATA_DIR/acceptance.png`).
+  `DATA_DIR/acceptance.png`); then how reliable each fine-tuned version's confidences are (ECE, AUROC;
+  `backend.calibration`), with its reliability diagram beside the plot (`acceptance-reliability.png`).
 
 Nothing here imports torch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
+
+import redis
 
 from backend import registry
 from backend.acceptance import AcceptanceStats, acceptance_by_version
 from backend.confirmation import counts as confirmation_counts
 from backend.connect import follow_version
 from backend.corrections import CorrectionsStore
+from backend.jobs import POINTER_LOCK_WAIT_S, PointerBusy, QueueUnavailable, connect, pointer_lock, redacted
 from backend.runs import FinetuneRun, FinetuneRuns, RunStatus
 from backend.settings import Settings
 from model.metrics import format_table
@@ -89,18 +96,47 @@ def print_versions(settings: Settings, out: TextIO = sys.stdout) -> int:
     return 0
 
 
-def make_current(settings: Settings, version: str, reason: str, out: TextIO = sys.stdout) -> int:
+def make_current(settings: Settings, version: str, reason: str, out: TextIO = sys.stdout,
+                 wait: float = POINTER_LOCK_WAIT_S) -> int:
     """`python -m backend rollback VERSION` and `python -m backend promote VERSION`: make a registered
-    version current, and the prelabeling version of the connected Label Studio projects."""
+    version current, and the prelabeling version of the connected Label Studio projects. Takes turns with a
+    fine-tune's promotion: waits up to `wait` seconds for one in progress, then gives up (exit code 1)."""
     known = registry.list_versions(settings)
     if version not in known:
         print(f"unknown version {version!r}; registered: {', '.join(known) or 'none'}", file=sys.stderr)
         return 2
-    previous = registry.set_current(settings, version, reason=reason)
-    print(f"current version: {version} (was {previous}); workers load it before their next job", file=out)
-    for step in follow_version(settings, version):
-        print(f"  {step.describe()}", file=out)
+    connection = connect(settings.effective_redis_url, settings)
+    try:
+        with _turn(connection, settings, f"a {reason} to {version} by a person", wait, out):
+            previous = registry.set_current(settings, version, reason=reason)
+            print(f"current version: {version} (was {previous}); workers load it before their next job", file=out)
+            for step in follow_version(settings, version):
+                print(f"  {step.describe()}", file=out)
+    except (PointerBusy, QueueUnavailable) as exc:
+        print(f"{version} was not made current: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        connection.close()
     return 0
+
+
+@contextlib.contextmanager
+def _turn(connection: redis.Redis, settings: Settings, who: str, wait: float, out: TextIO) -> Iterator[None]:
+    """The pointer lock, saying so when it has to wait for it. Without a reachable Redis a person's move goes
+    ahead with a warning: a rollback must work while the queue is down, and from a shell that does not know
+    the all-in-one server's embedded Redis."""
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(pointer_lock(connection, settings, who, wait=0))
+        except PointerBusy as busy:
+            print(f"{busy.holder} is moving the current version; waiting up to {wait:g}s for it to finish",
+                  file=out)
+            held.enter_context(pointer_lock(connection, settings, who, wait))
+        except QueueUnavailable:
+            print(f"warning: Redis at {redacted(settings.effective_redis_url)} is unreachable, so this move does "
+                  "not wait for a fine-tune that may be promoting right now; set REDIS_URL to the backend's Redis "
+                  "to have them take turns", file=sys.stderr)
+        yield
 
 
 def _confirmations(settings: Settings) -> str:
@@ -149,11 +185,61 @@ def plot_acceptance(stats: dict[str, AcceptanceStats], order: Sequence[str], pat
             style = {"linewidth": 2.5} if label == "accepted unchanged" else {"linestyle": "--", "alpha": 0.8}
             axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label, **style)
     axis.set_xticks(x, versions, rotation=20, ha="right")
-    axis.set_ylim(-0.02, 1.02)
     axis.set_ylabel("share (edit distance: 0 = unchanged)")
-    axis.set_title("What annotators kept, per model version")
+    return _save(figure, axis, "What annotators kept, per model version", "best", path)
+
+
+def reliability_table(settings: Settings) -> tuple[str, dict[str, list[list[float]]]]:
+    """How much each version's confidences mean, on the held-out corrections its fine-tune calibrated them on
+    (`backend.calibration`): the table, and per version its reliability diagram's bins."""
+    rows, diagrams = [], {}
+    for info in registry.version_infos(settings):
+        report = info.metadata.get("calibration")
+        if not report:
+            continue
+        raw, calibrated = report["raw"].get("all") or {}, report["calibrated"].get("all") or {}
+        fields = {kind: report["calibrated"][kind]["ece"] for kind in ("caption", "choice", "label")
+                  if kind in report["calibrated"]}
+        rows.append([info.name, str(calibrated.get("fields", 0)), _percent(calibrated.get("kept")),
+                     f"{_number(raw.get('ece'))} -> {_number(calibrated.get('ece'))}",
+                     ", ".join(f"{kind} {_number(ece)}" for kind, ece in fields.items()) or "-",
+                     _number(report["region_auroc"].get("calibrated"))])
+        diagrams[info.name] = calibrated.get("bins") or []
+    table = format_table(["version", "held-out fields", "kept", "ECE raw -> calibrated", "ECE per kind",
+                          "AUROC region score"], rows) if rows else ""
+    return table, diagrams
+
+
+def plot_reliability(diagrams: Mapping[str, Sequence[Sequence[float]]], path: Path) -> Path:
+    """A PNG reliability diagram: per series, share kept against mean confidence in each bin (a point's size
+    grows with its fields); the diagonal is perfect calibration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.5, 5))
+    axis.plot([0, 1], [0, 1], color="grey", linestyle=":", label="calibrated perfectly")
+    for name, bins in diagrams.items():
+        if bins:
+            total = sum(count for count, _, _ in bins)
+            axis.plot([mean for _, mean, _ in bins], [share for _, _, share in bins], marker="o", label=name)
+            axis.scatter([mean for _, mean, _ in bins], [share for _, _, share in bins],
+                         s=[20 + 400 * count / total for count, _, _ in bins], alpha=0.3)
+    axis.set_xlim(0, 1.02)
+    axis.set_xlabel("confidence of the proposed field")
+    axis.set_ylabel("share kept unchanged by annotators")
+    return _save(figure, axis, "Reliability of the confidences", "upper left", path)
+
+
+def _save(figure: Any, axis: Any, title: str, legend: str, path: Path) -> Path:
+    """Shares on the y axis, a title, a grid and a legend; the figure written to `path` as PNG and closed."""
+    import matplotlib.pyplot as plt
+
+    axis.set_ylim(-0.02, 1.02)
+    axis.set_title(title)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8, loc="best")
+    axis.legend(fontsize=8, loc=legend)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
@@ -179,4 +265,10 @@ def print_report(settings: Settings, png: Path | None = None, out: TextIO = sys.
         print(f"last fine-tune: {describe_run(last, settings.finetune_lock_ttl)}", file=out)
     path = plot_acceptance(stats, order, png or Path(settings.data_dir) / DEFAULT_PLOT)
     print(f"plot: {path} ({dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC)", file=out)
+    table, diagrams = reliability_table(settings)
+    if table:
+        print("confidence reliability per version (held-out corrections of its fine-tune):", file=out)
+        print(table, file=out)
+        reliability = plot_reliability(diagrams, path.with_name(f"{path.stem}-reliability{path.suffix}"))
+        print(f"reliability plot: {reliability}", file=out)
     return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import json
-import sqlite3
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -73,8 +72,8 @@ class FinetuneRuns:
         """Record that a fine-tune started; returns its run id."""
         now = time.time()
         return self.database.write(lambda db: int(db.execute(
-            "INSERT INTO finetune_runs (started_at, heartbeat_at, status, trigger_name, parent) VALUES (?, ?, ?, ?, ?)",
-            (now, now, RunStatus.RUNNING.value, trigger, parent)).lastrowid or 0))
+            "INSERT INTO finetune_runs (started_at, heartbeat_at, status, trigger_name, parent) VALUES (?, ?, ?, ?, ?) "
+            "RETURNING run_id", (now, now, RunStatus.RUNNING.value, trigger, parent)).fetchone()[0]))
 
     def heartbeat(self, run_id: int) -> None:
         """Mark a running fine-tune as alive."""
@@ -132,7 +131,7 @@ class FinetuneRuns:
         return int(row[0])
 
 
-def _run_from_row(row: sqlite3.Row) -> FinetuneRun:
+def _run_from_row(row: Any) -> FinetuneRun:
     return FinetuneRun(
         run_id=int(row["run_id"]), status=RunStatus(row["status"]), started_at=float(row["started_at"]),
         finished_at=row["finished_at"], heartbeat_at=row["heartbeat_at"], trigger=row["trigger_name"],

@@ -88,6 +88,13 @@ class Settings:
     data_dir: Path = _setting(  # noqa: RUF009
         _DEFAULT_DATA_DIR, "DATA_DIR",
         "Folder for the backend's own files (webhook event log, embedded Redis database).")
+    database_url: str = _setting(
+        "", "DATABASE_URL",
+        "PostgreSQL database of the corrections, fine-tune runs and the current model version "
+        "(postgresql://user:password@host:5432/name), shared by every API replica, worker and fine-tune. "
+        "Unset: one SQLite file under DATA_DIR (one machine).", secret=True)
+    database_pool_size: int = _setting(
+        8, "DATABASE_POOL_SIZE", "Most connections one process keeps open to DATABASE_URL for writes.")
 
     # Queue
     redis_url: str = _setting(
@@ -202,6 +209,10 @@ class Settings:
     proposal_retention_days: float = _setting(
         180.0, "PROPOSAL_RETENTION_DAYS",
         "Days what the model proposed for a region is kept to be compared with a later annotation.")
+    image_cache_retention_days: float = _setting(
+        30.0, "IMAGE_CACHE_RETENTION_DAYS",
+        "Days a task image fetched for a fine-tune is kept in DATA_DIR/image-cache (fetched again when a later "
+        "fine-tune still needs it).")
 
     # Training
     finetune_every_n: int = _setting(
@@ -277,7 +288,7 @@ class Settings:
                      "max_new_tokens", "interactive_job_timeout", "batch_job_timeout", "worker_heartbeat_ttl",
                      "worker_maintenance_interval", "batch_max_regions", "result_ttl", "max_request_bytes",
                      "max_tasks_per_request", "max_regions_per_task", "max_choices_per_control", "max_name_length",
-                     "max_queued_jobs", "queued_job_ttl"):
+                     "max_queued_jobs", "queued_job_ttl", "database_pool_size"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env_of(name)} must be positive, got {getattr(self, name)}")
         if self.batch_wait_ms < 0:
@@ -294,6 +305,8 @@ class Settings:
                 f"LABEL_STUDIO_URL must start with http:// or https://, got {self.label_studio_url!r}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        if self.database_url and urlsplit(self.database_url).scheme not in {"postgresql", "postgres"}:
+            raise SettingsError("DATABASE_URL must start with postgresql:// (SQLite needs no URL: leave it unset)")
         if self.backend_url and urlsplit(self.backend_url).scheme not in {"http", "https"}:
             raise SettingsError(f"BACKEND_URL must start with http:// or https://, got {self.backend_url!r}")
         if not self.image_formats:
@@ -398,7 +411,7 @@ def settings_table_markdown() -> str:
 def _check_finetune(settings: Settings) -> None:
     for name in ("finetune_min_new", "finetune_lora_rank", "finetune_eval_max", "finetune_lock_ttl",
                  "finetune_job_timeout", "finetune_learning_rate", "finetune_epochs", "event_retention_days",
-                 "proposal_retention_days"):
+                 "proposal_retention_days", "image_cache_retention_days"):
         if getattr(settings, name) <= 0:
             raise SettingsError(f"{_env_of(name)} must be positive, got {getattr(settings, name)}")
     for name in ("finetune_steps", "finetune_replay_ratio", "finetune_base_ratio", "finetune_max_regression",

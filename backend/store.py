@@ -1,135 +1,141 @@
-"""The backend's database: one SQLite file in WAL mode, its schema and migrations, and a writer thread that
-commits queued writes in groups.
+"""The backend's database: SQLite on one machine, PostgreSQL when several share it; one interface for both.
 
-Everything the backend keeps about annotations lives in `DATA_DIR/corrections.sqlite3` (`Database`); the
-modules that own its tables (`backend.corrections`, `backend.runs`, `backend.training_data`) write through
-`Database.write` and read through `Database.read`.
+Everything the backend keeps about annotations, fine-tune runs and the current model version lives in one
+database (`backend.schema` has its tables). The modules that own the tables (`backend.corrections`,
+`backend.runs`, `backend.training_data`, `backend.registry`, …) write through `Database.write(work)` and
+read through `Database.read()`, with the same SQL on both engines (`?` placeholders, `INSERT … ON CONFLICT`,
+`RETURNING`); `Database.for_settings` picks the engine:
 
-Writes are serialized inside each process by one writer thread per file, which owns the write connection
-and commits whatever is queued in one transaction (group commit): with 20 webhooks arriving together there
-is one fsync instead of 20, and no thread ever sleeps in SQLite's busy handler waiting for a sibling. Each
-caller still returns only after its own change is committed, and a write that raises is undone alone (its
-own savepoint) while the rest of its group commits. Other processes (workers, fine-tunes) writing the
-same file take turns with this one through SQLite's lock and busy timeout.
+- **SQLite** (the default: `DATA_DIR/corrections.sqlite3`, WAL mode). Writes are serialized inside each
+  process by one writer thread, which owns the write connection and commits whatever is queued in one
+  transaction (group commit): with 20 webhooks arriving together there is one fsync instead of 20, and no
+  thread sleeps in SQLite's busy handler waiting for a sibling. A write that raises is undone alone (its own
+  savepoint) while the rest of its group commits. Other processes on the machine (workers, fine-tunes) take
+  turns through SQLite's lock. Not for network file systems: WAL needs one machine.
+- **PostgreSQL** (`DATABASE_URL`), for several API replicas, workers and fine-tunes on several machines.
+  Each write is its own transaction on a pooled connection: the server already flushes concurrent commits
+  together, and a transaction of one replica never waits for a group of another. Writes about the same
+  thing take an advisory lock (`Database.serialize`), so two replicas storing the same annotation take turns
+  instead of one failing on a unique key; a deadlock or serialization failure is retried.
 
-The schema is versioned (`PRAGMA user_version`); `MIGRATIONS[n]` brings a database from version `n` to
-`n + 1`, and every process opening the file applies what is missing, under SQLite's write lock, so two
-processes starting together migrate once. `DATA_DIR` must be shared by the API and the workers (one
-machine or one volume); SQLite in WAL mode lets several processes read and write it, not a network file
-system.
+Either way a caller returns only once its write is committed, and the schema is migrated on open, once,
+under a lock, by whichever process comes first.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import logging
 import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
+from urllib.parse import urlsplit
 
+from backend.schema import MIGRATIONS as MIGRATIONS
+from backend.schema import SCHEMA_VERSION, postgres_ddl, statements
 from backend.settings import Settings
 
-T = TypeVar("T")
-# A write waiting for the writer thread: what to run on its connection, and where its caller waits.
-_Write = tuple[Callable[[sqlite3.Connection], Any], Future[Any]]
+log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 DB_FILE = "corrections.sqlite3"
 
-# Plain SQL with no SQLite-only types, so that another database can take the same tables.
-MIGRATIONS: tuple[str, ...] = (
-    # 0 → 1: the tables as first released.
-    """
-    CREATE TABLE IF NOT EXISTS events (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        action TEXT NOT NULL,
-        received_at REAL NOT NULL,
-        annotation_id INTEGER,
-        body TEXT NOT NULL
-    );
-    CREATE TABLE IF NOT EXISTS annotations (
-        annotation_id INTEGER PRIMARY KEY,
-        task_id TEXT,
-        project_id TEXT,
-        image TEXT,
-        updated_at TEXT,
-        ground_truth INTEGER NOT NULL,
-        plan TEXT,
-        event_seq INTEGER NOT NULL
-    );
-    CREATE TABLE IF NOT EXISTS samples (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        annotation_id INTEGER NOT NULL,
-        task_id TEXT,
-        region_id TEXT NOT NULL,
-        image TEXT NOT NULL,
-        region TEXT NOT NULL,
-        box TEXT NOT NULL,
-        caption TEXT,
-        choices TEXT NOT NULL,
-        label TEXT,
-        predicted TEXT,
-        predicted_version TEXT,
-        created_at REAL NOT NULL,
-        UNIQUE (annotation_id, region_id)
-    );
-    CREATE INDEX IF NOT EXISTS samples_by_task ON samples (task_id);
-    CREATE INDEX IF NOT EXISTS samples_by_version ON samples (predicted_version);
-    CREATE TABLE IF NOT EXISTS predictions (
-        task_id TEXT NOT NULL,
-        region_id TEXT NOT NULL,
-        model_version TEXT NOT NULL,
-        fields TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        PRIMARY KEY (task_id, region_id, model_version)
-    );
-    CREATE TABLE IF NOT EXISTS images (
-        reference TEXT PRIMARY KEY,
-        sha256 TEXT NOT NULL,
-        path TEXT NOT NULL,
-        width INTEGER NOT NULL,
-        height INTEGER NOT NULL,
-        fetched_at REAL NOT NULL
-    );
-    CREATE TABLE IF NOT EXISTS finetune_runs (
-        run_id INTEGER PRIMARY KEY AUTOINCREMENT,
-        started_at REAL NOT NULL,
-        finished_at REAL,
-        heartbeat_at REAL,
-        status TEXT NOT NULL,
-        trigger_name TEXT,
-        parent TEXT,
-        candidate TEXT,
-        watermark INTEGER,
-        message TEXT,
-        details TEXT
-    );
-    """,
-    # 1 → 2: annotations confirmed with Label Studio, deletions remembered, time indexes for retention, and
-    # the projects `connect` linked to this backend.
-    """
-    ALTER TABLE annotations ADD COLUMN confirmation TEXT;
-    ALTER TABLE annotations ADD COLUMN confirmed_at REAL;
-    CREATE TABLE IF NOT EXISTS deleted_annotations (
-        annotation_id INTEGER PRIMARY KEY,
-        deleted_at REAL NOT NULL
-    );
-    CREATE INDEX IF NOT EXISTS events_by_time ON events (received_at);
-    CREATE INDEX IF NOT EXISTS predictions_by_time ON predictions (created_at);
-    CREATE TABLE IF NOT EXISTS connected_projects (
-        project_id INTEGER PRIMARY KEY,
-        label_studio_url TEXT NOT NULL,
-        connected_at REAL NOT NULL
-    );
-    """,
-)
-SCHEMA_VERSION = len(MIGRATIONS)
+
+class StoreUnavailable(RuntimeError):
+    """The database cannot be reached (the API answers 503: nothing was stored, the sender should retry)."""
 
 
-class Database:
+class Cursor(Protocol):
+    """What `execute` returns on either engine: rows by position or by column name."""
+
+    rowcount: int
+
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Connection(Protocol):
+    """What reads and `write` callbacks get: `execute` / `executemany` with `?` placeholders."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Cursor: ...
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> Cursor: ...
+
+
+class Database(ABC):
+    """One database of the backend (see the module docstring)."""
+
+    dialect: ClassVar[str]
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> Database:
+        """The database the settings name (DATABASE_URL, or the SQLite file in DATA_DIR), one instance per
+        database and process."""
+        if settings.database_url:
+            key = settings.database_url
+            factory: Callable[[], Database] = lambda: PostgresDatabase(key, settings.database_pool_size)  # noqa: E731
+        else:
+            path = (Path(settings.data_dir) / DB_FILE).resolve()
+            key, factory = str(path), lambda: SQLiteDatabase(path)
+        with _databases_lock:
+            database = _databases.get(key)
+            if database is None:
+                database = _databases[key] = factory()
+            return database
+
+    @abstractmethod
+    def read(self) -> Connection:
+        """This thread's connection, for reads (autocommit: each statement sees the latest commit)."""
+
+    @abstractmethod
+    def write(self, work: Callable[[Connection], T]) -> T:
+        """Run `work` inside a transaction; returns its result once that is committed, or raises what `work`
+        raised (its changes undone)."""
+
+    @abstractmethod
+    def read_settled(self, table: str, work: Callable[[Connection], T]) -> T:
+        """Run the read `work` once every write already under way to `table` has committed, so that its
+        rows are all the rows up to the newest sequence number it sees (a fine-tune's watermark relies on
+        it: a row committed later must never get a smaller number)."""
+
+    @abstractmethod
+    def serialize(self, db: Connection, *keys: str) -> None:
+        """Inside `write`: make other writes about any of `keys` wait for this one's commit, on every
+        process sharing the database."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close this thread's connection and the writer's (the next use opens new ones)."""
+
+
+_databases: dict[str, Database] = {}
+_databases_lock = threading.Lock()
+
+
+def close_databases() -> None:
+    """Close and forget every database this process opened through `Database.for_settings`."""
+    with _databases_lock:
+        databases = list(_databases.values())
+        _databases.clear()
+    for database in databases:
+        database.close()
+# A write waiting for SQLite's writer thread: what to run on its connection, and where its caller waits.
+_Write = tuple[Callable[[Any], Any], Future[Any]]
+
+
+# ---------------------------------------------------------------------------------------------- SQLite
+class SQLiteDatabase(Database):
     """One SQLite file: a read connection per thread, one writer thread, migrations applied on open."""
+
+    dialect = "sqlite"
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
@@ -138,19 +144,8 @@ class Database:
         self._writes: queue.SimpleQueue[_Write | None] | None = None
         self._writer_pid = 0
         self._writer_lock = threading.Lock()
-        _migrate(self.read())
+        _migrate_sqlite(self.read())
 
-    @classmethod
-    def for_settings(cls, settings: Settings) -> Database:
-        """The database of `settings.data_dir`, one instance per file and process."""
-        path = (Path(settings.data_dir) / DB_FILE).resolve()
-        with _databases_lock:
-            database = _databases.get(path)
-            if database is None:
-                database = _databases[path] = cls(path)
-            return database
-
-    # ------------------------------------------------------------------ connections
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
         db.row_factory = sqlite3.Row
@@ -161,15 +156,13 @@ class Database:
         return db
 
     def read(self) -> sqlite3.Connection:
-        """This thread's connection, for reads (autocommit: each statement sees the latest commit)."""
         db = getattr(self._local, "db", None)
         if db is None:
             db = self._local.db = self._open()
         return db
 
-    def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `work` in the writer thread inside a transaction; returns its result once that is committed,
-        or raises what `work` raised (its changes undone, the rest of its group committed)."""
+    def write(self, work: Callable[[Any], T]) -> T:
+        """See `Database.write`; here `work` runs in the writer thread, in a group (module docstring)."""
         done: Future[T] = Future()
         with self._writer_lock:
             # A forked child inherits the queue but not the thread that serves it.
@@ -206,8 +199,14 @@ class Database:
                     db.close()
                 return
 
+    def read_settled(self, table: str, work: Callable[[Connection], T]) -> T:
+        # One writer at a time: rows are committed in the order of their numbers already.
+        return work(self.read())
+
+    def serialize(self, db: Connection, *keys: str) -> None:
+        pass  # SQLite commits one transaction at a time: every write is serialized already.
+
     def close(self) -> None:
-        """Close this thread's connection and stop the writer (the next write starts a new one)."""
         db = getattr(self._local, "db", None)
         if db is not None:
             db.close()
@@ -218,11 +217,7 @@ class Database:
             self._writes = None
 
 
-_databases: dict[Path, Database] = {}
-_databases_lock = threading.Lock()
-
-
-def _migrate(db: sqlite3.Connection) -> None:
+def _migrate_sqlite(db: sqlite3.Connection) -> None:
     if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
         return
     db.execute("BEGIN IMMEDIATE")
@@ -230,9 +225,8 @@ def _migrate(db: sqlite3.Connection) -> None:
         # Read again under the write lock: another process may have migrated meanwhile.
         version = db.execute("PRAGMA user_version").fetchone()[0]
         for step in MIGRATIONS[version:]:
-            for statement in (s.strip() for s in step.split(";")):
-                if statement:
-                    db.execute(statement)
+            for statement in statements(step):
+                db.execute(statement)
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
     except BaseException:
@@ -241,8 +235,7 @@ def _migrate(db: sqlite3.Connection) -> None:
         raise
 
 
-def _commit_group(db: sqlite3.Connection, group: Sequence[Callable[[sqlite3.Connection], Any]]
-                  ) -> list[tuple[Any, Exception | None]]:
+def _commit_group(db: sqlite3.Connection, group: Sequence[Callable[[Any], Any]]) -> list[tuple[Any, Exception | None]]:
     """Run every write of `group` in one transaction and commit once; returns (result, error) per write.
 
     Each write runs in its own savepoint, so one that raises (a malformed event) is undone alone and the
@@ -256,9 +249,9 @@ def _commit_group(db: sqlite3.Connection, group: Sequence[Callable[[sqlite3.Conn
             try:
                 outcomes.append((work(db), None))
             except Exception as exc:
-                db.execute("ROLLBACK TO write")
+                db.execute("ROLLBACK TO SAVEPOINT write")
                 outcomes.append((None, exc))
-            db.execute("RELEASE write")
+            db.execute("RELEASE SAVEPOINT write")
         db.execute("COMMIT")
     except BaseException:
         # Some errors (disk full, I/O) have already ended the transaction.
@@ -266,3 +259,219 @@ def _commit_group(db: sqlite3.Connection, group: Sequence[Callable[[sqlite3.Conn
             db.execute("ROLLBACK")
         raise
     return outcomes
+
+
+# ------------------------------------------------------------------------------------------ PostgreSQL
+# The advisory lock every process takes to migrate the schema (any fixed 64-bit number of our own).
+_MIGRATION_LOCK = 0x6770_7434_726F_6901
+_WRITE_ATTEMPTS = 5
+
+
+class PostgresDatabase(Database):
+    """A PostgreSQL database: a read connection per thread, a pool of write connections, one transaction per
+    write (module docstring)."""
+
+    dialect = "postgresql"
+
+    def __init__(self, url: str, pool_size: int = 8):
+        self.url = url
+        self.pool_size = pool_size
+        self._local = threading.local()
+        self._pool: Any = None
+        self._pool_pid = 0
+        self._pool_lock = threading.Lock()
+        with self._connect(autocommit=False) as db:
+            _migrate_postgres(db)
+
+    @property
+    def where(self) -> str:
+        """host:port/name of the database, without credentials (for messages)."""
+        parts = urlsplit(self.url)
+        return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+
+    def _connect(self, autocommit: bool) -> Any:
+        import psycopg
+
+        try:
+            return psycopg.connect(self.url, autocommit=autocommit, row_factory=_row_factory, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"the database at {self.where} (DATABASE_URL) does not answer: "
+                                   f"{_first_line(exc)}") from None
+
+    def read(self) -> _PostgresConnection:
+        db: _PostgresConnection | None = getattr(self._local, "db", None)
+        if db is None or db.pid != os.getpid() or db.raw.closed or db.raw.broken:
+            db = self._local.db = _PostgresConnection(self._connect(autocommit=True))
+        return db
+
+    def write(self, work: Callable[[Any], T]) -> T:
+        """See `Database.write`: one transaction on a pooled connection, retried on a deadlock or a
+        serialization failure (nothing of a failed attempt is kept)."""
+        import psycopg
+        from psycopg import errors
+
+        for attempt in range(1, _WRITE_ATTEMPTS + 1):
+            try:
+                with self._writer_pool().connection() as raw, raw.transaction():
+                    return work(_PostgresConnection(raw))
+            except (errors.DeadlockDetected, errors.SerializationFailure):
+                if attempt == _WRITE_ATTEMPTS:
+                    raise
+                time.sleep(0.01 * attempt)
+            except psycopg.OperationalError as exc:
+                raise StoreUnavailable(f"the database at {self.where} (DATABASE_URL) failed: "
+                                       f"{_first_line(exc)}") from None
+        raise AssertionError("unreachable")
+
+    def _writer_pool(self) -> Any:
+        from psycopg_pool import ConnectionPool, PoolTimeout
+
+        with self._pool_lock:
+            # A forked child must not share the parent's sockets.
+            if self._pool is None or self._pool_pid != os.getpid():
+                self._pool = _Pool(ConnectionPool, PoolTimeout, self)
+                self._pool_pid = os.getpid()
+            return self._pool
+
+    def read_settled(self, table: str, work: Callable[[Connection], T]) -> T:
+        if not table.isidentifier():
+            raise ValueError(f"not a table name: {table!r}")
+
+        def settled(db: Connection) -> T:
+            # SHARE waits for the transactions inserting into the table and holds new ones back until this
+            # read ends; an insert draws its number only once it has the table, so none can come in below.
+            db.execute(f"LOCK TABLE {table} IN SHARE MODE")
+            return work(db)
+
+        return self.write(settled)
+
+    def serialize(self, db: Connection, *keys: str) -> None:
+        # Sorted, so that two writes about the same keys never wait for each other in opposite orders.
+        for key in sorted(set(keys)):
+            db.execute("SELECT pg_advisory_xact_lock(?)", (_lock_id(key),))
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.raw.close()
+            self._local.db = None
+        with self._pool_lock:
+            if self._pool is not None and self._pool_pid == os.getpid():
+                self._pool.close()
+            self._pool = None
+
+
+class _Pool:
+    """psycopg_pool's pool, turning "no connection could be had" into `StoreUnavailable`."""
+
+    def __init__(self, pool_class: Any, timeout_error: type[Exception], database: PostgresDatabase):
+        self._timeout_error = timeout_error
+        self._database = database
+        self._pool = pool_class(database.url, min_size=1, max_size=database.pool_size, timeout=15,
+                                kwargs={"row_factory": _row_factory, "connect_timeout": 10},
+                                name="backend-store", open=True)
+
+    def connection(self) -> Any:
+        return _PoolConnection(self._pool, self._timeout_error, self._database.where)
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+class _PoolConnection:
+    def __init__(self, pool: Any, timeout_error: type[Exception], where: str):
+        self._context = pool.connection()
+        self._timeout_error = timeout_error
+        self._where = where
+
+    def __enter__(self) -> Any:
+        try:
+            return self._context.__enter__()
+        except self._timeout_error as exc:
+            raise StoreUnavailable(f"no connection to the database at {self._where} (DATABASE_URL) could be "
+                                   f"had: {_first_line(exc)}") from None
+
+    def __exit__(self, *exc_info: Any) -> Any:
+        return self._context.__exit__(*exc_info)
+
+
+class _PostgresConnection:
+    """A psycopg connection that takes the store's SQL (`?` placeholders) and gives rows by position or name."""
+
+    def __init__(self, raw: Any):
+        self.raw = raw
+        self.pid = os.getpid()
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ()) -> Any:
+        return self.raw.execute(_postgres_sql(sql), tuple(parameters))
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Any:
+        cursor = self.raw.cursor()
+        cursor.executemany(_postgres_sql(sql), [tuple(row) for row in rows])
+        return cursor
+
+
+class _Row(tuple):
+    """A result row: `row[0]` or `row["column"]`, like `sqlite3.Row`."""
+
+    __slots__ = ()
+    _index: ClassVar[dict[str, int]] = {}
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return tuple.__getitem__(self, self._index[key])
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+
+@functools.lru_cache(maxsize=256)
+def _row_class(names: tuple[str, ...]) -> type[_Row]:
+    return type("Row", (_Row,), {"__slots__": (), "_index": {name: i for i, name in enumerate(names)}})
+
+
+def _row_factory(cursor: Any) -> Callable[[Sequence[Any]], _Row]:
+    row_class = _row_class(tuple(column.name for column in cursor.description or ()))
+    return row_class
+
+
+@functools.lru_cache(maxsize=512)
+def _postgres_sql(sql: str) -> str:
+    """`?` placeholders → psycopg's `%s` (outside quoted text), literal `%` doubled."""
+    out, quoted = [], False
+    for char in sql:
+        if char == "'":
+            quoted = not quoted
+        if char == "%":
+            out.append("%%")
+        elif char == "?" and not quoted:
+            out.append("%s")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def _lock_id(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+def _migrate_postgres(db: Any) -> None:
+    with db.transaction():
+        db.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+        row = db.execute("SELECT version FROM schema_version").fetchone()
+        version = int(row[0]) if row else 0
+        if version >= SCHEMA_VERSION:
+            return
+        for step in MIGRATIONS[version:]:
+            for statement in statements(step):
+                db.execute(postgres_ddl(statement))
+        db.execute("DELETE FROM schema_version")
+        db.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))
+    log.info("database at %s migrated from schema %d to %d", urlsplit(db.info.dsn).path or "?", version,
+             SCHEMA_VERSION)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -4,7 +4,9 @@ files, and the held-out split.
 - `local_images`: task images fetched once with the worker's rules (`backend.images`: tokens, limits, the
   fetch policy), decoded as the annotator saw them (EXIF orientation applied) and kept as PNG under
   `DATA_DIR/image-cache/<sha256 of the fetched bytes>.png`; the `images` table remembers which reference
-  became which file.
+  became which file. A copy is kept IMAGE_CACHE_RETENTION_DAYS after its last fetch: each call first forgets
+  older rows and removes older files, and a fine-tune that still needs such an image fetches it again, under
+  the fetch policy and permissions of that day.
 - `training_records`: one record per question the corrections answer (`model.data_format`).
 - `split_held_out`: a fixed share of tasks, chosen by a hash of the task id, is kept for evaluation.
 """
@@ -12,6 +14,7 @@ files, and the held-out split.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,8 +26,11 @@ from backend.images import ImageError, ImageLoader, decode_image
 from backend.settings import Settings
 from backend.store import Database
 
+log = logging.getLogger(__name__)
+
 IMAGE_CACHE_DIR = "image-cache"
 LocalImage = tuple[Path, int, int]
+_DAY_S = 86_400
 
 
 def local_images(settings: Settings, references: Iterable[tuple[str, str | None]],
@@ -34,6 +40,7 @@ def local_images(settings: Settings, references: Iterable[tuple[str, str | None]
     database = Database.for_settings(settings)
     cache = Path(settings.data_dir) / IMAGE_CACHE_DIR
     cache.mkdir(parents=True, exist_ok=True)
+    _prune(database, cache, time.time() - settings.image_cache_retention_days * _DAY_S)
     found: dict[str, LocalImage] = {}
     failed: dict[str, str] = {}
     owned = loader is None
@@ -72,10 +79,32 @@ def _fetch(settings: Settings, database: Database, loader: ImageLoader, cache: P
 
         with Image.open(path) as image:
             size = image.size
+        # Another reference with the same bytes wrote it earlier; its age must count from this fetch too.
+        os.utime(path)
     database.write(lambda db: db.execute(
-        "INSERT OR REPLACE INTO images (reference, sha256, path, width, height, fetched_at) VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO images (reference, sha256, path, width, height, fetched_at) VALUES (?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (reference) DO UPDATE SET sha256 = excluded.sha256, path = excluded.path, "
+        "width = excluded.width, height = excluded.height, fetched_at = excluded.fetched_at",
         (reference, digest, str(path), size[0], size[1], time.time())))
     return path, size[0], size[1]
+
+
+def _prune(database: Database, cache: Path, cutoff: float) -> None:
+    """Forget images fetched before `cutoff`: their rows, and the files of this machine's cache that no fetch
+    has touched since (a file's modification time is its last fetch; files another machine's rows name are
+    pruned by that machine)."""
+    forgotten = database.write(lambda db: db.execute("DELETE FROM images WHERE fetched_at < ?", (cutoff,)).rowcount)
+    removed = 0
+    for path in cache.iterdir():
+        try:
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue  # removed meanwhile by another process
+    if forgotten or removed:
+        log.info("image cache: forgot %d reference(s) and removed %d file(s) past IMAGE_CACHE_RETENTION_DAYS",
+                 forgotten, removed)
 
 
 def _cached(database: Database, reference: str) -> LocalImage | None:

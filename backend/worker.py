@@ -36,6 +36,7 @@ from rq.timeouts import JobTimeoutException
 from rq.worker import WorkerStatus
 
 from backend import registry
+from backend.calibration import Calibration
 from backend.corrections import CorrectionsStore
 from backend.describe import Description, describe_many, load_annotator, release_memory, resolve_device
 from backend.images import ImageError, ImageLoader
@@ -83,6 +84,7 @@ class Predictor:
         self.queue = queue
         self.images = ImageCache(ImageLoader(settings), settings.image_cache_size)
         self.annotator: Any = None
+        self.calibration = Calibration()
         self.version: str | None = None
         self._label_studio: LabelStudioClient | None = None
 
@@ -97,6 +99,7 @@ class Predictor:
             release_memory()
             self.annotator = load_annotator(path, resolve_device(self.settings.device), self.settings.dtype,
                                             self.settings.annotator_class)
+            self.calibration = Calibration.load(path)
             log.info("model %s loaded from %s in %.1f s", version, path, time.perf_counter() - started)
             self.version = version
         return version
@@ -129,7 +132,7 @@ class Predictor:
                 (index, Description(image, plan, regions, keep_drawn), fetch_ms))
         for max_new_tokens, group in ready.items():
             model_started = time.perf_counter()
-            answers = describe_many(self.annotator, [item for _, item, _ in group], max_new_tokens)
+            answers = describe_many(self.annotator, [item for _, item, _ in group], max_new_tokens, self.calibration)
             done = time.perf_counter()
             batch = {"jobs": len(group), "regions": sum(len(item.regions) for _, item, _ in group)}
             for (index, item, fetch_ms), regions in zip(group, answers, strict=True):

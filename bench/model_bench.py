@@ -17,7 +17,7 @@ import torch
 
 from model.configuration_gpt4roi import GPT4RoIConfig
 from model.demo.synthetic import corpus_texts, make_image
-from model.generation import GenerationConfig, generate, generation_prompt
+from model.generation import GenerationConfig, generate_answers, generation_prompt
 from model.inference import RegionAnnotator, RegionQuery
 from model.modeling_gpt4roi import GPT4RoIForCausalLM
 from model.processing_gpt4roi import GPT4RoIProcessor
@@ -35,7 +35,8 @@ def one_at_a_time(annotator: RegionAnnotator, queries: list[RegionQuery], max_ne
             features = annotator.model.encode_images(pixels)
         ids = annotator.tokenizer.encode(annotator.processor.expand_image_tokens(generation_prompt(query.question)))
         boxes = [torch.tensor(query.boxes, dtype=torch.float32, device=annotator.device)]
-        answers += generate(annotator.model, annotator.tokenizer, [ids], boxes, features, [0], config)
+        answers += [a.text for a in generate_answers(annotator.model, annotator.tokenizer, [ids], boxes, features,
+                                                      [0], config)]
     return answers
 
 

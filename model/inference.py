@@ -19,11 +19,12 @@ import torch
 from PIL import Image
 
 from .generation import (
+    Answer,
     GenerationConfig,
     answer_ids,
-    generate,
+    answer_log_likelihood,
+    generate_answers,
     generation_prompt,
-    sequence_log_likelihood,
     split_prefix,
 )
 from .modeling_gpt4roi import GPT4RoIForCausalLM, ImageFeatures
@@ -147,18 +148,25 @@ class RegionAnnotator:
     def _encode_prompt(self, question: str) -> list[int]:
         return self.tokenizer.encode(self._prompt(question))
 
-    def _encode_answer(self, question: str, answer: str) -> tuple[list[int], list[int]]:
-        return answer_ids(self.tokenizer, self._prompt(question), answer)
+    def _encode_answer(self, question: str, answer: str) -> tuple[int, ...]:
+        """The tokens of `" {answer}\\n###"` as they follow the question's prompt."""
+        ids, _ = answer_ids(self.tokenizer, self._prompt(question), answer)
+        return tuple(ids[len(self._prompt_ids(question)):])
 
     def answer(self, queries: Sequence[RegionQuery], max_new_tokens: int = 32) -> list[str]:
         """Greedy answers, one per query, batched `max_batch_size` prompts at a time."""
-        answers: list[str] = []
+        return [answer.text for answer in self.answer_with_confidence(queries, max_new_tokens)]
+
+    def answer_with_confidence(self, queries: Sequence[RegionQuery], max_new_tokens: int = 32) -> list[Answer]:
+        """`answer`, each with the model's confidence in it (`generation.Answer`)."""
+        answers: list[Answer] = []
         config = GenerationConfig(max_new_tokens=max_new_tokens)
         for start in range(0, len(queries), self.max_batch_size):
             chunk = queries[start: start + self.max_batch_size]
             features, image_index, boxes = self._prepare(chunk)
             prompt_ids = [self._prompt_ids(q.question) for q in chunk]
-            answers += generate(self.model, self.tokenizer, prompt_ids, boxes, features, image_index, config)
+            answers += generate_answers(self.model, self.tokenizer, prompt_ids, boxes, features, image_index,
+                                        config)
         return answers
 
     def score(
@@ -175,15 +183,23 @@ class RegionAnnotator:
         for query, options in zip(queries, candidates, strict=True):
             if not options:
                 raise ValueError(f"no candidates for question {query.question!r}")
-        rows = [(q, i, c) for i, (q, options) in enumerate(zip(queries, candidates, strict=True)) for c in options]
-        totals = torch.empty(len(rows))
+        # One row per query and up to max_batch_size of its candidates: the question runs once for all of
+        # them (`answer_log_likelihood` packs them after it), and a row's length stays bounded.
+        rows = [
+            (query, options[start: start + self.max_batch_size])
+            for query, options in zip(queries, candidates, strict=True)
+            for start in range(0, len(options), self.max_batch_size)
+        ]
+        totals = []
         for start in range(0, len(rows), self.max_batch_size):
             chunk = rows[start: start + self.max_batch_size]
-            features, image_index, boxes = self._prepare([q for q, _, _ in chunk])
-            sequences = [self._answer_ids(q.question, c) for q, _, c in chunk]
-            totals[start: start + len(chunk)] = sequence_log_likelihood(
-                self.model, self.tokenizer, sequences, boxes, features, image_index
-            ).cpu()
+            features, image_index, boxes = self._prepare([q for q, _ in chunk])
+            prompt_ids = [self._prompt_ids(q.question) for q, _ in chunk]
+            answers = [[self._answer_ids(q.question, c) for c in options] for q, options in chunk]
+            totals.append(answer_log_likelihood(
+                self.model, self.tokenizer, prompt_ids, answers, boxes, features, image_index
+            ).cpu())
+        totals = torch.cat(totals)
         results: list[dict[str, float]] = []
         position = 0
         for options in candidates:

@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import redis
 
+from backend.store import close_databases
 from tests.support import WEBHOOK_SECRET, redis_server
 from tests.support.fake_labelstudio import LS_TOKEN, FakeLabelStudio, running_fake_labelstudio
 from tests.support.model_factory import MODEL_VERSION
+from tests.support.postgres import fresh_database
 from tests.support.processes import Api, Process, backend_env, start_api, start_worker
 from tests.support.redis_server import KEY_PREFIX, REDIS_URL
 
@@ -32,6 +34,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         redis_server.clean(connection, keep_workers=False)
         connection.close()
     redis_server.SESSION.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """DATABASE_URL for a test of the store, which runs once per engine: "" (SQLite under DATA_DIR) and a
+    PostgreSQL database of its own (`tests.support.postgres`)."""
+    if request.param == "sqlite":
+        yield ""
+        return
+    with fresh_database() as url:
+        yield url
+        close_databases()
 
 
 @pytest.fixture(scope="session")

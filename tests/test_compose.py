@@ -22,7 +22,7 @@ from backend.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 BACKEND_SERVICES = ("backend", "worker", "finetune")
-LONG_RUNNING = ("label-studio", "redis", "backend", "worker")
+LONG_RUNNING = ("label-studio", "redis", "postgres", "backend", "worker")
 GPU_RESERVATION = {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ${NAME?error}
 VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
@@ -85,7 +85,7 @@ def settings_env_names() -> set[str]:
 
 
 def test_compose_has_every_service(services: dict[str, Any]):
-    assert set(services) == {"label-studio", "redis", "backend", "worker", "finetune-worker", "finetune"}
+    assert set(services) == {"label-studio", "redis", "postgres", "backend", "worker", "finetune-worker", "finetune"}
 
 
 def test_the_finetune_queue_has_a_consumer_with_its_own_gpu(services: dict[str, Any]):
@@ -255,3 +255,22 @@ def test_dockerignore_keeps_data_and_git_out_of_the_build_context():
                if line.strip() and not line.startswith("#")}
     assert {".git", "data", ".env", "__pycache__"} <= ignored
     assert not ignored & {"backend", "model", "pyproject.toml", "README.md"}, "the image needs these"
+
+
+def test_every_backend_process_shares_one_postgres_database(services: dict[str, Any]):
+    urls = {environment(services[name])["DATABASE_URL"] for name in (*BACKEND_SERVICES, "finetune-worker")}
+    assert len(urls) == 1
+    url = urlsplit(urls.pop())
+    assert (url.scheme, url.hostname, url.port) == ("postgresql", "postgres", 5432)
+    postgres = services["postgres"]
+    assert environment(postgres)["POSTGRES_PASSWORD"] == url.password
+    assert environment(postgres)["POSTGRES_USER"] == url.username and url.path == "/" + environment(postgres)[
+        "POSTGRES_DB"]
+    assert ("postgres-data", PurePosixPath("/var/lib/postgresql/data")) in mounts(postgres)
+    assert "pg_isready" in postgres["healthcheck"]["test"]
+    for name in BACKEND_SERVICES:
+        assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def test_the_api_scales_with_replicas(services: dict[str, Any]):
+    assert "replicas" in services["backend"]["deploy"]

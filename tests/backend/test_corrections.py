@@ -29,7 +29,7 @@ from backend.metrics import Metrics
 from backend.payloads import make_payload
 from backend.runs import FinetuneRuns, RunStatus
 from backend.settings import Settings
-from backend.store import DB_FILE, Database
+from backend.store import DB_FILE, SQLiteDatabase
 from backend.training_data import IMAGE_CACHE_DIR, is_held_out, local_images, split_held_out, training_records
 from model.data_format import read_jsonl, write_jsonl
 from model.prompts import attribute_question, caption_question
@@ -55,12 +55,25 @@ def annotation(annotation_id: int, task_id: int, caption: str, **changes: Any) -
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    """Settings with their own DATA_DIR and local images; Redis unreachable unless a test says otherwise."""
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    """Settings with their own database (each test runs on SQLite and on PostgreSQL), DATA_DIR and local
+    images; Redis unreachable unless a test says otherwise."""
     return Settings.from_env({}, data_dir=tmp_path / "data", model_dir=tmp_path / "models",
+                             database_url=database_url,
                              local_files_document_root=str(tmp_path / "images"),
                              redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_socket_timeout=0.5,
                              key_prefix=KEY_PREFIX)
+
+
+def fresh_query(settings: Settings, sql: str, parameters: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """Rows from a connection of its own, opened for this query alone (as another process would)."""
+    if settings.database_url:
+        import psycopg
+
+        with psycopg.connect(settings.database_url) as fresh:
+            return fresh.execute(sql.replace("?", "%s"), parameters).fetchall()
+    with contextlib.closing(sqlite3.connect(Path(settings.data_dir) / DB_FILE)) as fresh:
+        return fresh.execute(sql, parameters).fetchall()
 
 
 def store_of(settings: Settings) -> CorrectionsStore:
@@ -334,7 +347,6 @@ def test_a_redis_outage_does_not_lose_the_event(settings):
 
 
 def test_concurrent_webhooks_are_all_stored_once_and_committed_before_each_call_returns(settings):
-    path = store_of(settings).database.path
     errors: list[BaseException] = []
 
     def send(offset: int) -> None:
@@ -342,9 +354,7 @@ def test_concurrent_webhooks_are_all_stored_once_and_committed_before_each_call_
             for k in range(10):
                 store_of(settings).record_event(annotation(offset + k, offset + k, f"caption {offset + k}"))
                 # Another connection (another process, after a crash) already sees it.
-                with contextlib.closing(sqlite3.connect(path)) as fresh:
-                    found = fresh.execute("SELECT caption FROM samples WHERE annotation_id = ?",
-                                          (offset + k,)).fetchall()
+                found = fresh_query(settings, "SELECT caption FROM samples WHERE annotation_id = ?", (offset + k,))
                 assert found == [(f"caption {offset + k}",)]
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
@@ -376,7 +386,7 @@ def test_the_webhook_route_answers_after_the_commit(api, base_env):
     elapsed = time.perf_counter() - started
     assert response.status_code == 200 and response.json()["samples"] == 1
     assert elapsed < 1.0
-    store = CorrectionsStore(Database(Path(base_env["DATA_DIR"]) / DB_FILE))
+    store = CorrectionsStore(SQLiteDatabase(Path(base_env["DATA_DIR"]) / DB_FILE))
     [region] = [r for r in store.regions() if r.annotation_id == 987_654]
     assert region.caption == "stored before the answer"
 
@@ -437,7 +447,7 @@ def test_report_prints_a_table_and_writes_a_plot(settings, tmp_path):
     seed_versions(settings)
     png = tmp_path / "plot.png"
     env = {"DATA_DIR": str(settings.data_dir), "MODEL_DIR": str(settings.model_dir), "PATH": "/usr/bin:/bin",
-           "PYTHONPATH": str(REPO)}
+           "PYTHONPATH": str(REPO), "DATABASE_URL": settings.database_url}
     done = subprocess.run([sys.executable, "-m", "backend", "report", "--png", str(png)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

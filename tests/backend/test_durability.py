@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from backend.corrections import CorrectionsStore
-from backend.store import DB_FILE, Database
+from backend.store import DB_FILE, SQLiteDatabase
 from backend.webhooks import SECRET_HEADER
 from tests.support import WEBHOOK_SECRET, capture
 from tests.support.processes import backend_env, start_api
@@ -80,7 +80,7 @@ def test_every_acknowledged_webhook_survives_a_sigkill(base_env, tmp_path):
     path = Path(env["DATA_DIR"]) / DB_FILE
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    store = CorrectionsStore(Database(path))
+    store = CorrectionsStore(SQLiteDatabase(path))
     stored = store.annotation_ids()
     assert acknowledged <= stored, f"lost {sorted(acknowledged - stored)[:10]}"
     captions = {r.annotation_id: r.caption for r in store.regions()}
@@ -93,4 +93,4 @@ def test_every_acknowledged_webhook_survives_a_sigkill(base_env, tmp_path):
         assert again.client.post("/webhook", json=annotation_webhook(42)).status_code == 200
     finally:
         again.stop()
-    assert {42} | acknowledged <= CorrectionsStore(Database(path)).annotation_ids()
+    assert {42} | acknowledged <= CorrectionsStore(SQLiteDatabase(path)).annotation_ids()

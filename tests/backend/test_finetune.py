@@ -26,7 +26,7 @@ from backend.finetune import FinetuneOptions, Verdict, decide, finetune_lock, lo
 from backend.labelconfig import FillPlan
 from backend.runs import FinetuneRuns, RunStatus
 from backend.settings import Settings
-from backend.store import DB_FILE, Database
+from backend.store import DB_FILE, SQLiteDatabase
 from backend.training_data import is_held_out
 from tests.support import REPO, WEBHOOK_SECRET, capture, wait_until
 from tests.support.hitl import DEMO_CONFIG, SceneTask, annotation_event, make_tasks
@@ -40,7 +40,7 @@ BASE = "tiny-0"
 @pytest.fixture
 def env(tmp_path: Path, tiny_checkpoint: Path, redis_db: redis.Redis) -> dict[str, str]:
     """The environment of a fine-tune: a registry whose current version is the tiny model, fast settings."""
-    settings = Settings.from_env({}, model_dir=tmp_path / "models")
+    settings = Settings.from_env({}, model_dir=tmp_path / "models", data_dir=tmp_path / "data")
     registry.import_checkpoint(settings, tiny_checkpoint, BASE, symlink=True)
     return {
         "MODEL_DIR": str(tmp_path / "models"), "DATA_DIR": str(tmp_path / "data"),
@@ -124,6 +124,11 @@ def test_a_first_run_trains_publishes_and_waits_for_review_then_the_next_promote
     assert meta["training"]["steps"] == 2 and meta["training"]["trainable"] == "lora"
     folder = registry.checkpoint_path(settings, name)
     assert (folder / "lora" / "adapter" / "adapter_config.json").is_file()
+    # The candidate's confidences travel with it, with how reliable they were on the held-out corrections.
+    assert (folder / "calibration.json").is_file()
+    assert meta["calibration"]["regions"] == len(held)
+    assert meta["calibration"]["calibrated"]["all"]["fields"] == 5 * len(held)
+    assert 0.0 <= meta["calibration"]["calibrated"]["all"]["ece"] <= 1.0
     assert not any(p.name.startswith(".staging-") for p in Path(settings.model_dir).iterdir())
 
     # The published checkpoint is what the worker loads, and training changed it.
@@ -275,7 +280,7 @@ def start_script(env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 def wait_for_training(env: dict[str, str], process: subprocess.Popen, log: Path) -> None:
-    runs = FinetuneRuns(Database(Path(env["DATA_DIR"]) / DB_FILE))
+    runs = FinetuneRuns(SQLiteDatabase(Path(env["DATA_DIR"]) / DB_FILE))
 
     def running() -> bool:
         if process.poll() is not None:

@@ -196,8 +196,9 @@ class TestPredictions:
                          "t2r2": ["rectanglelabels", "textarea", "choices"]}
         rect = prediction["result"][0]
         assert rect["value"]["rectanglelabels"] == ["Text"] and rect["score"] == pytest.approx(0.8)
-        # label 0.8 and attrs 0.7 for each region
-        assert prediction["score"] == pytest.approx(0.75)
+        assert [item["score"] for item in prediction["result"] if item["type"] == "choices"] == [0.7, 0.7]
+        # The chance that both regions' label (0.8) and choice (0.7) are all kept.
+        assert prediction["score"] == pytest.approx((0.8 * 0.7) ** 2)
 
     def test_interactive_prediction_echoes_the_drawn_item_and_keeps_its_label(self):
         plan = FillPlan.from_label_config(CAPTURED_CONFIG)
@@ -228,14 +229,46 @@ class TestPredictions:
         assert prediction == {"result": [], "score": 0.0, "model_version": "v1"}
         validate_prediction(CAPTURED_CONFIG, prediction)
 
-    def test_caption_only_config_scores_one(self):
+    def test_a_caption_only_prediction_scores_its_caption_confidence_never_1(self):
         xml = ('<View><Image name="img" value="$image"/><Rectangle name="box" toName="img"/>'
                '<TextArea name="desc" toName="img" perRegion="true"/></View>')
         plan = FillPlan.from_label_config(xml)
         regions = [Region("r1", 10, 10, 20, 20, original_width=50, original_height=50)]
-        prediction = build_prediction(plan, regions, [{"caption": "x", "choices": {}, "label": None}], "v")
+        answer = {"caption": "x", "choices": {}, "label": None, "confidence": {"caption": 0.4}}
+        prediction = build_prediction(plan, regions, [answer], "v")
         validate_prediction(xml, prediction)
-        assert prediction["score"] == 1.0
+        assert prediction["score"] == pytest.approx(0.4)
+        assert prediction["result"][1]["score"] == pytest.approx(0.4)
+        # Nothing known about the caption: the task comes first in the least-certain order, not last.
+        unknown = build_prediction(plan, regions, [{"caption": "x", "choices": {}, "label": None}], "v")
+        assert unknown["score"] == 0.0
+
+    def test_calibrated_confidences_score_the_results_and_the_task(self):
+        plan = FillPlan.from_label_config(CAPTURED_CONFIG)
+        regions = regions_from_task(plan, capture("07")["request"]["json"]["tasks"][0])
+        answers = answers_for(plan, regions, label="Text")
+        control = plan.choices[0].name
+        for answer in answers:
+            answer["confidence"] = {"caption": 0.5, "choices": {control: 0.6}, "label": 0.9}
+        prediction = build_prediction(plan, regions, answers, "v7")
+        validate_prediction(CAPTURED_CONFIG, prediction)
+        scores = {(item["id"], item["type"]): item["score"] for item in prediction["result"]}
+        assert set(scores.values()) == {0.5, 0.6, 0.9}
+        assert prediction["score"] == pytest.approx((0.5 * 0.6 * 0.9) ** 2)
+
+    def test_a_more_probable_answer_never_scores_lower(self):
+        plan = FillPlan.from_label_config(CAPTURED_CONFIG)
+        regions = regions_from_task(plan, capture("07")["request"]["json"]["tasks"][0])[:1]
+        control = plan.choices[0]
+
+        def score(probability: float) -> float:
+            rest = (1 - probability) / (len(control.candidates) - 1)
+            distribution = {value: probability if i == 0 else rest for i, value in enumerate(control.candidates)}
+            answer = {"caption": "x", "choices": {control.name: distribution}, "label": None}
+            return build_prediction(plan, regions, [answer], "v")["score"]
+
+        figures = [score(p / 10) for p in range(4, 11)]
+        assert figures == sorted(figures) and all(0.0 <= f <= 1.0 for f in figures)
 
     def test_missing_image_size_is_taken_from_the_decoded_image(self):
         plan = FillPlan.from_label_config(CAPTURED_CONFIG)

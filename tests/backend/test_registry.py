@@ -26,11 +26,12 @@ def fake_checkpoint(path: Path, marker: str = "x") -> Path:
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    """A registry whose first version is `base`, its pointer in SQLite or in PostgreSQL."""
     root = tmp_path / "models"
     fake_checkpoint(root / "base")
     (root / "current").write_text("base\n")
-    return Settings.from_env({}, model_dir=root, data_dir=tmp_path / "data")
+    return Settings.from_env({}, model_dir=root, data_dir=tmp_path / "data", database_url=database_url)
 
 
 def publish(settings: Settings, parent: str, when: dt.datetime, **metadata: object) -> str:
@@ -96,7 +97,7 @@ def test_the_pointer_moves_atomically_with_history_and_rolls_back(settings):
 
 
 def test_a_single_checkpoint_model_dir_is_served_but_cannot_take_new_versions(tmp_path):
-    single = Settings.from_env({}, model_dir=fake_checkpoint(tmp_path / "demo-7"))
+    single = Settings.from_env({}, model_dir=fake_checkpoint(tmp_path / "demo-7"), data_dir=tmp_path / "data")
     assert registry.current_version(single) == "demo-7"
     assert registry.list_versions(single) == ["demo-7"]
     with pytest.raises(RegistryError, match="single checkpoint, not a registry"):
@@ -105,7 +106,7 @@ def test_a_single_checkpoint_model_dir_is_served_but_cannot_take_new_versions(tm
 
 def test_an_existing_checkpoint_can_be_imported_as_a_version(tmp_path):
     source = fake_checkpoint(tmp_path / "trained-elsewhere", marker="m")
-    settings = Settings.from_env({}, model_dir=tmp_path / "registry")
+    settings = Settings.from_env({}, model_dir=tmp_path / "registry", data_dir=tmp_path / "data")
     registry.import_checkpoint(settings, source, "demo", symlink=True)
     assert registry.current_version(settings) == "demo"
     assert registry.checkpoint_path(settings, "demo").resolve() == source
@@ -121,7 +122,7 @@ def test_bad_version_names_are_refused(settings, name):
 
 def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess:
     env = {"MODEL_DIR": str(settings.model_dir), "DATA_DIR": str(settings.data_dir), "PATH": "/usr/bin:/bin",
-           "PYTHONPATH": str(REPO)}
+           "PYTHONPATH": str(REPO), "DATABASE_URL": settings.database_url}
     return subprocess.run([sys.executable, "-m", "backend", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120)
 

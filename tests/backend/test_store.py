@@ -1,9 +1,10 @@
-"""The database engine: migrations, and a writer thread that commits queued writes in groups, each caller
-returning only once its own write is committed."""
+"""The database engines: migrations; on SQLite a writer thread that commits queued writes in groups, each
+caller returning only once its own write is committed; on PostgreSQL, replicas that take turns."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import signal
 import sqlite3
@@ -16,19 +17,23 @@ from typing import Any
 import pytest
 
 from backend import store as store_module
-from backend.store import SCHEMA_VERSION, Database
+from backend.corrections import CorrectionsStore
+from backend.settings import Settings
+from backend.store import SCHEMA_VERSION, Database, PostgresDatabase, SQLiteDatabase, StoreUnavailable
+from tests.support import capture, free_port
+from tests.support.postgres import fresh_database
 
 
 @pytest.fixture
 def database(tmp_path: Path) -> Database:
-    return Database(tmp_path / "db.sqlite3")
+    return SQLiteDatabase(tmp_path / "db.sqlite3")
 
 
 def add_event(action: str) -> Any:
     """A write that stores one event and returns its sequence number."""
-    def work(db: sqlite3.Connection) -> int:
-        return int(db.execute("INSERT INTO events (action, received_at, body) VALUES (?, ?, '{}')",
-                              (action, time.time())).lastrowid)
+    def work(db: Any) -> int:
+        return int(db.execute("INSERT INTO events (action, received_at, body) VALUES (?, ?, '{}') RETURNING seq",
+                              (action, time.time())).fetchone()[0])
     return work
 
 
@@ -38,12 +43,12 @@ def actions(database: Database) -> list[str]:
 
 # ---------------------------------------------------------------------- migrations
 def test_a_new_database_gets_every_migration_once(tmp_path):
-    Database(tmp_path / "db.sqlite3")
+    SQLiteDatabase(tmp_path / "db.sqlite3")
     with contextlib.closing(sqlite3.connect(tmp_path / "db.sqlite3")) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"events", "annotations", "samples", "predictions", "images", "finetune_runs"} <= tables
-    Database(tmp_path / "db.sqlite3")  # opening again changes nothing
+    SQLiteDatabase(tmp_path / "db.sqlite3")  # opening again changes nothing
 
 
 def test_a_database_written_before_versioning_keeps_its_rows(tmp_path):
@@ -52,7 +57,7 @@ def test_a_database_written_before_versioning_keeps_its_rows(tmp_path):
         db.executescript(store_module.MIGRATIONS[0])
         db.execute("INSERT INTO events (action, received_at, body) VALUES ('OLD', 0, '{}')")
         db.commit()
-    assert actions(Database(path)) == ["OLD"]
+    assert actions(SQLiteDatabase(path)) == ["OLD"]
 
 
 # ---------------------------------------------------------------------- the writer
@@ -180,3 +185,102 @@ def test_a_forked_child_writes_through_its_own_writer(database):
         time.sleep(0.05)
     assert os.waitstatus_to_exitcode(done[1]) == 0
     assert actions(database) == ["PARENT", "CHILD"]
+
+
+# ---------------------------------------------------------------------- PostgreSQL
+def test_every_engine_commits_each_write_and_undoes_a_failing_one_alone(tmp_path, database_url):
+    database = Database.for_settings(Settings.from_env({}, data_dir=tmp_path, database_url=database_url))
+
+    def broken(db: Any) -> None:
+        add_event("HALF")(db)
+        raise ValueError("malformed")
+
+    first = database.write(add_event("A"))
+    with pytest.raises(ValueError, match="malformed"):
+        database.write(broken)
+    second = database.write(add_event("B"))
+    assert second > first
+    assert actions(database) == ["A", "B"]
+    row = database.read().execute("SELECT action, seq FROM events WHERE seq = ?", (second,)).fetchone()
+    assert (row["action"], row[1]) == ("B", second)
+
+
+def test_postgres_is_migrated_once_when_processes_start_together():
+    with fresh_database() as url:
+        errors: list[BaseException] = []
+
+        def open_one() -> None:
+            try:
+                PostgresDatabase(url).close()
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_one) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert errors == []
+        import psycopg
+
+        with psycopg.connect(url) as db:
+            assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+            tables = {row[0] for row in db.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        assert {"events", "annotations", "samples", "predictions", "images", "finetune_runs", "model_pointer"} <= tables
+
+
+def test_an_unreachable_postgres_is_a_clear_error_without_the_password():
+    url = f"postgresql://backend:s3cret@127.0.0.1:{free_port()}/corrections"
+    answer = r"127\.0\.0\.1:\d+/corrections \(DATABASE_URL\) does not answer"
+    with pytest.raises(StoreUnavailable, match=answer) as info:
+        PostgresDatabase(url)
+    assert "s3cret" not in str(info.value)
+
+
+def test_replicas_storing_the_same_annotation_take_turns(tmp_path):
+    """Two processes' pools (two API replicas) store deliveries of one annotation at once: every delivery
+    is committed or knowingly ignored as older, none fails on a unique key, and the newest one wins."""
+    with fresh_database() as url:
+        replicas = [CorrectionsStore(PostgresDatabase(url)), CorrectionsStore(PostgresDatabase(url))]
+        errors: list[BaseException] = []
+
+        def deliver(store: CorrectionsStore, minutes: range) -> None:
+            for minute in minutes:
+                body = copy.deepcopy(capture("10")["request"]["json"])
+                body["annotation"]["id"] = 7
+                body["annotation"]["updated_at"] = f"2026-12-02T10:{minute:02d}:00Z"
+                try:
+                    store.record_event(body)
+                except BaseException as exc:  # pragma: no cover - reported below
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=deliver, args=(replicas[i % 2], range(i, 40, 4))) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert errors == []
+        rows = replicas[0].database.read().execute("SELECT updated_at FROM annotations WHERE annotation_id = 7")
+        assert [row[0] for row in rows] == ["2026-12-02T10:39:00Z"]
+        assert len(replicas[1].events()) == 40
+        for replica in replicas:
+            replica.database.close()
+
+
+def test_a_settled_read_waits_for_writes_under_way_so_no_row_comes_in_below_it():
+    with fresh_database() as url:
+        database = PostgresDatabase(url)
+        import psycopg
+
+        with psycopg.connect(url) as slow:  # a replica's transaction that has drawn its number, not committed
+            slow.execute("INSERT INTO events (action, received_at, body) VALUES ('SLOW', 0, '{}')")
+            seen: list[list[str]] = []
+            reader = threading.Thread(target=lambda: seen.append(database.read_settled(
+                "events", lambda db: [row["action"] for row in db.execute("SELECT action FROM events")])))
+            reader.start()
+            reader.join(timeout=1)
+            assert reader.is_alive() and not seen, "the read did not wait for the write under way"
+            slow.commit()
+        reader.join(timeout=30)
+        assert seen == [["SLOW"]]
+        database.close()

@@ -10,6 +10,7 @@ demo model knows these scenes' world, so its answers are checked for being right
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import secrets
@@ -87,9 +88,10 @@ class ConnectedProject:
         return next(s for s in self.scenes if s.task_id == task_id)
 
 
-def scenes(count: int) -> Iterator[tuple[bytes, ObjectSpec, tuple[int, int]]]:
-    """PNG bytes of unseen scenes, each with its largest object that is not the held-back shape."""
-    seed = 0
+def scenes(count: int, first_seed: int = 0) -> Iterator[tuple[bytes, ObjectSpec, tuple[int, int]]]:
+    """PNG bytes of unseen scenes, each with its largest object that is not the held-back shape (other
+    `first_seed`s give other scenes)."""
+    seed = first_seed
     while count:
         image, objects = make_image(image_seed(4242, seed), exclude_shapes=[HELD_OUT_SHAPE])
         seed += 1
@@ -110,32 +112,38 @@ def demo_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def our_backend(labelstudio: LabelStudioServer, image_server: ImageServer, demo_models: Path,
-                tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Api, dict[str, str]]]:
-    """Our API and one worker with the demo model, holding the user's personal access token."""
-    prefix = f"gpt4roi-e2e-{secrets.token_hex(4)}"
-    logs = tmp_path_factory.mktemp("backend-logs")
-    env = backend_env({
-        "REDIS_URL": REDIS_URL, "REDIS_KEY_PREFIX": prefix, "MODEL_DIR": str(demo_models),
-        "DATA_DIR": str(tmp_path_factory.mktemp("backend-data")), "LABEL_STUDIO_URL": labelstudio.url,
-        "LABEL_STUDIO_API_KEY": labelstudio.token, "ALLOWED_IMAGE_HOSTS": urlsplit(image_server.base_url).netloc,
-        "WEBHOOK_SECRET": WEBHOOK_SECRET, "DEVICE": "cpu", "WORKER_HEARTBEAT_TTL": "5",
-        "WORKER_MAINTENANCE_INTERVAL": "2", "INTERACTIVE_TIMEOUT": "90", "BATCH_PREDICT_DEADLINE": "90",
-        "FINETUNE_STEPS": "1", "FINETUNE_DEVICE": "cpu", "LOG_LEVEL": "INFO",
-    })
-    worker: Process = start_worker(env, logs / "worker.log", f"{prefix}-worker")
+@contextlib.contextmanager
+def running_backend(env: dict[str, str], logs: Path) -> Iterator[tuple[Api, dict[str, str]]]:
+    """Our API and one worker on `env` (its own REDIS_KEY_PREFIX), stopped on exit; yields the API and the
+    environment that reaches it (PORT, HOST, BACKEND_URL), for `python -m backend` commands."""
+    worker: Process = start_worker(env, logs / "worker.log", f"{env['REDIS_KEY_PREFIX']}-worker")
     try:
         api = start_api(env, logs / "api.log")
     except BaseException:
         worker.stop()
         raise
-    env = {**env, "PORT": str(urlsplit(api.url).port), "HOST": "127.0.0.1", "BACKEND_URL": api.url}
     try:
-        yield api, env
+        yield api, {**env, "PORT": str(urlsplit(api.url).port), "HOST": "127.0.0.1", "BACKEND_URL": api.url}
     finally:
         api.stop()
         worker.stop()
+
+
+@pytest.fixture(scope="module")
+def our_backend(labelstudio: LabelStudioServer, image_server: ImageServer, demo_models: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Api, dict[str, str]]]:
+    """Our API and one worker with the demo model, holding the user's personal access token."""
+    env = backend_env({
+        "REDIS_URL": REDIS_URL, "REDIS_KEY_PREFIX": f"gpt4roi-e2e-{secrets.token_hex(4)}",
+        "MODEL_DIR": str(demo_models), "DATA_DIR": str(tmp_path_factory.mktemp("backend-data")),
+        "LABEL_STUDIO_URL": labelstudio.url, "LABEL_STUDIO_API_KEY": labelstudio.token,
+        "ALLOWED_IMAGE_HOSTS": urlsplit(image_server.base_url).netloc,
+        "WEBHOOK_SECRET": WEBHOOK_SECRET, "DEVICE": "cpu", "WORKER_HEARTBEAT_TTL": "5",
+        "WORKER_MAINTENANCE_INTERVAL": "2", "INTERACTIVE_TIMEOUT": "90", "BATCH_PREDICT_DEADLINE": "90",
+        "FINETUNE_STEPS": "1", "FINETUNE_DEVICE": "cpu", "LOG_LEVEL": "INFO",
+    })
+    with running_backend(env, tmp_path_factory.mktemp("backend-logs")) as running:
+        yield running
 
 
 def run_backend(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -171,6 +179,26 @@ def connected(ls_client: LabelStudioClient, image_server: ImageServer,
     version = demo_version_name()
     return ConnectedProject(project=project, label_config=label_config, scenes=result, model_version=version,
                             connect_output=done.stdout, env=env)
+
+
+def assert_valid(prediction: dict[str, Any], label_config: str) -> None:
+    """Label Studio's own validation of a prediction finds nothing wrong."""
+    interface = LabelInterface(label_config)
+    assert interface.validate_prediction({k: prediction[k] for k in ("model_version", "score", "result")},
+                                         return_errors=True) == [], prediction
+
+
+def prediction_of(ls_client: LabelStudioClient, task_id: int, version: str,
+                  timeout_s: float = PREDICTION_TIMEOUT_S) -> dict[str, Any]:
+    """The task's one stored prediction of `version`, once it is there (pushes may arrive later)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ours = [p for p in ls_client.list_predictions(task_id=task_id) if p["model_version"] == version]
+        if ours:
+            assert len(ours) == 1, ours
+            return ours[0]
+        assert time.monotonic() < deadline, f"task {task_id} has no prediction of {version} after {timeout_s} s"
+        time.sleep(0.5)
 
 
 def assert_right_region(result: list[dict[str, Any]], scene: Scene, label_config: str) -> None:
@@ -221,7 +249,6 @@ def test_retrieve_predictions_fills_every_task_rightly_uploaded_images_included(
                                                                                 ls_client: LabelStudioClient):
     answer = ls_client.retrieve_predictions(connected.project["id"])
     assert answer["processed_items"] == len(connected.task_ids), answer
-    interface = LabelInterface(connected.label_config)
     for scene in connected.scenes:
         predictions = ls_client.wait_for_predictions(scene.task_id, count=2, timeout_s=PREDICTION_TIMEOUT_S)
         ours = [p for p in predictions if p["model_version"] == connected.model_version]
@@ -229,8 +256,7 @@ def test_retrieve_predictions_fills_every_task_rightly_uploaded_images_included(
         (prediction,) = ours
         assert {item["id"] for item in prediction["result"]} == {scene.region_id}
         assert_right_region(prediction["result"], scene, connected.label_config)
-        assert interface.validate_prediction({k: prediction[k] for k in ("model_version", "score", "result")},
-                                             return_errors=True) == []
+        assert_valid(prediction, connected.label_config)
 
 
 def test_a_rectangle_drawn_on_an_uploaded_image_comes_back_rightly(connected: ConnectedProject,
@@ -246,10 +272,28 @@ def test_a_rectangle_drawn_on_an_uploaded_image_comes_back_rightly(connected: Co
                         connected.label_config)
 
 
-def test_the_label_stream_shows_our_prediction(connected: ConnectedProject, ls_client: LabelStudioClient):
-    task = ls_client.next_task(connected.project["id"])
-    versions = [p["model_version"] for p in task["predictions"]]
-    assert connected.model_version in versions, task["predictions"]
+def test_the_label_stream_asks_the_backend_for_a_task_imported_after_connect(connected: ConnectedProject,
+                                                                               ls_client: LabelStudioClient,
+                                                                               image_server: ImageServer):
+    # A project of its own, so that its label stream has one task to give: the one imported below.
+    project = ls_client.create_project_from_config(CONFIG_NAME, title="gpt4roi label stream")
+    done = run_backend(connected.env, "connect", "--project", str(project["id"]))
+    assert done.returncode == 0, done.stdout + done.stderr
+    [(data, obj, size)] = scenes(1, first_seed=1000)
+    (image_server.root / "e2e-stream-scene.png").write_bytes(data)
+    probe = Scene(0, obj, size[0], size[1], "Stream01")
+    [task_id] = ls_client.import_tasks(project["id"], [{
+        "data": {"image": image_server.url("e2e-stream-scene.png")},
+        "predictions": [{"model_version": "detector", "score": 0.9, "result": [probe.box_item()]}]}])
+    assert all(p["model_version"] == "detector" for p in ls_client.list_predictions(task_id=task_id))
+
+    # The prelabeling version is the live model: Label Studio asks the backend now, for this task.
+    task = ls_client.next_task(project["id"])
+    assert task["id"] == task_id
+    [shown] = task["predictions"]
+    assert shown["model_version"] == connected.model_version, task["predictions"]
+    assert_right_region(shown["result"], probe, connected.label_config)
+    assert prediction_of(ls_client, task_id, connected.model_version)["id"] == shown["id"]  # stored, too
 
 
 # ---------------------------------------------------------------------- corrections
@@ -290,33 +334,70 @@ def live_version(ls_client: LabelStudioClient, project_id: int) -> str:
     return backend["model_version"]
 
 
-def test_a_promotion_moves_the_projects_prelabeling_version(connected: ConnectedProject,
-                                                            ls_client: LabelStudioClient):
+def test_a_promotion_moves_the_projects_prelabeling_version_and_keeps_older_predictions(
+        connected: ConnectedProject, ls_client: LabelStudioClient):
+    project_id = connected.project["id"]
+    scene = connected.scenes[1]
+    # A no-op where Retrieve Predictions already ran: Label Studio asks only for tasks without one.
+    ls_client.retrieve_predictions(project_id, [scene.task_id])
+    older = prediction_of(ls_client, scene.task_id, connected.model_version)
+
     models = Path(connected.env["MODEL_DIR"])
     promoted = "demo-promoted"
     shutil.copytree(models / connected.model_version, models / promoted, symlinks=False)
-    ls_client.update_project(connected.project["id"], model_version="detector")  # someone changed it by hand
+    ls_client.update_project(project_id, model_version="detector")  # someone changed it by hand
     done = run_backend(connected.env, "promote", promoted)
     assert done.returncode == 0 and f"prelabels with {promoted}" in done.stdout, done.stdout + done.stderr
-    project = ls_client.get_project(connected.project["id"])
-    assert project["model_version"] == "gpt4roi" and live_version(ls_client, connected.project["id"]) == promoted
+    project = ls_client.get_project(project_id)
+    assert project["model_version"] == "gpt4roi" and live_version(ls_client, project_id) == promoted
+
+    # The next Retrieve Predictions asks the new version; the older version's prediction stays as history.
+    ls_client.retrieve_predictions(project_id, [scene.task_id])
+    newer = prediction_of(ls_client, scene.task_id, promoted)
+    assert_right_region(newer["result"], scene, connected.label_config)
+    kept = prediction_of(ls_client, scene.task_id, connected.model_version, timeout_s=0)
+    assert (kept["id"], kept["result"]) == (older["id"], older["result"])
+    assert len(ls_client.list_predictions(task_id=scene.task_id)) == 3  # the detector's, the older, the newer
+
     back = run_backend(connected.env, "rollback", connected.model_version)
     assert back.returncode == 0
-    assert live_version(ls_client, connected.project["id"]) == connected.model_version
+    assert live_version(ls_client, project_id) == connected.model_version
+    history = {p["model_version"]: p["id"] for p in ls_client.list_predictions(task_id=scene.task_id)}
+    assert history == {"detector": history["detector"], connected.model_version: older["id"], promoted: newer["id"]}
 
 
 # ---------------------------------------------------------------------- the legacy token
 def test_a_legacy_token_works_where_an_administrator_enabled_legacy_tokens(connected: ConnectedProject,
-                                                                           labelstudio: LabelStudioServer):
+                                                                           labelstudio: LabelStudioServer,
+                                                                           ls_client: LabelStudioClient,
+                                                                           tmp_path: Path):
     settings = Settings(label_studio_url=labelstudio.url, label_studio_api_key=labelstudio.legacy_token)
-    task = next(t for t in LabelStudioClient(labelstudio.url, labelstudio.token).list_tasks(connected.project["id"])
-                if t["data"]["image"].startswith("/data/upload/"))
+    # An uploaded scene nobody annotated: its boxes are the detector's (and our earlier prediction's).
+    scene = connected.scenes[UPLOADED - 1]
+    task = ls_client.get_task(scene.task_id)
+    assert task["data"]["image"].startswith("/data/upload/") and not task["annotations"]
     with pytest.raises(LabelStudioError):
         BackendClient(settings).project(connected.project["id"])  # off, as in a stock organization
     labelstudio.set_legacy_tokens(True)
     try:
         assert BackendClient(settings).project(connected.project["id"])["id"] == connected.project["id"]
         image = ImageLoader(settings).load(task["data"]["image"])
-        assert image.size == (connected.scene(task["id"]).width, connected.scene(task["id"]).height)
+        assert image.size == (scene.width, scene.height)
+
+        # A backend holding only the legacy token answers /predict for the uploaded image: its worker
+        # downloads it with that token.
+        env = {**connected.env, "LABEL_STUDIO_API_KEY": labelstudio.legacy_token,
+               "REDIS_KEY_PREFIX": f"gpt4roi-e2e-legacy-{secrets.token_hex(4)}", "DATA_DIR": str(tmp_path / "data")}
+        env.pop("BACKEND_URL")
+        with running_backend(env, tmp_path) as (api, _):
+            answer = api.client.post("/predict", json={
+                "tasks": [task], "project": f"{connected.project['id']}.0", "label_config": connected.label_config,
+                "params": {"login": None, "password": None, "context": None}})
+        assert answer.status_code == 200, answer.text
+        [prediction] = answer.json()["results"]
+        assert prediction["model_version"] == connected.model_version
+        assert {item["id"] for item in prediction["result"]} == {scene.region_id}
+        assert_right_region(prediction["result"], scene, connected.label_config)
+        assert_valid(prediction, connected.label_config)
     finally:
         labelstudio.set_legacy_tokens(False)

@@ -1,6 +1,6 @@
 """Our GPT4RoI reproduces the original code's numbers.
 
-`shared/fixtures/gpt4roi_official_reference/` holds inputs and outputs of the official GPT4RoI forward pass
+`tests/fixtures/gpt4roi_official_reference/` holds inputs and outputs of the official GPT4RoI forward pass
 on a dimension-faithful model with recipe weights. This test rebuilds those weights under the official key
 names, writes them the way the release is published (a LLaMA base + a `.bin` delta + a CLIP directory),
 converts them with `model.convert_official`, and compares our forward pass with the stored tensors.

@@ -102,3 +102,17 @@ def test_judging_what_label_studio_holds(tmp_path):
     assert judge(moved, regions) is Confirmation.CHANGED
     fewer = {**held, "result": [i for i in held["result"] if i["id"] != held["result"][0]["id"]]}
     assert judge(fewer, regions) is Confirmation.CHANGED
+
+    # The project the webhook named must be the annotation's; where either side names none, the task decides.
+    named, elsewhere = str(event["project"]["id"]), {**held, "project": held["project"] + 1}
+    assert judge(held, regions, named) is Confirmation.CONFIRMED
+    assert judge(elsewhere, regions, named) is Confirmation.FOREIGN
+    assert judge({**held, "project": None}, regions, named) is Confirmation.CONFIRMED
+    assert judge(elsewhere, regions, None) is Confirmation.CONFIRMED
+
+    class LabelStudioHoldingItElsewhere:
+        def annotation(self, annotation_id: int) -> dict[str, Any]:
+            return elsewhere
+
+    # `confirm` compares with the project stored from the webhook.
+    assert confirm(settings, regions, client=LabelStudioHoldingItElsewhere()) == {7200: Confirmation.FOREIGN}

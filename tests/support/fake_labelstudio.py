@@ -1,15 +1,19 @@
 """A stand-in for Label Studio's REST API and file routes, over real HTTP, with inspectable state.
 
 Routes: uploads behind a token (`/data/upload/…`), the presign route of cloud URIs (redirecting to a
-public URL with a credential in its query), public and slow images (`/img/…`, `/slow/…`), projects, paged
-task lists and prediction pushes.
+public URL with a credential in its query), public and slow images (`/img/…`, `/slow/…`), projects (read
+and their prelabeling version changed), paged task lists, prediction pushes, and registering ML backends
+and webhooks, which a stock Label Studio refuses for loopback and private URLs (ML_BLOCK_LOCAL_IP and
+SSRF_PROTECTION_ENABLED, both on by default) with the 403 that Label Studio 1.23 answers.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import ipaddress
 import json
+import socket
 import sys
 import threading
 import time
@@ -23,6 +27,9 @@ from urllib.parse import parse_qs, urlsplit
 from tests.support.images import png_bytes, scene
 
 LS_TOKEN = "test-legacy-token"
+# What Label Studio 1.23 answers for an ML backend or webhook URL on a blocked network
+# (tests/fixtures/labelstudio_captures/20_ls_api_connect_blocked_by_default.json).
+BLOCKED_DETAIL = "URL resolves to a reserved network address (block: 127.0.0.0/8)"
 
 
 def jwt(claims: dict[str, Any]) -> str:
@@ -56,6 +63,14 @@ class FakeLabelStudio:
     predictions: list[dict[str, Any]] = field(default_factory=list)
     # Task id → how many more prediction pushes for it are answered 503 (a Label Studio having a bad moment).
     failing_pushes: dict[int, int] = field(default_factory=dict)
+    # How many more predictions are stored before every access token expires (None: no such plan), and
+    # how many exchanges there had been when they did.
+    expire_after_predictions: int | None = None
+    refreshes_at_expiry: int | None = None
+    # A stock Label Studio refuses ML backends and webhooks on loopback and private addresses.
+    block_local_ip: bool = True
+    ml_backends: list[dict[str, Any]] = field(default_factory=list)
+    webhooks: list[dict[str, Any]] = field(default_factory=list)
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -68,7 +83,26 @@ class FakeLabelStudio:
     def expire_access_tokens(self) -> None:
         """Make every access token handed out so far invalid (as when its five minutes are over)."""
         with self.lock:
-            self.access_tokens.clear()
+            self._expire()
+
+    def expire_access_tokens_after_predictions(self, count: int) -> None:
+        """Make every access token invalid once `count` more predictions are stored (the five minutes ending
+        in the middle of a batch push)."""
+        with self.lock:
+            self.expire_after_predictions = count
+            self.refreshes_at_expiry = None
+
+    def _expire(self) -> None:
+        self.access_tokens.clear()
+        self.refreshes_at_expiry = self.refreshes
+
+    def _stored_prediction(self) -> None:
+        if self.expire_after_predictions is None:
+            return
+        self.expire_after_predictions -= 1
+        if self.expire_after_predictions <= 0:
+            self.expire_after_predictions = None
+            self._expire()
 
     def predictions_for(self, project_id: int) -> list[dict[str, Any]]:
         """Predictions pushed for a project, in arrival order."""
@@ -131,8 +165,7 @@ def _handler(ls: FakeLabelStudio) -> type[BaseHTTPRequestHandler]:
                 project = ls.projects.get(project_id)
                 if project is None:
                     return self._json(404, {"detail": "Not found."})
-                return self._json(200, {"id": project_id, "title": f"p{project_id}",
-                                        "label_config": project["label_config"]})
+                return self._json(200, _project_view(project_id, project))
             if path == "/api/tasks/":
                 project_id = int(query["project"][0])
                 page = int(query.get("page", ["1"])[0])
@@ -145,6 +178,12 @@ def _handler(ls: FakeLabelStudio) -> type[BaseHTTPRequestHandler]:
                 chunk = tasks[(page - 1) * size: page * size]
                 return self._json(200, {"tasks": chunk, "total": len(tasks), "total_annotations": 0,
                                         "total_predictions": 0})
+            if path.rstrip("/") in ("/api/ml", "/api/webhooks"):
+                rows = ls.ml_backends if path.startswith("/api/ml") else ls.webhooks
+                project_id = int(query.get("project", ["0"])[0])
+                with ls.lock:
+                    found = [r for r in rows if not project_id or r["project"] == project_id]
+                return self._json(200, found)
             return self._json(404, {"detail": "Not found."})
 
         def do_POST(self) -> None:
@@ -170,10 +209,57 @@ def _handler(ls: FakeLabelStudio) -> type[BaseHTTPRequestHandler]:
                                     if any(t["id"] == data["task"] for t in p["tasks"])), None)
                     record = {"id": len(ls.predictions) + 1, "project": project, **data}
                     ls.predictions.append(record)
+                    ls._stored_prediction()
+                return self._json(201, record)
+            if urlsplit(self.path).path.rstrip("/") in ("/api/ml", "/api/webhooks"):
+                data = json.loads(body)
+                if ls.block_local_ip and _reserved(data.get("url", "")):
+                    return self._json(403, {"id": uuid.uuid4().hex, "status_code": 403, "version": "1.23.2",
+                                            "detail": BLOCKED_DETAIL, "exc_info": None})
+                rows = ls.ml_backends if self.path.startswith("/api/ml") else ls.webhooks
+                with ls.lock:
+                    record = {"id": len(rows) + 1, **data}
+                    rows.append(record)
                 return self._json(201, record)
             return self._json(404, {"detail": "Not found."})
 
+        def do_PATCH(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            ls.requests.append(("PATCH", self.path, dict(self.headers)))
+            if not self._authorized():
+                return self._json(401, {"detail": "Authentication credentials were not provided."})
+            path = urlsplit(self.path).path
+            if path.startswith("/api/projects/"):
+                project_id = int(path.strip("/").split("/")[2])
+                with ls.lock:
+                    project = ls.projects.get(project_id)
+                    if project is not None:
+                        project.update(json.loads(body))
+                        view = _project_view(project_id, project)
+                if project is None:
+                    return self._json(404, {"detail": "Not found."})
+                return self._json(200, view)
+            return self._json(404, {"detail": "Not found."})
+
     return Handler
+
+
+def _project_view(project_id: int, project: dict[str, Any]) -> dict[str, Any]:
+    """A project as `GET /api/projects/{id}/` shows it (the fields the backend reads)."""
+    return {"id": project_id, "title": f"p{project_id}", "label_config": project["label_config"],
+            "model_version": project.get("model_version", "")}
+
+
+def _reserved(url: str) -> bool:
+    """Whether a URL's host resolves to a loopback, private or otherwise non-public address."""
+    host = urlsplit(url).hostname
+    if not host:
+        return False
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror:
+        return False
+    return any(not ipaddress.ip_address(a.split("%", 1)[0]).is_global for a in addresses)
 
 
 class _QuietServer(ThreadingHTTPServer):
