@@ -43,8 +43,10 @@ from backend.payloads import PayloadError, parse_payload
 from backend.settings import Settings
 from backend.store import Connection, Database
 
-# Events and proposals pruned past their retention, at most this many per write (old rows go in steps).
-_PRUNE_STEP = 200
+# Events and proposals past their retention are pruned by a write at most this often per process, at most
+# this many rows per table at a time (old rows go in steps, and each commit stays short).
+_PRUNE_INTERVAL_S = 60.0
+_PRUNE_STEP = 1000
 
 
 class CorrectionsStore:
@@ -55,6 +57,7 @@ class CorrectionsStore:
         self.database = database
         self.event_retention_s = event_retention_days * 86_400
         self.proposal_retention_s = proposal_retention_days * 86_400
+        self._pruned_at = float("-inf")
 
     @classmethod
     def for_settings(cls, settings: Settings) -> CorrectionsStore:
@@ -106,7 +109,9 @@ class CorrectionsStore:
                 summary["deleted"] = _delete(db, deleted_ids)
                 db.executemany("INSERT INTO deleted_annotations (annotation_id, deleted_at) VALUES (?, ?) "
                                "ON CONFLICT (annotation_id) DO NOTHING", [(i, now) for i in deleted_ids])
-            self._prune(db, now)
+            if now - self._pruned_at >= _PRUNE_INTERVAL_S:
+                self._prune(db, now)
+                self._pruned_at = now
             return summary
 
         return self.database.write(store)
@@ -196,10 +201,13 @@ def _contribution(event: Mapping[str, Any],
 def _superseded(db: Connection, annotation_id: int, updated_at: str | None) -> str | None:
     """Why an event about `annotation_id` must change nothing: the annotation was deleted, or what is stored
     is newer. None when it applies."""
-    if db.execute("SELECT 1 FROM deleted_annotations WHERE annotation_id = ?", (annotation_id,)).fetchone():
+    # One round trip for both questions: on PostgreSQL each statement is one.
+    row = db.execute("SELECT (SELECT 1 FROM deleted_annotations WHERE annotation_id = ?) AS deleted, "
+                     "(SELECT updated_at FROM annotations WHERE annotation_id = ?) AS updated_at",
+                     (annotation_id, annotation_id)).fetchone()
+    if row["deleted"]:
         return "deleted earlier"
-    row = db.execute("SELECT updated_at FROM annotations WHERE annotation_id = ?", (annotation_id,)).fetchone()
-    stored, incoming = _instant(row["updated_at"] if row else None), _instant(updated_at)
+    stored, incoming = _instant(row["updated_at"]), _instant(updated_at)
     if stored is not None and incoming is not None and incoming < stored:
         return f"older ({updated_at}) than what is stored ({row['updated_at']})"
     return None

@@ -93,8 +93,6 @@ class Settings:
         "PostgreSQL database of the corrections, fine-tune runs and the current model version "
         "(postgresql://user:password@host:5432/name), shared by every API replica, worker and fine-tune. "
         "Unset: one SQLite file under DATA_DIR (one machine).", secret=True)
-    database_pool_size: int = _setting(
-        8, "DATABASE_POOL_SIZE", "Most connections one process keeps open to DATABASE_URL for writes.")
 
     # Queue
     redis_url: str = _setting(
@@ -288,7 +286,7 @@ class Settings:
                      "max_new_tokens", "interactive_job_timeout", "batch_job_timeout", "worker_heartbeat_ttl",
                      "worker_maintenance_interval", "batch_max_regions", "result_ttl", "max_request_bytes",
                      "max_tasks_per_request", "max_regions_per_task", "max_choices_per_control", "max_name_length",
-                     "max_queued_jobs", "queued_job_ttl", "database_pool_size"):
+                     "max_queued_jobs", "queued_job_ttl"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env_of(name)} must be positive, got {getattr(self, name)}")
         if self.batch_wait_ms < 0:

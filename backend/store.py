@@ -6,17 +6,19 @@ database (`backend.schema` has its tables). The modules that own the tables (`ba
 read through `Database.read()`, with the same SQL on both engines (`?` placeholders, `INSERT … ON CONFLICT`,
 `RETURNING`); `Database.for_settings` picks the engine:
 
-- **SQLite** (the default: `DATA_DIR/corrections.sqlite3`, WAL mode). Writes are serialized inside each
-  process by one writer thread, which owns the write connection and commits whatever is queued in one
-  transaction (group commit): with 20 webhooks arriving together there is one fsync instead of 20, and no
-  thread sleeps in SQLite's busy handler waiting for a sibling. A write that raises is undone alone (its own
-  savepoint) while the rest of its group commits. Other processes on the machine (workers, fine-tunes) take
-  turns through SQLite's lock. Not for network file systems: WAL needs one machine.
-- **PostgreSQL** (`DATABASE_URL`), for several API replicas, workers and fine-tunes on several machines.
-  Each write is its own transaction on a pooled connection: the server already flushes concurrent commits
-  together, and a transaction of one replica never waits for a group of another. Writes about the same
-  thing take an advisory lock (`Database.serialize`), so two replicas storing the same annotation take turns
-  instead of one failing on a unique key; a deadlock or serialization failure is retried.
+Writes are serialized inside each process by one writer thread, which owns the write connection and commits
+whatever is queued in one transaction (group commit): with 20 webhooks arriving together there is one commit
+(one fsync) instead of 20, and no request thread waits for a lock its sibling holds. Each write runs in its
+own savepoint, so one that raises is undone alone while the rest of its group commits.
+
+- **SQLite** (the default: `DATA_DIR/corrections.sqlite3`, WAL mode). Other processes on the machine
+  (workers, fine-tunes) take turns through SQLite's lock. Not for network file systems: WAL needs one
+  machine.
+- **PostgreSQL** (`DATABASE_URL`), for several API replicas, workers and fine-tunes on several machines,
+  each process with its own writer. Writes about the same thing take an advisory lock
+  (`Database.serialize`), so two replicas storing the same annotation take turns instead of one failing on
+  a unique key. Two replicas' groups can still wait for each other's locks; PostgreSQL then fails one of
+  them (a deadlock), and its writer runs the whole group again.
 
 Either way a caller returns only once its write is committed, and the schema is migrated on open, once,
 under a lock, by whichever process comes first.
@@ -24,6 +26,7 @@ under a lock, by whichever process comes first.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -81,7 +84,7 @@ class Database(ABC):
         database and process."""
         if settings.database_url:
             key = settings.database_url
-            factory: Callable[[], Database] = lambda: PostgresDatabase(key, settings.database_pool_size)  # noqa: E731
+            factory: Callable[[], Database] = lambda: PostgresDatabase(key)  # noqa: E731
         else:
             path = (Path(settings.data_dir) / DB_FILE).resolve()
             key, factory = str(path), lambda: SQLiteDatabase(path)
@@ -91,14 +94,25 @@ class Database(ABC):
                 database = _databases[key] = factory()
             return database
 
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._local = threading.local()
+        self._writes: queue.SimpleQueue[_Write | None] | None = None
+        self._writer_pid = 0
+        self._writer_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ what each engine provides
     @abstractmethod
-    def read(self) -> Connection:
-        """This thread's connection, for reads (autocommit: each statement sees the latest commit)."""
+    def _connect(self) -> Any:
+        """A new connection in autocommit mode (transactions are begun and ended explicitly)."""
 
     @abstractmethod
-    def write(self, work: Callable[[Connection], T]) -> T:
-        """Run `work` inside a transaction; returns its result once that is committed, or raises what `work`
-        raised (its changes undone)."""
+    def _begin(self, db: Any) -> None:
+        """Begin the writer's transaction."""
+
+    def _retryable(self, exc: Exception) -> bool:
+        """Whether a failed group is run again as a whole (another process's transaction won a race)."""
+        return False
 
     @abstractmethod
     def read_settled(self, table: str, work: Callable[[Connection], T]) -> T:
@@ -111,9 +125,70 @@ class Database(ABC):
         """Inside `write`: make other writes about any of `keys` wait for this one's commit, on every
         process sharing the database."""
 
-    @abstractmethod
+    # ------------------------------------------------------------------ reads and writes
+    def read(self) -> Connection:
+        """This thread's connection, for reads (autocommit: each statement sees the latest commit)."""
+        db = getattr(self._local, "db", None)
+        if db is None or getattr(self._local, "pid", 0) != os.getpid() or _broken(db):
+            db = self._local.db = self._connect()
+            self._local.pid = os.getpid()
+        return db
+
+    def write(self, work: Callable[[Connection], T]) -> T:
+        """Run `work` in the writer thread inside a transaction; returns its result once that is committed,
+        or raises what `work` raised (its changes undone, the rest of its group committed)."""
+        done: Future[T] = Future()
+        with self._writer_lock:
+            # A forked child inherits the queue but not the thread that serves it.
+            if self._writes is None or self._writer_pid != os.getpid():
+                self._writes, self._writer_pid = queue.SimpleQueue(), os.getpid()
+                threading.Thread(target=self._write_loop, args=(self._writes,), daemon=True,
+                                 name=f"store-writer:{self._name}").start()
+            # Put under the lock, so nothing lands in a queue after close() has told its writer to stop.
+            self._writes.put((work, done))
+        return done.result()
+
+    def _write_loop(self, writes: queue.SimpleQueue[_Write | None]) -> None:
+        """The writer thread: everything queued while it commits goes into its next transaction."""
+        db: Any = None
+        while True:
+            batch = [writes.get()]
+            while not writes.empty():
+                batch.append(writes.get_nowait())
+            group = [item for item in batch if item is not None]
+            if group:
+                for attempt in range(1, _GROUP_ATTEMPTS + 1):
+                    try:
+                        if db is None or _broken(db):
+                            db = self._connect()
+                        outcomes = _commit_group(db, [work for work, _ in group], self._begin, self._retryable)
+                        break
+                    except Exception as exc:  # the transaction itself failed: nothing of the group is stored
+                        if self._retryable(exc) and attempt < _GROUP_ATTEMPTS:
+                            time.sleep(0.005 * attempt)
+                            continue
+                        outcomes = [(None, exc)] * len(group)
+                        break
+                for (_, done), (result, error) in zip(group, outcomes, strict=True):
+                    if error is None:
+                        done.set_result(result)
+                    else:
+                        done.set_exception(error)
+            if len(group) < len(batch):  # close() was called
+                if db is not None:
+                    db.close()
+                return
+
     def close(self) -> None:
-        """Close this thread's connection and the writer's (the next use opens new ones)."""
+        """Close this thread's connection and stop the writer (the next write starts a new one)."""
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+        with self._writer_lock:
+            if self._writes is not None and self._writer_pid == os.getpid():
+                self._writes.put(None)
+            self._writes = None
 
 
 _databases: dict[str, Database] = {}
@@ -127,27 +202,26 @@ def close_databases() -> None:
         _databases.clear()
     for database in databases:
         database.close()
-# A write waiting for SQLite's writer thread: what to run on its connection, and where its caller waits.
+# A write waiting for the writer thread: what to run on its connection, and where its caller waits.
 _Write = tuple[Callable[[Any], Any], Future[Any]]
+# How often a group that lost a race with another process (a deadlock) is run again before its writes fail.
+_GROUP_ATTEMPTS = 5
 
 
 # ---------------------------------------------------------------------------------------------- SQLite
 class SQLiteDatabase(Database):
-    """One SQLite file: a read connection per thread, one writer thread, migrations applied on open."""
+    """One SQLite file in WAL mode, migrated on open."""
 
     dialect = "sqlite"
 
     def __init__(self, path: str | os.PathLike[str]):
+        super().__init__(Path(path).name)
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        self._writes: queue.SimpleQueue[_Write | None] | None = None
-        self._writer_pid = 0
-        self._writer_lock = threading.Lock()
         _migrate_sqlite(self.read())
 
-    def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk before the webhook is answered, even if the machine loses power.
@@ -155,49 +229,10 @@ class SQLiteDatabase(Database):
         db.execute("PRAGMA busy_timeout=30000")
         return db
 
-    def read(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = self._local.db = self._open()
-        return db
-
-    def write(self, work: Callable[[Any], T]) -> T:
-        """See `Database.write`; here `work` runs in the writer thread, in a group (module docstring)."""
-        done: Future[T] = Future()
-        with self._writer_lock:
-            # A forked child inherits the queue but not the thread that serves it.
-            if self._writes is None or self._writer_pid != os.getpid():
-                self._writes, self._writer_pid = queue.SimpleQueue(), os.getpid()
-                threading.Thread(target=self._write_loop, args=(self._writes,), daemon=True,
-                                 name=f"store-writer:{self.path.name}").start()
-            # Put under the lock, so nothing lands in a queue after close() has told its writer to stop.
-            self._writes.put((work, done))
-        return done.result()
-
-    def _write_loop(self, writes: queue.SimpleQueue[_Write | None]) -> None:
-        """The writer thread: everything queued while it commits goes into its next transaction."""
-        db: sqlite3.Connection | None = None
-        while True:
-            batch = [writes.get()]
-            while not writes.empty():
-                batch.append(writes.get_nowait())
-            group = [item for item in batch if item is not None]
-            if group:
-                try:
-                    if db is None:
-                        db = self._open()
-                    outcomes = _commit_group(db, [work for work, _ in group])
-                except Exception as exc:  # the transaction itself failed: nothing of the group is stored
-                    outcomes = [(None, exc)] * len(group)
-                for (_, done), (result, error) in zip(group, outcomes, strict=True):
-                    if error is None:
-                        done.set_result(result)
-                    else:
-                        done.set_exception(error)
-            if len(group) < len(batch):  # close() was called
-                if db is not None:
-                    db.close()
-                return
+    def _begin(self, db: Any) -> None:
+        # IMMEDIATE takes the write lock up front: another process's writer makes this one wait in the busy
+        # timeout instead of failing to upgrade a read lock.
+        db.execute("BEGIN IMMEDIATE")
 
     def read_settled(self, table: str, work: Callable[[Connection], T]) -> T:
         # One writer at a time: rows are committed in the order of their numbers already.
@@ -205,16 +240,6 @@ class SQLiteDatabase(Database):
 
     def serialize(self, db: Connection, *keys: str) -> None:
         pass  # SQLite commits one transaction at a time: every write is serialized already.
-
-    def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
-        with self._writer_lock:
-            if self._writes is not None and self._writer_pid == os.getpid():
-                self._writes.put(None)
-            self._writes = None
 
 
 def _migrate_sqlite(db: sqlite3.Connection) -> None:
@@ -235,27 +260,30 @@ def _migrate_sqlite(db: sqlite3.Connection) -> None:
         raise
 
 
-def _commit_group(db: sqlite3.Connection, group: Sequence[Callable[[Any], Any]]) -> list[tuple[Any, Exception | None]]:
+def _commit_group(db: Any, group: Sequence[Callable[[Any], Any]], begin: Callable[[Any], None],
+                  retryable: Callable[[Exception], bool]) -> list[tuple[Any, Exception | None]]:
     """Run every write of `group` in one transaction and commit once; returns (result, error) per write.
 
     Each write runs in its own savepoint, so one that raises (a malformed event) is undone alone and the
-    others are still committed. IMMEDIATE takes the write lock up front: another process's writer makes
-    this one wait in the busy timeout instead of failing to upgrade a read lock."""
+    others are still committed; an error `retryable` says is a lost race fails the whole transaction, to be
+    run again."""
     outcomes: list[tuple[Any, Exception | None]] = []
-    db.execute("BEGIN IMMEDIATE")
+    begin(db)
     try:
         for work in group:
             db.execute("SAVEPOINT write")
             try:
                 outcomes.append((work(db), None))
             except Exception as exc:
+                if retryable(exc):
+                    raise
                 db.execute("ROLLBACK TO SAVEPOINT write")
                 outcomes.append((None, exc))
             db.execute("RELEASE SAVEPOINT write")
         db.execute("COMMIT")
     except BaseException:
         # Some errors (disk full, I/O) have already ended the transaction.
-        if db.in_transaction:
+        with contextlib.suppress(Exception):
             db.execute("ROLLBACK")
         raise
     return outcomes
@@ -264,74 +292,69 @@ def _commit_group(db: sqlite3.Connection, group: Sequence[Callable[[Any], Any]])
 # ------------------------------------------------------------------------------------------ PostgreSQL
 # The advisory lock every process takes to migrate the schema (any fixed 64-bit number of our own).
 _MIGRATION_LOCK = 0x6770_7434_726F_6901
-_WRITE_ATTEMPTS = 5
 
 
 class PostgresDatabase(Database):
-    """A PostgreSQL database: a read connection per thread, a pool of write connections, one transaction per
-    write (module docstring)."""
+    """A PostgreSQL database, migrated on open (module docstring)."""
 
     dialect = "postgresql"
 
-    def __init__(self, url: str, pool_size: int = 8):
+    def __init__(self, url: str):
+        parts = urlsplit(url)
+        # host:port/name, without credentials, for messages.
+        self.where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+        super().__init__(self.where)
         self.url = url
-        self.pool_size = pool_size
-        self._local = threading.local()
-        self._pool: Any = None
-        self._pool_pid = 0
-        self._pool_lock = threading.Lock()
-        with self._connect(autocommit=False) as db:
-            _migrate_postgres(db)
+        self._reader: _PostgresConnection | None = None
+        self._reader_pid = 0
+        db = self._connect()
+        try:
+            _migrate_postgres(db.raw)
+        finally:
+            db.close()
 
-    @property
-    def where(self) -> str:
-        """host:port/name of the database, without credentials (for messages)."""
-        parts = urlsplit(self.url)
-        return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
-
-    def _connect(self, autocommit: bool) -> Any:
+    def _connect(self) -> _PostgresConnection:
         import psycopg
 
         try:
-            return psycopg.connect(self.url, autocommit=autocommit, row_factory=_row_factory, connect_timeout=10)
+            raw = psycopg.connect(self.url, autocommit=True, row_factory=_row_factory, connect_timeout=10)
         except psycopg.OperationalError as exc:
             raise StoreUnavailable(f"the database at {self.where} (DATABASE_URL) does not answer: "
                                    f"{_first_line(exc)}") from None
+        return _PostgresConnection(raw)
 
-    def read(self) -> _PostgresConnection:
-        db: _PostgresConnection | None = getattr(self._local, "db", None)
-        if db is None or db.pid != os.getpid() or db.raw.closed or db.raw.broken:
-            db = self._local.db = _PostgresConnection(self._connect(autocommit=True))
+    def read(self) -> Connection:
+        """The process's read connection, shared by its threads (psycopg connections are thread-safe, and
+        results are fetched whole): one replica keeps two connections open, this one and the writer's."""
+        with self._writer_lock:
+            db = getattr(self, "_reader", None)
+            if db is None or self._reader_pid != os.getpid() or db.broken:
+                db, self._reader, self._reader_pid = None, None, os.getpid()
+                db = self._reader = self._connect()
         return db
 
-    def write(self, work: Callable[[Any], T]) -> T:
-        """See `Database.write`: one transaction on a pooled connection, retried on a deadlock or a
-        serialization failure (nothing of a failed attempt is kept)."""
-        import psycopg
+    def _begin(self, db: Any) -> None:
+        db.execute("BEGIN")
+
+    def _retryable(self, exc: Exception) -> bool:
         from psycopg import errors
 
-        for attempt in range(1, _WRITE_ATTEMPTS + 1):
-            try:
-                with self._writer_pool().connection() as raw, raw.transaction():
-                    return work(_PostgresConnection(raw))
-            except (errors.DeadlockDetected, errors.SerializationFailure):
-                if attempt == _WRITE_ATTEMPTS:
-                    raise
-                time.sleep(0.01 * attempt)
-            except psycopg.OperationalError as exc:
-                raise StoreUnavailable(f"the database at {self.where} (DATABASE_URL) failed: "
-                                       f"{_first_line(exc)}") from None
-        raise AssertionError("unreachable")
+        return isinstance(exc, (errors.DeadlockDetected, errors.SerializationFailure))
 
-    def _writer_pool(self) -> Any:
-        from psycopg_pool import ConnectionPool, PoolTimeout
+    def close(self) -> None:
+        with self._writer_lock:
+            reader, self._reader = getattr(self, "_reader", None), None
+        if reader is not None and self._reader_pid == os.getpid():
+            reader.close()
+        super().close()
 
-        with self._pool_lock:
-            # A forked child must not share the parent's sockets.
-            if self._pool is None or self._pool_pid != os.getpid():
-                self._pool = _Pool(ConnectionPool, PoolTimeout, self)
-                self._pool_pid = os.getpid()
-            return self._pool
+    def write(self, work: Callable[[Connection], T]) -> T:
+        import psycopg
+
+        try:
+            return super().write(work)
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"the database at {self.where} (DATABASE_URL) failed: {_first_line(exc)}") from None
 
     def read_settled(self, table: str, work: Callable[[Connection], T]) -> T:
         if not table.isidentifier():
@@ -350,57 +373,19 @@ class PostgresDatabase(Database):
         for key in sorted(set(keys)):
             db.execute("SELECT pg_advisory_xact_lock(?)", (_lock_id(key),))
 
-    def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.raw.close()
-            self._local.db = None
-        with self._pool_lock:
-            if self._pool is not None and self._pool_pid == os.getpid():
-                self._pool.close()
-            self._pool = None
-
-
-class _Pool:
-    """psycopg_pool's pool, turning "no connection could be had" into `StoreUnavailable`."""
-
-    def __init__(self, pool_class: Any, timeout_error: type[Exception], database: PostgresDatabase):
-        self._timeout_error = timeout_error
-        self._database = database
-        self._pool = pool_class(database.url, min_size=1, max_size=database.pool_size, timeout=15,
-                                kwargs={"row_factory": _row_factory, "connect_timeout": 10},
-                                name="backend-store", open=True)
-
-    def connection(self) -> Any:
-        return _PoolConnection(self._pool, self._timeout_error, self._database.where)
-
-    def close(self) -> None:
-        self._pool.close()
-
-
-class _PoolConnection:
-    def __init__(self, pool: Any, timeout_error: type[Exception], where: str):
-        self._context = pool.connection()
-        self._timeout_error = timeout_error
-        self._where = where
-
-    def __enter__(self) -> Any:
-        try:
-            return self._context.__enter__()
-        except self._timeout_error as exc:
-            raise StoreUnavailable(f"no connection to the database at {self._where} (DATABASE_URL) could be "
-                                   f"had: {_first_line(exc)}") from None
-
-    def __exit__(self, *exc_info: Any) -> Any:
-        return self._context.__exit__(*exc_info)
-
 
 class _PostgresConnection:
     """A psycopg connection that takes the store's SQL (`?` placeholders) and gives rows by position or name."""
 
     def __init__(self, raw: Any):
         self.raw = raw
-        self.pid = os.getpid()
+
+    @property
+    def broken(self) -> bool:
+        return bool(self.raw.closed or self.raw.broken)
+
+    def close(self) -> None:
+        self.raw.close()
 
     def execute(self, sql: str, parameters: Sequence[Any] = ()) -> Any:
         return self.raw.execute(_postgres_sql(sql), tuple(parameters))
@@ -454,6 +439,11 @@ def _postgres_sql(sql: str) -> str:
 
 def _lock_id(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+def _broken(db: Any) -> bool:
+    """Whether a connection can no longer be used (PostgreSQL's, after the server closed it)."""
+    return bool(getattr(db, "broken", False))
 
 
 def _migrate_postgres(db: Any) -> None:

@@ -369,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             wait_for(lambda: connection.exists("rq:worker:bench-worker"), 300, "the worker to load its model")
 
             # The bare model call is the worker's own code (`backend.describe.describe`) in this process.
-            settings = Settings(model_dir=models, device=args.device, max_new_tokens=args.max_new_tokens,
+            settings = Settings(model_dir=models, data_dir=work / "data", device=args.device,
+                                max_new_tokens=args.max_new_tokens,
                                 allowed_image_hosts=(image_base.split("://", 1)[1],))
             predictor = Predictor(settings)
             predictor.ensure_model()

@@ -69,11 +69,11 @@ def held_writer(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[list[int], th
     release = threading.Event()
     commit = store_module._commit_group
 
-    def held(db: sqlite3.Connection, group: Any) -> Any:
+    def held(db: sqlite3.Connection, group: Any, *engine: Any) -> Any:
         sizes.append(len(group))
         if len(sizes) == 1:
             release.wait(30)
-        return commit(db, group)
+        return commit(db, group, *engine)
 
     monkeypatch.setattr(store_module, "_commit_group", held)
     yield sizes, release
@@ -144,11 +144,11 @@ def test_a_failed_commit_fails_its_group_and_the_writer_goes_on(database, monkey
     commit = store_module._commit_group
     failures = iter([sqlite3.OperationalError("disk I/O error")])
 
-    def failing_once(db: sqlite3.Connection, group: Any) -> Any:
+    def failing_once(db: sqlite3.Connection, group: Any, *engine: Any) -> Any:
         failure = next(failures, None)
         if failure is not None:
             raise failure
-        return commit(db, group)
+        return commit(db, group, *engine)
 
     monkeypatch.setattr(store_module, "_commit_group", failing_once)
     with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
@@ -283,4 +283,23 @@ def test_a_settled_read_waits_for_writes_under_way_so_no_row_comes_in_below_it()
             slow.commit()
         reader.join(timeout=30)
         assert seen == [["SLOW"]]
+        database.close()
+
+
+def test_a_group_that_lost_a_deadlock_to_another_replica_is_run_again_whole():
+    from psycopg import errors
+
+    with fresh_database() as url:
+        database = PostgresDatabase(url)
+        lost = iter([errors.DeadlockDetected("deadlock detected")])
+
+        def loses_once(db: Any) -> int:
+            seq = add_event("RETRIED")(db)
+            failure = next(lost, None)
+            if failure is not None:
+                raise failure  # PostgreSQL chose this transaction as the deadlock's victim
+            return seq
+
+        assert database.write(loses_once) > 0
+        assert actions(database) == ["RETRIED"]  # the first attempt's row was rolled back with its group
         database.close()
