@@ -21,7 +21,8 @@ own savepoint, so one that raises is undone alone while the rest of its group co
   them (a deadlock), and its writer runs the whole group again.
 
 Either way a caller returns only once its write is committed, and the schema is migrated on open, once,
-under a lock, by whichever process comes first.
+under a lock, by whichever process comes first. (Both engines live in this one module because they share
+the writer and its contract; each adds only how it connects, begins, locks and migrates.)
 """
 
 from __future__ import annotations
