@@ -28,6 +28,7 @@ import pytest
 
 from backend.images import ImageLoader, ImageNotAllowed, ImageUnavailable
 from backend.settings import Settings
+from tests.support import wait_until
 from tests.support.fake_labelstudio import LS_TOKEN, FakeLabelStudio
 from tests.support.images import png_bytes, scene
 from tests.support.processes import backend_env, start_api, start_worker
@@ -143,7 +144,12 @@ def guarded(base_env, hosts, fake_ls, tmp_path_factory):
                       IMAGE_FETCH_TIMEOUT=str(FETCH_TIMEOUT_S), JOB_RETRIES="0", INTERACTIVE_TIMEOUT="30",
                       REDIS_KEY_PREFIX=f"{KEY_PREFIX}-guarded")
     worker = start_worker(env, folder / "worker.log", f"{KEY_PREFIX}-guarded-worker")
+    seen = len(fake_ls.requests)
     api = start_api(env, folder / "api.log")
+    # At start the API looks for its webhook in Label Studio's API (with the token, as it should): let that
+    # happen before the tests count where the token goes for image references.
+    wait_until(lambda: any(path.startswith("/api/webhooks") for _, path, _ in fake_ls.requests[seen:]), 30,
+               "the API's look for its webhook in Label Studio")
     yield api, worker
     api.stop()
     worker.stop()
