@@ -47,11 +47,12 @@ def confirm(settings: Settings, regions: Sequence[CorrectedRegion],
     by_annotation: dict[int, list[CorrectedRegion]] = {}
     for region in regions:
         by_annotation.setdefault(region.annotation_id, []).append(region)
-    known = _stored(database, by_annotation)
+    stored = _stored(database, by_annotation)
+    known = {a: state for a, (state, _) in stored.items() if state is not None}
+    projects = {a: project for a, (_, project) in stored.items() if project is not None}
     pending = [a for a in by_annotation if known.get(a) in (None, Confirmation.UNCHECKED)]
     if pending:
         owned = client is None
-        projects = _projects(database, pending)
         try:
             if client is None and settings.label_studio_url and settings.label_studio_api_key:
                 client = LabelStudioClient(settings)
@@ -126,29 +127,20 @@ def judge(held: Mapping[str, Any] | None, regions: Sequence[CorrectedRegion],
     return Confirmation.CONFIRMED
 
 
-def _stored(database: Database, annotation_ids: Iterable[int]) -> dict[int, Confirmation]:
+def _stored(database: Database, annotation_ids: Iterable[int]) -> dict[int, tuple[Confirmation | None, str | None]]:
+    """Annotation id → what Label Studio said of it before (None: not asked yet), and the project its webhook
+    named (None when it named none)."""
     ids = list(annotation_ids)
-    found: dict[int, Confirmation] = {}
+    found: dict[int, tuple[Confirmation | None, str | None]] = {}
     for start in range(0, len(ids), 500):
         chunk = ids[start:start + 500]
         marks = ", ".join("?" for _ in chunk)
         rows = database.read().execute(
-            f"SELECT annotation_id, confirmation FROM annotations WHERE annotation_id IN ({marks})", chunk)
-        found.update({int(row["annotation_id"]): Confirmation(row["confirmation"])
-                      for row in rows if row["confirmation"]})
-    return found
-
-
-def _projects(database: Database, annotation_ids: Sequence[int]) -> dict[int, str]:
-    """Annotation id → the project its webhook named, for those that named one."""
-    found: dict[int, str] = {}
-    for start in range(0, len(annotation_ids), 500):
-        chunk = list(annotation_ids[start:start + 500])
-        marks = ", ".join("?" for _ in chunk)
-        rows = database.read().execute(
-            f"SELECT annotation_id, project_id FROM annotations WHERE annotation_id IN ({marks}) "
-            "AND project_id IS NOT NULL", chunk)
-        found.update({int(row["annotation_id"]): str(row["project_id"]) for row in rows})
+            f"SELECT annotation_id, confirmation, project_id FROM annotations WHERE annotation_id IN ({marks})",
+            chunk)
+        found.update({int(row["annotation_id"]): (Confirmation(row["confirmation"]) if row["confirmation"] else None,
+                                                  None if row["project_id"] is None else str(row["project_id"]))
+                      for row in rows})
     return found
 
 

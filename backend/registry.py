@@ -229,7 +229,7 @@ def publish(settings: Settings, staging: Path, version: str, metadata: dict[str,
         raise RegistryError(f"model version {version!r} exists already; versions are never overwritten")
     if not (staging / "config.json").is_file():
         raise RegistryError(f"{staging} is not a checkpoint (no config.json); nothing published")
-    metadata = {"name": version, "created_at": _now_iso(), **metadata}
+    metadata = {"name": version, "created_at": _iso(time.time()), **metadata}
     (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n", encoding="utf-8")
     for path in staging.rglob("*"):
         if path.is_file():
@@ -306,10 +306,6 @@ def _age_key(info: VersionInfo) -> tuple[int, float, str]:
     if match:
         return (1, float(match.group(1)), info.name)
     return (0, info.path.stat().st_mtime, info.name)
-
-
-def _now_iso() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def _iso(timestamp: float) -> str:

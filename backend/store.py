@@ -6,11 +6,6 @@ database (`backend.schema` has its tables). The modules that own the tables (`ba
 read through `Database.read()`, with the same SQL on both engines (`?` placeholders, `INSERT … ON CONFLICT`,
 `RETURNING`); `Database.for_settings` picks the engine:
 
-Writes are serialized inside each process by one writer thread, which owns the write connection and commits
-whatever is queued in one transaction (group commit): with 20 webhooks arriving together there is one commit
-(one fsync) instead of 20, and no request thread waits for a lock its sibling holds. Each write runs in its
-own savepoint, so one that raises is undone alone while the rest of its group commits.
-
 - **SQLite** (the default: `DATA_DIR/corrections.sqlite3`, WAL mode). Other processes on the machine
   (workers, fine-tunes) take turns through SQLite's lock. Not for network file systems: WAL needs one
   machine.
@@ -19,6 +14,11 @@ own savepoint, so one that raises is undone alone while the rest of its group co
   (`Database.serialize`), so two replicas storing the same annotation take turns instead of one failing on
   a unique key. Two replicas' groups can still wait for each other's locks; PostgreSQL then fails one of
   them (a deadlock), and its writer runs the whole group again.
+
+Writes are serialized inside each process by one writer thread, which owns the write connection and commits
+whatever is queued in one transaction (group commit): with 20 webhooks arriving together there is one commit
+(one fsync) instead of 20, and no request thread waits for a lock its sibling holds. Each write runs in its
+own savepoint, so one that raises is undone alone while the rest of its group commits.
 
 Either way a caller returns only once its write is committed, and the schema is migrated on open, once,
 under a lock, by whichever process comes first. (Both engines live in this one module because they share
@@ -43,14 +43,17 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
 from urllib.parse import urlsplit
 
-from backend.schema import MIGRATIONS as MIGRATIONS
-from backend.schema import SCHEMA_VERSION, postgres_ddl, statements
+from backend.schema import MIGRATIONS, SCHEMA_VERSION, postgres_ddl, statements
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 DB_FILE = "corrections.sqlite3"
+# A write waiting for the writer thread: what to run on its connection, and where its caller waits.
+_Write = tuple[Callable[[Any], Any], Future[Any]]
+# How often a group that lost a race with another process (a deadlock) is run again before its writes fail.
+_GROUP_ATTEMPTS = 5
 
 
 class StoreUnavailable(RuntimeError):
@@ -76,8 +79,6 @@ class Connection(Protocol):
 
 class Database(ABC):
     """One database of the backend (see the module docstring)."""
-
-    dialect: ClassVar[str]
 
     @classmethod
     def for_settings(cls, settings: Settings) -> Database:
@@ -203,17 +204,12 @@ def close_databases() -> None:
         _databases.clear()
     for database in databases:
         database.close()
-# A write waiting for the writer thread: what to run on its connection, and where its caller waits.
-_Write = tuple[Callable[[Any], Any], Future[Any]]
-# How often a group that lost a race with another process (a deadlock) is run again before its writes fail.
-_GROUP_ATTEMPTS = 5
+
 
 
 # ---------------------------------------------------------------------------------------------- SQLite
 class SQLiteDatabase(Database):
     """One SQLite file in WAL mode, migrated on open."""
-
-    dialect = "sqlite"
 
     def __init__(self, path: str | os.PathLike[str]):
         super().__init__(Path(path).name)
@@ -298,8 +294,6 @@ _MIGRATION_LOCK = 0x6770_7434_726F_6901
 class PostgresDatabase(Database):
     """A PostgreSQL database, migrated on open (module docstring)."""
 
-    dialect = "postgresql"
-
     def __init__(self, url: str):
         parts = urlsplit(url)
         # host:port/name, without credentials, for messages.
@@ -310,7 +304,7 @@ class PostgresDatabase(Database):
         self._reader_pid = 0
         db = self._connect()
         try:
-            _migrate_postgres(db.raw)
+            _migrate_postgres(db.raw, self.where)
         finally:
             db.close()
 
@@ -328,11 +322,9 @@ class PostgresDatabase(Database):
         """The process's read connection, shared by its threads (psycopg connections are thread-safe, and
         results are fetched whole): one replica keeps two connections open, this one and the writer's."""
         with self._writer_lock:
-            db = getattr(self, "_reader", None)
-            if db is None or self._reader_pid != os.getpid() or db.broken:
-                db, self._reader, self._reader_pid = None, None, os.getpid()
-                db = self._reader = self._connect()
-        return db
+            if self._reader is None or self._reader_pid != os.getpid() or self._reader.broken:
+                self._reader, self._reader_pid = self._connect(), os.getpid()
+            return self._reader
 
     def _begin(self, db: Any) -> None:
         db.execute("BEGIN")
@@ -344,7 +336,7 @@ class PostgresDatabase(Database):
 
     def close(self) -> None:
         with self._writer_lock:
-            reader, self._reader = getattr(self, "_reader", None), None
+            reader, self._reader = self._reader, None
         if reader is not None and self._reader_pid == os.getpid():
             reader.close()
         super().close()
@@ -408,9 +400,6 @@ class _Row(tuple):
             return tuple.__getitem__(self, self._index[key])
         return tuple.__getitem__(self, key)
 
-    def keys(self) -> list[str]:
-        return list(self._index)
-
 
 @functools.lru_cache(maxsize=256)
 def _row_class(names: tuple[str, ...]) -> type[_Row]:
@@ -418,8 +407,7 @@ def _row_class(names: tuple[str, ...]) -> type[_Row]:
 
 
 def _row_factory(cursor: Any) -> Callable[[Sequence[Any]], _Row]:
-    row_class = _row_class(tuple(column.name for column in cursor.description or ()))
-    return row_class
+    return _row_class(tuple(column.name for column in cursor.description or ()))
 
 
 @functools.lru_cache(maxsize=512)
@@ -447,7 +435,7 @@ def _broken(db: Any) -> bool:
     return bool(getattr(db, "broken", False))
 
 
-def _migrate_postgres(db: Any) -> None:
+def _migrate_postgres(db: Any, where: str) -> None:
     with db.transaction():
         db.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
         db.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
@@ -460,8 +448,7 @@ def _migrate_postgres(db: Any) -> None:
                 db.execute(postgres_ddl(statement))
         db.execute("DELETE FROM schema_version")
         db.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))
-    log.info("database at %s migrated from schema %d to %d", urlsplit(db.info.dsn).path or "?", version,
-             SCHEMA_VERSION)
+    log.info("database at %s migrated from schema %d to %d", where, version, SCHEMA_VERSION)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -18,6 +18,7 @@ import pytest
 
 from backend import store as store_module
 from backend.corrections import CorrectionsStore
+from backend.schema import MIGRATIONS
 from backend.settings import Settings
 from backend.store import SCHEMA_VERSION, Database, PostgresDatabase, SQLiteDatabase, StoreUnavailable
 from tests.support import capture, free_port
@@ -54,7 +55,7 @@ def test_a_new_database_gets_every_migration_once(tmp_path):
 def test_a_database_written_before_versioning_keeps_its_rows(tmp_path):
     path = tmp_path / "db.sqlite3"
     with contextlib.closing(sqlite3.connect(path)) as db:
-        db.executescript(store_module.MIGRATIONS[0])
+        db.executescript(MIGRATIONS[0])
         db.execute("INSERT INTO events (action, received_at, body) VALUES ('OLD', 0, '{}')")
         db.commit()
     assert actions(SQLiteDatabase(path)) == ["OLD"]
