@@ -583,13 +583,30 @@ def main(argv: list[str] | None = None) -> int:
 def _terminate_as_interrupt() -> Iterator[None]:
     # SIGTERM (cron's timeout, `docker stop`) unwinds like Ctrl-C: the run is recorded and the lock released.
     def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+        if _in_finalizer(frame):
+            # Python prints and drops an exception raised inside `__del__` (a garbage collection can run one at
+            # any moment), and the run would go on: raise it a moment later, outside, from SIGALRM.
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            return
+        raise KeyboardInterrupt(f"signal {signal.SIGTERM.value}")
 
     previous = signal.signal(signal.SIGTERM, handler)
+    previous_alarm = signal.signal(signal.SIGALRM, handler)
     try:
         yield
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous_alarm)
         signal.signal(signal.SIGTERM, previous)
+
+
+def _in_finalizer(frame: Any) -> bool:
+    """Whether the interrupted code runs inside an object's `__del__`."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 if __name__ == "__main__":

@@ -322,6 +322,24 @@ def test_an_interrupted_run_leaves_the_current_version_and_says_why(env, tmp_pat
     assert "process stopped without finishing" in store.runs()[1].message
 
 
+def test_a_sigterm_that_lands_in_a_finalizer_still_interrupts_the_run():
+    """A garbage collection can run an object's `__del__` whenever; Python drops an exception raised there, so
+    a SIGTERM handled inside one must still end the run, a moment later."""
+    from backend.finetune import _terminate_as_interrupt
+
+    class SignalledWhileCollected:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)  # the handler runs here, inside `__del__`
+
+    deadline = time.monotonic() + 5
+    with pytest.raises(KeyboardInterrupt, match="signal 15"), _terminate_as_interrupt():
+        SignalledWhileCollected()
+        while time.monotonic() < deadline:  # the run going on
+            time.sleep(0.01)
+    assert time.monotonic() < deadline, "the SIGTERM was lost in the finalizer"
+
+
 # ---------------------------------------------------------------------- START_TRAINING through the backend
 def test_start_training_webhook_queues_a_job_the_finetune_worker_runs(env, tmp_path):
     from model.demo.synthetic import generate_dataset
