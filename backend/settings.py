@@ -226,15 +226,17 @@ class Settings:
     finetune_device: str = _setting(
         "auto", "FINETUNE_DEVICE", "Torch device of fine-tunes: `auto` (CUDA when present), `cpu`, `cuda:1`…")
     finetune_steps: int = _setting(
-        0, "FINETUNE_STEPS", "Optimizer steps of one fine-tune (0: FINETUNE_EPOCHS passes over its data).")
+        400, "FINETUNE_STEPS",
+        "Optimizer steps of one fine-tune, so that each costs the same however many corrections came in (0: "
+        "FINETUNE_EPOCHS passes over its data instead).")
     finetune_epochs: float = _setting(
         3.0, "FINETUNE_EPOCHS", "Passes over the fine-tune data when FINETUNE_STEPS is 0.")
-    finetune_learning_rate: float = _setting(2e-4, "FINETUNE_LEARNING_RATE", "Peak learning rate of fine-tunes.")
+    finetune_learning_rate: float = _setting(1e-3, "FINETUNE_LEARNING_RATE", "Peak learning rate of fine-tunes.")
     finetune_lora_rank: int = _setting(16, "FINETUNE_LORA_RANK", "Rank of the LoRA adapters on the language model.")
     finetune_region_lr_scale: float = _setting(
-        1.0, "FINETUNE_REGION_LR_SCALE",
+        0.05, "FINETUNE_REGION_LR_SCALE",
         "Learning rate of the region module relative to FINETUNE_LEARNING_RATE (it trains in full, not through "
-        "LoRA; lower it when the region features are already good and should not drift).")
+        "LoRA, so at the adapters' rate its features drift and earlier concepts are lost).")
     finetune_replay_ratio: float = _setting(
         1.0, "FINETUNE_REPLAY_RATIO",
         "Earlier corrections replayed per new one (against forgetting what was learnt before).")
@@ -242,7 +244,7 @@ class Settings:
         "", "FINETUNE_BASE_DATA",
         "Optional JSONL (model.data_format) the first model was trained on; replay also draws from it.")
     finetune_base_ratio: float = _setting(
-        1.0, "FINETUNE_BASE_RATIO", "Records drawn from FINETUNE_BASE_DATA per new correction record.")
+        3.0, "FINETUNE_BASE_RATIO", "Records drawn from FINETUNE_BASE_DATA per new correction record.")
     finetune_base_eval: str = _setting(
         "", "FINETUNE_BASE_EVAL",
         "Optional JSONL of earlier concepts; a candidate that loses more than FINETUNE_MAX_FORGETTING of "

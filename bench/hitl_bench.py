@@ -1,8 +1,9 @@
 """Human-in-the-loop benchmark: pre-annotate, correct, fine-tune, pre-annotate again, through the real backend.
 
-    python bench/hitl_bench.py [--before 48] [--after 96] [--steps 400] [--workdir DIR] [--redis-url URL]
+    python bench/hitl_bench.py [--seeds 0 1 2] [--before 48] [--after 96] [--al-pool 96] [--al-scenes 24]
+                               [--steps N] [--workdir DIR] [--redis-url URL] [--json FILE]
 
-The demo model (`model.demo`) never saw the shape `cross`. This script:
+The demo model (`model.demo`) never saw the shape `cross`. Per seed, this script:
 
 1. draws synthetic scenes (`model.demo.synthetic`), every other one with at least one cross, writes them under
    a LOCAL_FILES_DOCUMENT_ROOT and turns them into Label Studio tasks whose boxes come from a "detector"
@@ -11,14 +12,19 @@ The demo model (`model.demo`) never saw the shape `cross`. This script:
    Redis (a private `redis-server` unless `--redis-url`), MODEL_DIR holding the demo model;
 3. asks `/predict` for pre-annotations of the first batch, and a simulated annotator "corrects" every
    region from the ground truth, posting `ANNOTATION_CREATED` webhooks shaped like Label Studio's;
-4. runs `python backend/finetune.py` (LoRA on the corrections, base-data replay, held-out comparison,
-   promotion), and checks that `/setup` now answers the new version;
+4. runs `python backend/finetune.py` with the FINETUNE_* defaults of `backend/settings.py` (LoRA on the
+   corrections, base-data replay, held-out comparison, promotion), and checks that `/setup` now answers
+   the new version;
 5. asks `/predict` for a second batch of new scenes, pre-annotated by the new version.
 
-It prints the share of regions whose pre-annotation the annotator accepts unchanged (caption, label,
-color, size and texture all right) on the new concept and on the old ones, before and after, the fine-tune
-wall time, and `python -m backend report`. The loop itself is `tests.support.hitl`;
-`tests/backend/test_hitl.py` runs it smaller.
+That is the arm "first": the first `--before` scenes are corrected. The active-learning arms pre-annotate
+`--al-pool` scenes and correct `--al-scenes` of them, chosen at random ("random") or lowest task score first
+("uncertain", the Data Manager sorted by prediction score); both are judged on the same later scenes.
+
+It prints, per seed and arm, the share of regions whose pre-annotation the annotator accepts unchanged
+(caption, label, color, size and texture all right) on the new concept and on the old ones, before and
+after, the fine-tune wall time and `python -m backend report`; then a table of every run and the arms'
+means. The loop itself is `tests.support.hitl`; `tests/backend/test_hitl.py` runs it smaller.
 """
 
 from __future__ import annotations
@@ -27,12 +33,14 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.hitl import NEW_SHAPE, run_loop
+from tests.support.hitl import NEW_SHAPE, LoopResult, Selection, run_loop
 from tests.support.redis_server import RedisServer
 
 
@@ -46,13 +54,29 @@ def private_redis(directory: Path) -> Iterator[str]:
         server.stop()
 
 
+@dataclass
+class Arm:
+    """One way of choosing the corrected scenes, run once per seed."""
+
+    name: str
+    selection: Selection
+    before: int
+    pool: int
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the loop and print its figures."""
+    """Run the loop per seed and arm, and print its figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run (each printed)")
     parser.add_argument("--before", type=int, default=48, help="tasks pre-annotated and corrected before")
     parser.add_argument("--after", type=int, default=96,
                         help="tasks pre-annotated by the new version (cheap to judge; more give steadier figures)")
-    parser.add_argument("--steps", type=int, default=400, help="fine-tune optimizer steps")
+    parser.add_argument("--al-pool", type=int, default=96,
+                        help="active-learning arms: scenes pre-annotated by the current version (0: no such arms)")
+    parser.add_argument("--al-scenes", type=int, default=24,
+                        help="active-learning arms: scenes corrected, chosen at random or by lowest task score")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="fine-tune optimizer steps (default: FINETUNE_STEPS / FINETUNE_EPOCHS of the settings)")
     parser.add_argument("--base-images", type=int, default=120, help="synthetic base images for replay (0: none)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep everything here (default: a temp dir)")
     parser.add_argument("--redis-url", default=None, help="Redis to use (default: a private redis-server)")
@@ -62,13 +86,35 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="hitl-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    arms = [Arm("first", "first", args.before, args.before)]
+    if args.al_pool:
+        arms += [Arm("random", "random", args.al_scenes, args.al_pool),
+                 Arm("uncertain", "uncertain", args.al_scenes, args.al_pool)]
+    results: dict[tuple[int, str], LoopResult] = {}
     with contextlib.ExitStack() as stack:
         url = args.redis_url or stack.enter_context(private_redis(workdir))
-        result = run_loop(workdir, url, before=args.before, after=args.after, steps=args.steps,
-                          base_images=args.base_images, checkpoint=args.checkpoint,
-                          key_prefix=f"hitl-{os.getpid()}")
+        for seed in args.seeds:
+            for arm in arms:
+                result = run_loop(workdir / f"seed{seed}-{arm.name}", url, before=arm.before, after=args.after,
+                                  steps=args.steps, base_images=args.base_images, checkpoint=args.checkpoint,
+                                  key_prefix=f"hitl-{os.getpid()}-{seed}-{arm.name}", seed=seed,
+                                  selection=arm.selection, pool=arm.pool)
+                results[seed, arm.name] = result
+                print_run(seed, arm, result)
+    print_summary(args.seeds, arms, results)
+    if args.json:
+        figures = [{"seed": seed, "arm": arm, **result.summary()} for (seed, arm), result in results.items()]
+        args.json.write_text(json.dumps(figures, indent=2))
+    print(f"\nworking files: {workdir}")
+    return 0 if all(r.new_version != r.base_version for r in results.values()) else 1
+
+
+def print_run(seed: int, arm: Arm, result: LoopResult) -> None:
+    """One run's figures and the backend's report."""
     before, after = result.before.to_json(), result.after.to_json()
-    print()
+    summary = result.summary()
+    print(f"\n=== seed {seed}, arm '{arm.name}': {summary['corrected_scenes']} of {arm.pool} scenes corrected "
+          f"({summary['corrected_new_regions']} regions of '{NEW_SHAPE}')")
     print(f"accepted unchanged, new concept '{NEW_SHAPE}': {before['new_concept']:.1%} ({before['new_regions']} "
           f"regions, {result.base_version}) -> {after['new_concept']:.1%} ({after['new_regions']} regions, "
           f"{result.new_version})")
@@ -76,14 +122,26 @@ def main(argv: list[str] | None = None) -> int:
           f"{after['old_concepts']:.1%} ({after['old_regions']} regions)")
     print(f"fine-tune wall time: {result.finetune_seconds:.0f} s; slowest webhook answer: "
           f"{1000 * result.webhook_seconds_max:.0f} ms")
-    print(f"per-field acceptance before: {json.dumps(before['fields'])}")
     print(f"per-field acceptance after:  {json.dumps(after['fields'])}")
-    print()
     print(result.report)
-    print(f"\nworking files: {workdir}")
-    if args.json:
-        args.json.write_text(json.dumps(result.summary(), indent=2))
-    return 0 if result.new_version != result.base_version else 1
+
+
+def print_summary(seeds: list[int], arms: list[Arm], results: dict[tuple[int, str], LoopResult]) -> None:
+    """Per seed and arm: new and old concepts after the fine-tune; the arms' means."""
+    print("\nseed  arm        corrected  new concept after  old concepts after  fine-tune s")
+    for seed in seeds:
+        for arm in arms:
+            result = results[seed, arm.name]
+            after = result.after.to_json()
+            print(f"{seed:<5} {arm.name:<10} {len(result.corrected):>9}  {after['new_concept']:>17.1%}  "
+                  f"{after['old_concepts']:>18.1%}  {result.finetune_seconds:>11.0f}")
+    means = {arm.name: statistics.mean(results[s, arm.name].after.to_json()["new_concept"] for s in seeds)
+             for arm in arms}
+    for arm in arms:
+        print(f"mean  {arm.name:<10} new concept {means[arm.name]:.1%}")
+    if "uncertain" in means:
+        print(f"lowest task score first vs at random, new concept: {100 * (means['uncertain'] - means['random']):+.1f} "
+              "points")
 
 
 if __name__ == "__main__":

@@ -201,6 +201,14 @@ def prediction_of(ls_client: LabelStudioClient, task_id: int, version: str,
         time.sleep(0.5)
 
 
+def assert_scored(prediction: dict[str, Any]) -> None:
+    """Label Studio kept every proposed field's own score and the task score, the product of them (the
+    probability that the annotator keeps it all, which the Data Manager sorts by)."""
+    fields = [item for item in prediction["result"] if item["type"] in ("textarea", "choices")]
+    assert fields and all(0.0 <= item["score"] <= 1.0 for item in fields), prediction["result"]
+    assert 0.0 <= prediction["score"] <= min(item["score"] for item in fields) + 1e-6, prediction
+
+
 def assert_right_region(result: list[dict[str, Any]], scene: Scene, label_config: str) -> None:
     """The region has its rectangle, a caption naming the object's colour, and the right colour ticked."""
     items = {item["from_name"]: item for item in result if item["id"] == scene.region_id}
@@ -257,6 +265,29 @@ def test_retrieve_predictions_fills_every_task_rightly_uploaded_images_included(
         assert {item["id"] for item in prediction["result"]} == {scene.region_id}
         assert_right_region(prediction["result"], scene, connected.label_config)
         assert_valid(prediction, connected.label_config)
+        assert_scored(prediction)
+
+
+def test_the_data_manager_sorts_tasks_least_certain_first_once_the_version_is_chosen(
+        connected: ConnectedProject, ls_client: LabelStudioClient):
+    # Label Studio's "Prediction score" column averages the predictions of the project's chosen version
+    # only: while the project follows the live model it stays empty, which the README says.
+    ls_client.retrieve_predictions(connected.project["id"])
+    ours = sorted(prediction_of(ls_client, scene.task_id, connected.model_version)["score"]
+                  for scene in connected.scenes)
+    view = ls_client.request("POST", "/api/dm/views/", json_body={
+        "project": connected.project["id"], "data": {"ordering": ["tasks:predictions_score"]}})
+
+    def listed() -> list[Any]:
+        tasks = ls_client.request("GET", "/api/tasks", params={"view": view["id"], "page_size": 100})["tasks"]
+        return [task["predictions_score"] for task in tasks]
+
+    assert listed() == [None] * len(ours)
+    ls_client.update_project(connected.project["id"], model_version=connected.model_version)
+    try:
+        assert listed() == pytest.approx(ours, abs=1e-6)
+    finally:
+        ls_client.update_project(connected.project["id"], model_version="gpt4roi")
 
 
 def test_a_rectangle_drawn_on_an_uploaded_image_comes_back_rightly(connected: ConnectedProject,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from backend.acceptance import compare_fields
 from backend.annotations import parse_annotation_regions
@@ -31,6 +32,9 @@ DEMO_CONFIG = LABEL_CONFIG_FILE.read_text(encoding="utf-8")
 NEW_SHAPE = "cross"
 CHOICE_CONTROLS = ("color", "size", "texture")
 PROJECT_ID = 1
+# Which pre-annotated scenes the annotator corrects: the first ones (as they come), a random sample of them,
+# or those with the lowest task score (active learning: the Data Manager sorted by prediction score).
+Selection = Literal["first", "random", "uncertain"]
 
 
 # ---------------------------------------------------------------------- Label Studio-shaped data
@@ -251,6 +255,18 @@ class Backend:
         return time.perf_counter() - started
 
 
+def choose_scenes(predictions: Sequence[Mapping[str, Any]], count: int, selection: Selection,
+                  seed: int) -> list[int]:
+    """Indexes of the `count` pre-annotated scenes to correct, in the order they are corrected."""
+    if selection == "first":
+        return list(range(min(count, len(predictions))))
+    if selection == "random":
+        return random.Random(seed).sample(range(len(predictions)), min(count, len(predictions)))
+    if selection == "uncertain":
+        return sorted(range(len(predictions)), key=lambda i: (predictions[i]["score"], i))[:count]
+    raise ValueError(f"selection must be first, random or uncertain, got {selection!r}")
+
+
 # ---------------------------------------------------------------------- the loop
 @dataclass
 class LoopResult:
@@ -258,6 +274,8 @@ class LoopResult:
 
     base_version: str
     new_version: str
+    selection: Selection
+    corrected: list[SceneTask]
     before: Acceptance
     after: Acceptance
     finetune_seconds: float
@@ -268,33 +286,39 @@ class LoopResult:
 
     def summary(self) -> dict[str, Any]:
         """Plain JSON of the figures."""
-        return {"base_version": self.base_version, "new_version": self.new_version,
+        return {"base_version": self.base_version, "new_version": self.new_version, "selection": self.selection,
+                "corrected_scenes": len(self.corrected),
+                "corrected_new_regions": sum(o.shape == NEW_SHAPE for t in self.corrected for o in t.objects),
                 "before": self.before.to_json(), "after": self.after.to_json(),
                 "finetune_seconds": round(self.finetune_seconds, 1),
                 "webhook_seconds_max": round(self.webhook_seconds_max, 3),
                 "predict_seconds": {k: round(v, 1) for k, v in self.predict_seconds.items()}}
 
 
-def finetune_env(steps: int, base_data: Path | None, base_eval: Path | None) -> dict[str, str]:
-    """FINETUNE_* settings of the loop (tuned for the demo model on a CPU). The region module barely moves
-    (a twentieth of the LoRA rate) and three base records come per correction, which keeps the old shapes:
-    88 % of old regions accepted unchanged afterwards with 0.3 and one base record, 91 % with these. The
-    simulation has no Label Studio to confirm corrections with (TRAIN_ON_UNCONFIRMED), and the gate decides
-    on a fixed set of the old shapes (FINETUNE_BASE_EVAL), the only set its own corrections cannot write."""
-    env = {"FINETUNE_STEPS": str(steps), "FINETUNE_LEARNING_RATE": "1e-3", "FINETUNE_LORA_RANK": "16",
-           "FINETUNE_REGION_LR_SCALE": "0.05", "TRAIN_ON_UNCONFIRMED": "true",
-           "FINETUNE_EVAL_FRACTION": "0.2", "FINETUNE_REPLAY_RATIO": "1.0", "FINETUNE_DEVICE": "cpu"}
+def finetune_env(steps: int | None, base_data: Path | None, base_eval: Path | None) -> dict[str, str]:
+    """What the loop sets beyond `backend/settings.py`'s FINETUNE_* defaults, which are the loop's own: the
+    simulation has no Label Studio to confirm corrections with (TRAIN_ON_UNCONFIRMED), it replays the demo's
+    kind of base data (FINETUNE_BASE_DATA), and the gate decides on a fixed set of the old shapes
+    (FINETUNE_BASE_EVAL), the only set its own corrections cannot write."""
+    env = {"TRAIN_ON_UNCONFIRMED": "true", "FINETUNE_DEVICE": "cpu"}
+    if steps is not None:
+        env["FINETUNE_STEPS"] = str(steps)
     if base_data is not None:
-        env.update({"FINETUNE_BASE_DATA": str(base_data), "FINETUNE_BASE_RATIO": "3.0"})
+        env["FINETUNE_BASE_DATA"] = str(base_data)
     if base_eval is not None:
         env["FINETUNE_BASE_EVAL"] = str(base_eval)
     return env
 
 
-def run_loop(workdir: Path, redis_url: str, *, before: int, after: int, steps: int, base_images: int = 120,
+def run_loop(workdir: Path, redis_url: str, *, before: int, after: int, steps: int | None, base_images: int = 120,
              checkpoint: Path | None = None, key_prefix: str = "hitl", extra_env: Mapping[str, str] | None = None,
+             seed: int = 0, selection: Selection = "first", pool: int | None = None,
              log: Any = print) -> LoopResult:
-    """The whole loop (see the module docstring) in `workdir`; returns what it measured."""
+    """The whole loop (see the module docstring) in `workdir`; returns what it measured.
+
+    `pool` scenes (default: `before`) are pre-annotated first and `before` of them, chosen by `selection`,
+    are corrected. `seed` draws the scenes, the base data and the fine-tune's own randomness; seed 0 is the
+    bench's historical draw."""
     from model.demo import HELD_OUT_SHAPE, ensure_demo_checkpoint
     from model.demo.synthetic import generate_dataset
 
@@ -311,9 +335,9 @@ def run_loop(workdir: Path, redis_url: str, *, before: int, after: int, steps: i
     (model_dir / "current").write_text(base_version + "\n")
     base_data = base_eval = None
     if base_images:
-        base_data = generate_dataset(workdir / "base", base_images, 4242, "base", exclude_shapes=[NEW_SHAPE],
+        base_data = generate_dataset(workdir / "base", base_images, 4242 + seed, "base", exclude_shapes=[NEW_SHAPE],
                                      tasks=("caption", "attribute"))
-        base_eval = generate_dataset(workdir / "base-eval", max(8, base_images // 4), 4343, "base-eval",
+        base_eval = generate_dataset(workdir / "base-eval", max(8, base_images // 4), 4343 + seed, "base-eval",
                                      exclude_shapes=[NEW_SHAPE], tasks=("caption", "attribute"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_", "FINETUNE_"))}
     env.update({
@@ -323,37 +347,41 @@ def run_loop(workdir: Path, redis_url: str, *, before: int, after: int, steps: i
         "LOG_LEVEL": "WARNING", "WEBHOOK_SECRET": WEBHOOK_SECRET,
         **finetune_env(steps, base_data, base_eval), **(extra_env or {}),
     })
-    log(f"[hitl] tasks: {before} before, {after} after; demo checkpoint {checkpoint}")
-    first = make_tasks(images, "before", 1, before, seed=7001)
-    second = make_tasks(images, "after", 10_001, after, seed=7002)
+    pool = pool or before
+    log(f"[hitl] seed {seed}: {before} of {pool} scenes corrected ({selection}), {after} after; "
+        f"demo checkpoint {checkpoint}")
+    first = make_tasks(images, "before", 1, pool, seed=7001 + 100 * seed)
+    second = make_tasks(images, "after", 10_001, after, seed=7002 + 100 * seed)
     backend = Backend(env, workdir / "logs")
     timings: dict[str, float] = {}
 
-    def pre_annotate(phase: str, tasks: Sequence[SceneTask], version: str) -> Acceptance:
+    def pre_annotate(phase: str, tasks: Sequence[SceneTask], version: str) -> tuple[Acceptance, list[dict]]:
         """Pre-annotate `tasks` through the API and judge them as the simulated annotator would."""
         started = time.perf_counter()
         predictions = backend.predict(tasks, label_config)
         timings[f"predict_{phase}"] = time.perf_counter() - started
         acceptance = _acceptance(tasks, predictions, version, plan)
         log(f"[hitl] {phase} ({version}): {json.dumps(acceptance.to_json())}")
-        return acceptance
+        return acceptance, predictions
 
     try:
         backend.start()
         version = backend.model_version()
-        acceptance_before = pre_annotate("before", first, version)
+        acceptance_before, predictions = pre_annotate("before", first, version)
+        corrected = [first[i] for i in choose_scenes(predictions, before, selection, seed)]
         webhook_max = max(backend.webhook(annotation_event(task, 100 + i, label_config))
-                          for i, task in enumerate(first))
+                          for i, task in enumerate(corrected))
 
         started = time.perf_counter()
         finetune = subprocess.run([sys.executable, str(REPO / "backend" / "finetune.py"), "--min-new", "1",
-                                   "--trigger", "hitl-bench"], cwd=REPO, env=env, capture_output=True, text=True)
+                                   "--trigger", "hitl-bench", "--seed", str(seed)],
+                                  cwd=REPO, env=env, capture_output=True, text=True)
         finetune_seconds = time.perf_counter() - started
         output = (finetune.stdout + finetune.stderr).strip()
         verdict = finetune.stdout.strip().splitlines()[-1:] or ["(no output)"]
         log(f"[hitl] finetune.py exit {finetune.returncode} in {finetune_seconds:.0f} s: {verdict[0]}")
         new_version = backend.model_version()
-        acceptance_after = pre_annotate("after", second, new_version)
+        acceptance_after, _ = pre_annotate("after", second, new_version)
         for i, task in enumerate(second):
             webhook_max = max(webhook_max, backend.webhook(annotation_event(task, 10_000 + i, label_config)))
         report = subprocess.run([sys.executable, "-m", "backend", "report", "--png", str(workdir / "acceptance.png")],
@@ -362,7 +390,8 @@ def run_loop(workdir: Path, redis_url: str, *, before: int, after: int, steps: i
                                   capture_output=True, text=True)
     finally:
         backend.stop()
-    return LoopResult(version, new_version, acceptance_before, acceptance_after, finetune_seconds, output,
+    return LoopResult(version, new_version, selection, corrected, acceptance_before, acceptance_after,
+                      finetune_seconds, output,
                       webhook_max, timings, (versions.stdout + "\n" + report.stdout + report.stderr).strip())
 
 
