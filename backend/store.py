@@ -206,7 +206,6 @@ def close_databases() -> None:
         database.close()
 
 
-
 # ---------------------------------------------------------------------------------------------- SQLite
 class SQLiteDatabase(Database):
     """One SQLite file in WAL mode, migrated on open."""

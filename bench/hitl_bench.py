@@ -56,9 +56,8 @@ def private_redis(directory: Path) -> Iterator[str]:
 
 @dataclass
 class Arm:
-    """One way of choosing the corrected scenes, run once per seed."""
+    """One way of choosing the corrected scenes (named by it), run once per seed."""
 
-    name: str
     selection: Selection
     before: int
     pool: int
@@ -86,20 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="hitl-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    arms = [Arm("first", "first", args.before, args.before)]
+    arms = [Arm("first", args.before, args.before)]
     if args.al_pool:
-        arms += [Arm("random", "random", args.al_scenes, args.al_pool),
-                 Arm("uncertain", "uncertain", args.al_scenes, args.al_pool)]
+        arms += [Arm("random", args.al_scenes, args.al_pool), Arm("uncertain", args.al_scenes, args.al_pool)]
     results: dict[tuple[int, str], LoopResult] = {}
     with contextlib.ExitStack() as stack:
         url = args.redis_url or stack.enter_context(private_redis(workdir))
         for seed in args.seeds:
             for arm in arms:
-                result = run_loop(workdir / f"seed{seed}-{arm.name}", url, before=arm.before, after=args.after,
+                result = run_loop(workdir / f"seed{seed}-{arm.selection}", url, before=arm.before, after=args.after,
                                   steps=args.steps, base_images=args.base_images, checkpoint=args.checkpoint,
-                                  key_prefix=f"hitl-{os.getpid()}-{seed}-{arm.name}", seed=seed,
+                                  key_prefix=f"hitl-{os.getpid()}-{seed}-{arm.selection}", seed=seed,
                                   selection=arm.selection, pool=arm.pool)
-                results[seed, arm.name] = result
+                results[seed, arm.selection] = result
                 print_run(seed, arm, result)
     print_summary(args.seeds, arms, results)
     if args.json:
@@ -113,7 +111,7 @@ def print_run(seed: int, arm: Arm, result: LoopResult) -> None:
     """One run's figures and the backend's report."""
     before, after = result.before.to_json(), result.after.to_json()
     summary = result.summary()
-    print(f"\n=== seed {seed}, arm '{arm.name}': {summary['corrected_scenes']} of {arm.pool} scenes corrected "
+    print(f"\n=== seed {seed}, arm '{arm.selection}': {summary['corrected_scenes']} of {arm.pool} scenes corrected "
           f"({summary['corrected_new_regions']} regions of '{NEW_SHAPE}')")
     print(f"accepted unchanged, new concept '{NEW_SHAPE}': {before['new_concept']:.1%} ({before['new_regions']} "
           f"regions, {result.base_version}) -> {after['new_concept']:.1%} ({after['new_regions']} regions, "
@@ -131,14 +129,14 @@ def print_summary(seeds: list[int], arms: list[Arm], results: dict[tuple[int, st
     print("\nseed  arm        corrected  new concept after  old concepts after  fine-tune s")
     for seed in seeds:
         for arm in arms:
-            result = results[seed, arm.name]
+            result = results[seed, arm.selection]
             after = result.after.to_json()
-            print(f"{seed:<5} {arm.name:<10} {len(result.corrected):>9}  {after['new_concept']:>17.1%}  "
+            print(f"{seed:<5} {arm.selection:<10} {len(result.corrected):>9}  {after['new_concept']:>17.1%}  "
                   f"{after['old_concepts']:>18.1%}  {result.finetune_seconds:>11.0f}")
-    means = {arm.name: statistics.mean(results[s, arm.name].after.to_json()["new_concept"] for s in seeds)
+    means = {arm.selection: statistics.mean(results[s, arm.selection].after.to_json()["new_concept"] for s in seeds)
              for arm in arms}
     for arm in arms:
-        print(f"mean  {arm.name:<10} new concept {means[arm.name]:.1%}")
+        print(f"mean  {arm.selection:<10} new concept {means[arm.selection]:.1%}")
     if "uncertain" in means:
         print(f"lowest task score first vs at random, new concept: {100 * (means['uncertain'] - means['random']):+.1f} "
               "points")
