@@ -43,6 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from backend import registry
 from backend.annotations import AnnotationError
 from backend.connect import install_webhook_secret
+from backend.corrections import CorrectionsStore
 from backend.jobs import JobQueue, QueueFull, QueueUnavailable, connect, log_incident
 from backend.labelconfig import ConfigError
 from backend.labelstudio_backend import GPT4RoIBackend, PredictionFailed, PredictionTimeout, RequestError
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     queue = JobQueue(settings, connect(url, settings), url)
     metrics = Metrics(queue, version=lambda: registry.current_version(settings), settings=settings)
     backend = GPT4RoIBackend(settings, queue, observer=metrics)
+    _open_store(settings)
     secret = webhook_secret(settings)
     if secret is not None and settings.label_studio_url and settings.label_studio_api_key:
         threading.Thread(target=_install_secret, args=(settings,), daemon=True, name="webhook-secret").start()
@@ -171,6 +173,15 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
 
 
 _ROUTES = frozenset({"/health", "/setup", "/predict", "/webhook", "/versions", "/metrics", "/train"})
+
+
+def _open_store(settings: Settings) -> None:
+    # Now rather than on the first webhook: a burst arriving after a start would otherwise wait, all of it,
+    # for the driver's import, the connection and the migration.
+    try:
+        CorrectionsStore.for_settings(settings)
+    except StoreUnavailable as exc:
+        log.warning("%s; /webhook answers 503 until it does", exc)
 
 
 def _install_secret(settings: Settings) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,12 +42,14 @@ from backend.annotations import (
 from backend.labelconfig import FillPlan, Region, predicted_fields
 from backend.payloads import PayloadError, parse_payload
 from backend.settings import Settings
-from backend.store import Connection, Database
+from backend.store import Connection, Cursor, Database
 
 # Events and proposals past their retention are pruned by a write at most this often per process, at most
 # this many rows per table at a time (old rows go in steps, and each commit stays short).
 _PRUNE_INTERVAL_S = 60.0
 _PRUNE_STEP = 1000
+# When each database was last pruned by this process (stores are made per request, the database is shared).
+_pruned_at: weakref.WeakKeyDictionary[Database, float] = weakref.WeakKeyDictionary()
 
 
 class CorrectionsStore:
@@ -57,7 +60,6 @@ class CorrectionsStore:
         self.database = database
         self.event_retention_s = event_retention_days * 86_400
         self.proposal_retention_s = proposal_retention_days * 86_400
-        self._pruned_at = float("-inf")
 
     @classmethod
     def for_settings(cls, settings: Settings) -> CorrectionsStore:
@@ -90,28 +92,36 @@ class CorrectionsStore:
             # Two replicas storing events about the same annotation take turns (see backend.store).
             self.database.serialize(db, *(f"annotation:{i}" for i, _, _ in contributions),
                                     *(f"annotation:{i}" for i in deleted_ids))
-            event_seq = int(db.execute(
+            # Every question is asked before the first answer is read: on PostgreSQL's pipeline they share
+            # one round trip (`backend.store`).
+            inserted = db.execute(
                 "INSERT INTO events (action, received_at, annotation_id, body) VALUES (?, ?, ?, ?) RETURNING seq",
-                (action, now, annotation_id, body)).fetchone()[0])
-            for contributed_id, samples, updated_at in contributions:
-                ignored = _superseded(db, contributed_id, updated_at)
+                (action, now, annotation_id, body))
+            asked = [(_standing(db, contributed_id), _ask_proposed(db, samples))
+                     for contributed_id, samples, _ in contributions]
+            event_seq = int(inserted.fetchone()[0])
+            written: dict[int, str | None] = {}  # annotation id → updated_at, of what this event stored
+            for (contributed_id, samples, updated_at), (standing, proposed) in zip(contributions, asked, strict=True):
+                deleted, stored_at = standing.fetchone()
+                ignored = _superseded(bool(deleted), written.get(contributed_id, stored_at), updated_at)
                 if ignored is not None:
                     summary.setdefault("ignored", []).append(f"annotation {contributed_id}: {ignored}")
                     continue
                 _delete(db, [contributed_id])
+                written[contributed_id] = updated_at
                 if samples is not None:
-                    summary["samples"] += _insert(db, samples, event_seq)
+                    summary["samples"] += _insert(db, samples, event_seq, _proposed(samples, proposed))
                 else:
                     # Nothing to learn from (cancelled, emptied), but its time stops older deliveries.
                     db.execute("INSERT INTO annotations (annotation_id, updated_at, ground_truth, event_seq) "
                                "VALUES (?, ?, 0, ?)", (contributed_id, updated_at, event_seq))
             if action == "ANNOTATIONS_DELETED":
-                summary["deleted"] = _delete(db, deleted_ids)
+                summary["deleted"] = sum(deletion.rowcount for deletion in _delete(db, deleted_ids))
                 db.executemany("INSERT INTO deleted_annotations (annotation_id, deleted_at) VALUES (?, ?) "
                                "ON CONFLICT (annotation_id) DO NOTHING", [(i, now) for i in deleted_ids])
-            if now - self._pruned_at >= _PRUNE_INTERVAL_S:
+            if now - _pruned_at.get(self.database, float("-inf")) >= _PRUNE_INTERVAL_S:
                 self._prune(db, now)
-                self._pruned_at = now
+                _pruned_at[self.database] = now
             return summary
 
         return self.database.write(store)
@@ -198,18 +208,21 @@ def _contribution(event: Mapping[str, Any],
     return annotation_id, samples, updated_at if isinstance(updated_at, str) else None
 
 
-def _superseded(db: Connection, annotation_id: int, updated_at: str | None) -> str | None:
-    """Why an event about `annotation_id` must change nothing: the annotation was deleted, or what is stored
-    is newer. None when it applies."""
-    # One round trip for both questions: on PostgreSQL each statement is one.
-    row = db.execute("SELECT (SELECT 1 FROM deleted_annotations WHERE annotation_id = ?) AS deleted, "
-                     "(SELECT updated_at FROM annotations WHERE annotation_id = ?) AS updated_at",
-                     (annotation_id, annotation_id)).fetchone()
-    if row["deleted"]:
+def _standing(db: Connection, annotation_id: int) -> Cursor:
+    """Ask whether an annotation was deleted, and when what is stored of it was updated (one row)."""
+    return db.execute("SELECT (SELECT 1 FROM deleted_annotations WHERE annotation_id = ?) AS deleted, "
+                      "(SELECT updated_at FROM annotations WHERE annotation_id = ?) AS updated_at",
+                      (annotation_id, annotation_id))
+
+
+def _superseded(deleted: bool, stored_at: str | None, updated_at: str | None) -> str | None:
+    """Why an event about an annotation must change nothing: the annotation was deleted, or what is stored
+    (updated at `stored_at`) is newer. None when it applies."""
+    if deleted:
         return "deleted earlier"
-    stored, incoming = _instant(row["updated_at"]), _instant(updated_at)
+    stored, incoming = _instant(stored_at), _instant(updated_at)
     if stored is not None and incoming is not None and incoming < stored:
-        return f"older ({updated_at}) than what is stored ({row['updated_at']})"
+        return f"older ({updated_at}) than what is stored ({stored_at})"
     return None
 
 
@@ -223,8 +236,8 @@ def _instant(text: str | None) -> dt.datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
-def _insert(db: Connection, annotation: AnnotationSamples, event_seq: int) -> int:
-    proposed = _proposed(db, annotation)
+def _insert(db: Connection, annotation: AnnotationSamples, event_seq: int,
+            proposed: dict[str, tuple[dict[str, Any], str | None]]) -> int:
     now = time.time()
     rows = []
     for sample in annotation.samples:
@@ -245,24 +258,32 @@ def _insert(db: Connection, annotation: AnnotationSamples, event_seq: int) -> in
     return len(rows)
 
 
-def _proposed(db: Connection, annotation: AnnotationSamples) -> dict[str, tuple[dict[str, Any], str | None]]:
+def _ask_proposed(db: Connection, annotation: AnnotationSamples | None) -> Cursor | None:
+    """Ask what the model proposed for the task's regions, unless the annotation says what was shown."""
+    if annotation is None or annotation.shown is not None or annotation.task_id is None:
+        return None
+    return db.execute("SELECT region_id, model_version, fields FROM predictions WHERE task_id = ? "
+                      "ORDER BY created_at", (annotation.task_id,))
+
+
+def _proposed(annotation: AnnotationSamples, asked: Cursor | None) -> dict[str, tuple[dict[str, Any], str | None]]:
     """Region id → (fields the model proposed, its version) for an annotation's regions."""
     if annotation.shown is not None:
         return {rid: (fields, annotation.shown_version) for rid, fields in annotation.shown.items()}
-    if annotation.task_id is None:
+    if asked is None:
         return {}
-    rows = db.execute("SELECT region_id, model_version, fields FROM predictions WHERE task_id = ? "
-                      "ORDER BY created_at", (annotation.task_id,)).fetchall()
     # The newest prediction of each region is the one the annotator saw.
-    return {row["region_id"]: (json.loads(row["fields"]), row["model_version"]) for row in rows}
+    return {row["region_id"]: (json.loads(row["fields"]), row["model_version"]) for row in asked.fetchall()}
 
 
-def _delete(db: Connection, annotation_ids: Sequence[int]) -> int:
-    removed = 0
+def _delete(db: Connection, annotation_ids: Sequence[int]) -> list[Cursor]:
+    """Delete annotations and their samples; returns the samples' deletions, whose `rowcount`s say how many
+    went (read only where needed: on PostgreSQL reading one waits for the server)."""
+    deletions = []
     for annotation_id in annotation_ids:
-        removed += db.execute("DELETE FROM samples WHERE annotation_id = ?", (annotation_id,)).rowcount
+        deletions.append(db.execute("DELETE FROM samples WHERE annotation_id = ?", (annotation_id,)))
         db.execute("DELETE FROM annotations WHERE annotation_id = ?", (annotation_id,))
-    return removed
+    return deletions
 
 
 def _check_fields(fields: Mapping[str, Any]) -> dict[str, Any]:

@@ -17,8 +17,11 @@ read through `Database.read()`, with the same SQL on both engines (`?` placehold
 
 Writes are serialized inside each process by one writer thread, which owns the write connection and commits
 whatever is queued in one transaction (group commit): with 20 webhooks arriving together there is one commit
-(one fsync) instead of 20, and no request thread waits for a lock its sibling holds. Each write runs in its
-own savepoint, so one that raises is undone alone while the rest of its group commits.
+(one fsync) instead of 20, and no request thread waits for a lock its sibling holds. On PostgreSQL the group
+goes out in pipeline mode: a statement whose result nobody reads yet does not wait for the server, so a
+webhook costs the few round trips whose answers it needs instead of one per statement (the writer's round
+trips were what bounded a replica's webhooks per second). A write that raises is undone alone: the group is
+then run again with a savepoint per write, without it.
 
 Either way a caller returns only once its write is committed, and the schema is migrated on open, once,
 under a lock, by whichever process comes first. (Both engines live in this one module because they share
@@ -116,6 +119,10 @@ class Database(ABC):
         """Whether a failed group is run again as a whole (another process's transaction won a race)."""
         return False
 
+    def _pipelined(self, db: Any) -> contextlib.AbstractContextManager[Any]:
+        """Around a group: statements may be sent before the answers to earlier ones have come back."""
+        return contextlib.nullcontext()
+
     @abstractmethod
     def read_settled(self, table: str, work: Callable[[Connection], T]) -> T:
         """Run the read `work` once every write already under way to `table` has committed, so that its
@@ -163,7 +170,8 @@ class Database(ABC):
                     try:
                         if db is None or _broken(db):
                             db = self._connect()
-                        outcomes = _commit_group(db, [work for work, _ in group], self._begin, self._retryable)
+                        outcomes = _commit_group(db, [work for work, _ in group], self._begin, self._retryable,
+                                                 self._pipelined)
                         break
                     except Exception as exc:  # the transaction itself failed: nothing of the group is stored
                         if self._retryable(exc) and attempt < _GROUP_ATTEMPTS:
@@ -257,12 +265,37 @@ def _migrate_sqlite(db: sqlite3.Connection) -> None:
 
 
 def _commit_group(db: Any, group: Sequence[Callable[[Any], Any]], begin: Callable[[Any], None],
-                  retryable: Callable[[Exception], bool]) -> list[tuple[Any, Exception | None]]:
+                  retryable: Callable[[Exception], bool],
+                  pipelined: Callable[[Any], contextlib.AbstractContextManager[Any]]
+                  ) -> list[tuple[Any, Exception | None]]:
     """Run every write of `group` in one transaction and commit once; returns (result, error) per write.
 
-    Each write runs in its own savepoint, so one that raises (a malformed event) is undone alone and the
-    others are still committed; an error `retryable` says is a lost race fails the whole transaction, to be
-    run again."""
+    The group runs whole first (pipelined where the engine can). Should a write raise, that transaction is
+    undone and the group runs again with a savepoint per write, so that the one which raises is undone alone
+    and the others are still committed (its error may surface in a later write's statement when pipelined,
+    never in a savepoint's). An error `retryable` says is a lost race fails the whole transaction, to be run
+    again."""
+    try:
+        with pipelined(db):
+            begin(db)
+            results = [work(db) for work in group]
+            db.execute("COMMIT")
+        return [(result, None) for result in results]
+    except Exception as exc:
+        _roll_back(db)
+        if retryable(exc):
+            raise
+        if len(group) == 1:
+            return [(None, exc)]
+    except BaseException:
+        _roll_back(db)
+        raise
+    return _commit_each(db, group, begin, retryable)
+
+
+def _commit_each(db: Any, group: Sequence[Callable[[Any], Any]], begin: Callable[[Any], None],
+                 retryable: Callable[[Exception], bool]) -> list[tuple[Any, Exception | None]]:
+    """`_commit_group` with a savepoint per write: a write that raises is undone alone."""
     outcomes: list[tuple[Any, Exception | None]] = []
     begin(db)
     try:
@@ -278,11 +311,15 @@ def _commit_group(db: Any, group: Sequence[Callable[[Any], Any]], begin: Callabl
             db.execute("RELEASE SAVEPOINT write")
         db.execute("COMMIT")
     except BaseException:
-        # Some errors (disk full, I/O) have already ended the transaction.
-        with contextlib.suppress(Exception):
-            db.execute("ROLLBACK")
+        _roll_back(db)
         raise
     return outcomes
+
+
+def _roll_back(db: Any) -> None:
+    # Some errors (disk full, I/O, a lost connection) have already ended the transaction.
+    with contextlib.suppress(Exception):
+        db.execute("ROLLBACK")
 
 
 # ------------------------------------------------------------------------------------------ PostgreSQL
@@ -333,6 +370,9 @@ class PostgresDatabase(Database):
 
         return isinstance(exc, (errors.DeadlockDetected, errors.SerializationFailure))
 
+    def _pipelined(self, db: Any) -> contextlib.AbstractContextManager[Any]:
+        return db.pipeline()
+
     def close(self) -> None:
         with self._writer_lock:
             reader, self._reader = self._reader, None
@@ -371,6 +411,7 @@ class _PostgresConnection:
 
     def __init__(self, raw: Any):
         self.raw = raw
+        self._pipeline: Any = None
 
     @property
     def broken(self) -> bool:
@@ -379,13 +420,49 @@ class _PostgresConnection:
     def close(self) -> None:
         self.raw.close()
 
+    @contextlib.contextmanager
+    def pipeline(self) -> Iterator[None]:
+        """Pipeline mode for the block (`Database._pipelined`)."""
+        with self.raw.pipeline() as pipeline:
+            self._pipeline = pipeline
+            try:
+                yield
+            finally:
+                self._pipeline = None
+
     def execute(self, sql: str, parameters: Sequence[Any] = ()) -> Any:
-        return self.raw.execute(_postgres_sql(sql), tuple(parameters))
+        return self._answer(self.raw.execute(_postgres_sql(sql), tuple(parameters)))
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Any:
         cursor = self.raw.cursor()
         cursor.executemany(_postgres_sql(sql), [tuple(row) for row in rows])
-        return cursor
+        return self._answer(cursor)
+
+    def _answer(self, cursor: Any) -> Any:
+        # psycopg fetches a pipelined statement's rows when they are read, but not its rowcount.
+        return cursor if self._pipeline is None else _PipelinedCursor(cursor, self._pipeline)
+
+
+class _PipelinedCursor:
+    """A cursor of a statement sent in pipeline mode: reading `rowcount` waits for the server's answer."""
+
+    def __init__(self, cursor: Any, pipeline: Any):
+        self._cursor, self._pipeline = cursor, pipeline
+
+    @property
+    def rowcount(self) -> int:
+        if self._cursor.rowcount < 0:
+            self._pipeline.sync()
+        return int(self._cursor.rowcount)
+
+    def fetchone(self) -> Any:
+        return self._cursor.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return self._cursor.fetchall()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._cursor)
 
 
 class _Row(tuple):

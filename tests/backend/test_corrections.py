@@ -499,3 +499,20 @@ def test_events_and_proposals_are_kept_for_their_retention_only(settings, monkey
     clock[0] += day
     store.record_event(event("11"))
     assert store.database.read().execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 0
+
+
+def test_old_events_are_pruned_at_most_once_a_minute_however_many_stores_write(settings, monkeypatch):
+    # The API makes a store per webhook: pruning on each would cost every webhook two more statements.
+    day = 86_400.0
+    clock = [2_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+
+    def kept_after_one_more_event(seconds_later: float) -> int:
+        clock[0] += seconds_later
+        CorrectionsStore(store_of(settings).database, event_retention_days=1).record_event(event("11"))
+        return len(store_of(settings).events())
+
+    assert kept_after_one_more_event(0) == 1  # pruned now, nothing old yet
+    assert kept_after_one_more_event(day - 30) == 2  # pruned again; the first is not a day old
+    assert kept_after_one_more_event(40) == 3  # the first is past its day, but the last prune was 40 s ago
+    assert kept_after_one_more_event(30) == 3  # a minute on: the first goes, the fourth comes
