@@ -102,12 +102,13 @@ class CorrectionsStore:
             event_seq = int(inserted.fetchone()[0])
             written: dict[int, str | None] = {}  # annotation id → updated_at, of what this event stored
             for (contributed_id, samples, updated_at), (standing, proposed) in zip(contributions, asked, strict=True):
-                deleted, stored_at = standing.fetchone()
+                deleted, stored_at, stored = standing.fetchone()
                 ignored = _superseded(bool(deleted), written.get(contributed_id, stored_at), updated_at)
                 if ignored is not None:
                     summary.setdefault("ignored", []).append(f"annotation {contributed_id}: {ignored}")
                     continue
-                _delete(db, [contributed_id])
+                if stored or contributed_id in written:
+                    _delete(db, [contributed_id])
                 written[contributed_id] = updated_at
                 if samples is not None:
                     summary["samples"] += _insert(db, samples, event_seq, _proposed(samples, proposed))
@@ -209,10 +210,13 @@ def _contribution(event: Mapping[str, Any],
 
 
 def _standing(db: Connection, annotation_id: int) -> Cursor:
-    """Ask whether an annotation was deleted, and when what is stored of it was updated (one row)."""
+    """Ask whether an annotation was deleted, when what is stored of it was updated, and whether anything of
+    it is stored at all (one row)."""
     return db.execute("SELECT (SELECT 1 FROM deleted_annotations WHERE annotation_id = ?) AS deleted, "
-                      "(SELECT updated_at FROM annotations WHERE annotation_id = ?) AS updated_at",
-                      (annotation_id, annotation_id))
+                      "(SELECT updated_at FROM annotations WHERE annotation_id = ?) AS updated_at, "
+                      "EXISTS (SELECT 1 FROM annotations WHERE annotation_id = ?) "
+                      "OR EXISTS (SELECT 1 FROM samples WHERE annotation_id = ?) AS stored",
+                      (annotation_id,) * 4)
 
 
 def _superseded(deleted: bool, stored_at: str | None, updated_at: str | None) -> str | None:
