@@ -383,7 +383,7 @@ def _run(settings: Settings, options: FinetuneOptions, parent: str, regions: Seq
         "trigger": options.trigger,
         "data": data,
         "metrics": metrics,
-        "calibration": calibration_report(calibration, observed),
+        "calibration": calibration_report(calibration, observed, cross_fit=True),
         "training": {**dataclasses.asdict(config), "steps": result.steps, "seconds": round(result.seconds, 2),
                      "first_loss": result.first_loss, "last_loss": result.last_loss, "device": str(device)},
         "wall_seconds": round(time.perf_counter() - started, 2),

@@ -190,8 +190,9 @@ def plot_acceptance(stats: dict[str, AcceptanceStats], order: Sequence[str], pat
 
 
 def reliability_table(settings: Settings) -> tuple[str, dict[str, list[list[float]]]]:
-    """How much each version's confidences mean, on the held-out corrections its fine-tune calibrated them on
-    (`backend.calibration`): the table, and per version its reliability diagram's bins."""
+    """How much each version's confidences mean, on the held-out corrections its fine-tune calibrated them on,
+    each half measured with curves fitted on the other (`backend.calibration`): the table, and per version its
+    reliability diagram's bins."""
     rows, diagrams = [], {}
     for info in registry.version_infos(settings):
         report = info.metadata.get("calibration")

@@ -12,6 +12,7 @@ from backend.calibration import (
     Curve,
     Observation,
     auroc,
+    calibration_report,
     expected_calibration_error,
     fit,
     reliability,
@@ -89,3 +90,19 @@ def test_a_task_scores_the_chance_that_every_field_is_kept():
     assert task_score([0.9, 0.5]) == pytest.approx(0.45)
     assert task_score([1.2, -0.1]) == 0.0
     assert task_score([0.8]) == pytest.approx(0.8)
+
+
+def test_a_fine_tunes_report_measures_its_curves_on_corrections_they_were_not_fitted_on():
+    # Confidence that says nothing: curves fitted on these very fields still look calibrated on them.
+    rng = random.Random(3)
+    noise = [([Observation("label", rng.random(), rng.random() < 0.5)], False) for _ in range(400)]
+    noise = [(fields, fields[0].kept) for fields, _ in noise]
+    calibration = fit(o for fields, _ in noise for o in fields)
+    in_sample = calibration_report(calibration, noise)
+    cross_fitted = calibration_report(calibration, noise, cross_fit=True)
+    assert cross_fitted["measured_on"] != in_sample["measured_on"]
+    assert in_sample["calibrated"]["label"]["ece"] < 0.05 < cross_fitted["calibrated"]["label"]["ece"]
+    # A signal the curves do capture survives cross-fitting.
+    signal = [([o], o.kept) for o in overconfident(800, seed=4)]
+    report = calibration_report(fit(o for fields, _ in signal for o in fields), signal, cross_fit=True)
+    assert report["calibrated"]["choice"]["ece"] < 0.05 < report["raw"]["choice"]["ece"]
