@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     prelabel.add_argument("--project", type=int, required=True, help="Label Studio project id")
     prelabel.add_argument("--no-wait", action="store_true", help="enqueue and exit without a progress bar")
     prelabel.add_argument("--timeout", type=float, default=None, help="stop waiting after this many seconds")
+    prelabel.add_argument("--sort-by-score", action="store_true",
+                          help="then make this version the project's prelabeling version, so that the Data "
+                               "Manager's Prediction score column shows (and sorts by) its scores")
     commands.add_parser("settings", help="print the configuration table (Markdown)")
     from backend.finetune import add_arguments as add_finetune_arguments
 
@@ -105,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "prelabel":
             from backend.prelabel import run_prelabel
 
-            summary = run_prelabel(settings, args.project, wait=not args.no_wait, timeout=args.timeout)
+            summary = run_prelabel(settings, args.project, wait=not args.no_wait, timeout=args.timeout,
+                                   sort_by_score=args.sort_by_score)
             print(summary.describe())
             return 0 if not summary.failed else 1
     except LabelStudioError as exc:

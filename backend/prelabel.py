@@ -5,6 +5,11 @@ Studio's API (`backend.labelstudio`), skips tasks that already have a prediction
 version (so a rerun only does what is missing) and tasks without rectangles, and enqueues one batch job
 per remaining task. Each job pushes its prediction to Label Studio as soon as it finishes; the command
 shows a progress bar until every job ended (or `--no-wait`).
+
+Label Studio's Data Manager fills its *Prediction score* column (and sorts by it) from the predictions of
+the project's chosen prelabeling version only, which `connect` sets to the live model. `--sort-by-score`
+makes the version just pushed the chosen one once every job ended, so that the least certain tasks can
+be put first; `connect`, or the next promotion, goes back to the live model.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class PrelabelSummary:
     pushed: int = 0
     failed: list[str] = field(default_factory=list)
     pending: int = 0
+    version_chosen: bool | None = None  # None: not asked (`sort_by_score`)
 
     def describe(self) -> str:
         """One paragraph for the terminal."""
@@ -48,13 +54,20 @@ class PrelabelSummary:
             f"failed: {len(self.failed)}",
         ]
         lines += [f"  failed: {message}" for message in self.failed[:20]]
+        if self.version_chosen:
+            lines.append(f"  prelabeling version of the project: {self.model_version} (the Data Manager's "
+                         "Prediction score column shows its scores; `connect` goes back to the live model)")
+        elif self.version_chosen is False:
+            lines.append("  prelabeling version left as it was: jobs are still running; rerun with "
+                         "--sort-by-score once they end")
         return "\n".join(lines)
 
 
 def run_prelabel(settings: Settings, project: int, *, wait: bool = True, timeout: float | None = None,
                  client: LabelStudioClient | None = None, queue: JobQueue | None = None,
-                 progress: bool = True) -> PrelabelSummary:
-    """Enqueue push jobs for every task of `project` that lacks a prediction of the current version."""
+                 progress: bool = True, sort_by_score: bool = False) -> PrelabelSummary:
+    """Enqueue push jobs for every task of `project` that lacks a prediction of the current version; with
+    `sort_by_score`, make that version the project's prelabeling version once no job is left running."""
     client = client or LabelStudioClient(settings)
     if queue is None:
         queue = JobQueue(settings, connect(settings.effective_redis_url, settings))
@@ -88,6 +101,10 @@ def run_prelabel(settings: Settings, project: int, *, wait: bool = True, timeout
         _wait(queue, jobs, summary, timeout, progress)
     else:
         summary.pending = len(jobs)
+    if sort_by_score:
+        if not summary.pending:
+            client.update_project(project, model_version=version)
+        summary.version_chosen = not summary.pending
     return summary
 
 

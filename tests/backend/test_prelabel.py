@@ -77,3 +77,20 @@ def test_prelabel_reports_tasks_it_cannot_use(fake_ls, base_env):
     fake_ls.add_project(project, CAPTURED_CONFIG, tasks)
     summary = run_prelabel(settings_for(fake_ls, base_env), project, timeout=30, progress=False)
     assert summary.enqueued == 0 and len(summary.failed) == 1 and "has no image" in summary.failed[0]
+
+
+def test_sort_by_score_makes_the_pushed_version_the_projects_prelabeling_version(fake_ls, base_env):
+    # Label Studio's Prediction score column shows the chosen version's scores only.
+    project = 603
+    fake_ls.add_project(project, CAPTURED_CONFIG, project_tasks(fake_ls, 6300))
+    settings = settings_for(fake_ls, base_env)
+    queue = JobQueue(settings, connect(REDIS_URL, settings), REDIS_URL)
+
+    unsorted = run_prelabel(settings, project, wait=False, queue=queue, progress=False, sort_by_score=True)
+    assert unsorted.version_chosen is False and "still running" in unsorted.describe()
+    assert fake_ls.projects[project].get("model_version", "") == ""
+
+    summary = run_prelabel(settings, project, timeout=120, queue=queue, progress=False, sort_by_score=True)
+    assert summary.pending == 0 and summary.version_chosen
+    assert fake_ls.projects[project]["model_version"] == MODEL_VERSION
+    assert f"prelabeling version of the project: {MODEL_VERSION}" in summary.describe()

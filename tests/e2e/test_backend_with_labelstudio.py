@@ -268,10 +268,11 @@ def test_retrieve_predictions_fills_every_task_rightly_uploaded_images_included(
         assert_scored(prediction)
 
 
-def test_the_data_manager_sorts_tasks_least_certain_first_once_the_version_is_chosen(
+def test_the_data_manager_sorts_tasks_least_certain_first_after_prelabel_sort_by_score(
         connected: ConnectedProject, ls_client: LabelStudioClient):
     # Label Studio's "Prediction score" column averages the predictions of the project's chosen version
-    # only: while the project follows the live model it stays empty, which the README says.
+    # only: while the project follows the live model it stays empty; `prelabel --sort-by-score` chooses
+    # the version it pushed.
     ls_client.retrieve_predictions(connected.project["id"])
     ours = sorted(prediction_of(ls_client, scene.task_id, connected.model_version)["score"]
                   for scene in connected.scenes)
@@ -283,8 +284,10 @@ def test_the_data_manager_sorts_tasks_least_certain_first_once_the_version_is_ch
         return [task["predictions_score"] for task in tasks]
 
     assert listed() == [None] * len(ours)
-    ls_client.update_project(connected.project["id"], model_version=connected.model_version)
+    done = run_backend(connected.env, "prelabel", "--project", str(connected.project["id"]), "--sort-by-score")
     try:
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"prelabeling version of the project: {connected.model_version}" in done.stdout
         assert listed() == pytest.approx(ours, abs=1e-6)
     finally:
         ls_client.update_project(connected.project["id"], model_version="gpt4roi")
