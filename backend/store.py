@@ -21,7 +21,7 @@ whatever is queued in one transaction (group commit): with 20 webhooks arriving 
 goes out in pipeline mode: a statement whose result nobody reads yet does not wait for the server, so a
 webhook costs the few round trips whose answers it needs instead of one per statement (the writer's round
 trips were what bounded a replica's webhooks per second). A write that raises is undone alone: the group is
-then run again with a savepoint per write, without it.
+then run again with a savepoint per write, and whichever raises is rolled back to its own.
 
 Either way a caller returns only once its write is committed, and the schema is migrated on open, once,
 under a lock, by whichever process comes first. (Both engines live in this one module because they share
