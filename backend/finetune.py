@@ -16,8 +16,8 @@ released when it ends, however it ends), so two fine-tunes never run at once:
    FINETUNE_BASE_DATA names the first model's training set, records drawn from it (FINETUNE_BASE_RATIO per
    new record), against forgetting. Images are fetched once into DATA_DIR's content-addressed cache.
 2. **Training.** LoRA adapters on the language model plus the full region module and projector
-   (`model.training`, `trainable="lora"`), starting from the current version; FINETUNE_STEPS steps, or
-   FINETUNE_EPOCHS passes.
+   (`model.training`, `trainable="lora"`), starting from the current version; FINETUNE_STEPS steps but at
+   least one pass over the data (a large backlog is never cut short), or FINETUNE_EPOCHS passes.
 3. **Evaluation.** The candidate (reloaded from what was written) and the current version answer the
    held-out regions exactly as the worker would (same questions, same choice selection); each proposed
    field is compared with the annotator's final value (`backend.acceptance`). With FINETUNE_BASE_EVAL,
@@ -341,7 +341,8 @@ def _run(settings: Settings, options: FinetuneOptions, parent: str, regions: Seq
     large = sum(p.numel() for p in model.parameters()) > LARGE_MODEL_PARAMETERS
     config = TrainingConfig(
         trainable="lora", learning_rate=settings.finetune_learning_rate, epochs=settings.finetune_epochs,
-        max_steps=options.steps or settings.finetune_steps or None, lora_rank=settings.finetune_lora_rank,
+        max_steps=options.steps or settings.finetune_steps or None, min_epochs=1.0,
+        lora_rank=settings.finetune_lora_rank,
         lora_alpha=2 * settings.finetune_lora_rank, seed=options.seed,
         region_lr_scale=settings.finetune_region_lr_scale,
         # The output layer too: a concept new to the model brings words it was never trained to say.
@@ -541,7 +542,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-new", type=int, default=None,
                         help="fewest new corrected regions needed to train (default: FINETUNE_MIN_NEW)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps (default: FINETUNE_STEPS, or FINETUNE_EPOCHS passes)")
+                        help="optimizer steps, at least one pass (default: FINETUNE_STEPS, or FINETUNE_EPOCHS passes)")
     parser.add_argument("--device", default=None, help="torch device (default: FINETUNE_DEVICE)")
     parser.add_argument("--trigger", default="manual", help="what started the run, recorded with it")
     parser.add_argument("--seed", type=int, default=0, help="seed of the replay sample and of training")

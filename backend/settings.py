@@ -227,8 +227,8 @@ class Settings:
         "auto", "FINETUNE_DEVICE", "Torch device of fine-tunes: `auto` (CUDA when present), `cpu`, `cuda:1`…")
     finetune_steps: int = _setting(
         400, "FINETUNE_STEPS",
-        "Optimizer steps of one fine-tune, so that each costs the same however many corrections came in (0: "
-        "FINETUNE_EPOCHS passes over its data instead).")
+        "Optimizer steps of one fine-tune, so that each costs about the same however many corrections came in, "
+        "but never less than one pass over its data (0: FINETUNE_EPOCHS passes instead).")
     finetune_epochs: float = _setting(
         3.0, "FINETUNE_EPOCHS", "Passes over the fine-tune data when FINETUNE_STEPS is 0.")
     finetune_learning_rate: float = _setting(1e-3, "FINETUNE_LEARNING_RATE", "Peak learning rate of fine-tunes.")

@@ -54,6 +54,9 @@ class TrainingConfig:
     warmup_ratio: float = 0.03
     epochs: float = 1.0
     max_steps: int | None = None
+    # Passes over the data that `max_steps` may not cut short (a fixed step budget over a large backlog
+    # would otherwise never show the model most of it).
+    min_epochs: float = 0.0
     images_per_batch: int = 4
     max_records_per_image: int = 16
     gradient_accumulation: int = 1
@@ -296,6 +299,7 @@ def train(
     n_images = len({str(s.image) for s in samples})
     batches_per_epoch = math.ceil(n_images / config.images_per_batch)
     steps = config.max_steps or max(1, math.ceil(config.epochs * batches_per_epoch / config.gradient_accumulation))
+    steps = max(steps, math.ceil(config.min_epochs * batches_per_epoch / config.gradient_accumulation))
     optimizer = CosineAdamW(groups, steps, int(config.warmup_ratio * steps), config.max_grad_norm,
                             config.weight_decay)
     cache = PixelCache(processor)

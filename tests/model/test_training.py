@@ -111,3 +111,15 @@ def test_lora_adapters_save_load_and_merge(samples, tokenizer, tmp_path, targets
         assert not has_lora(merged)
         assert not any("lora_" in name for name, _ in merged.named_parameters())
         assert batch_loss(merged, batch).item() == pytest.approx(trained.item(), rel=1e-4)
+
+
+def test_a_step_budget_never_stops_short_of_the_passes_asked_for(samples, tokenizer):
+    # A fine-tune's fixed budget over a large backlog of corrections must still show the model all of it.
+    model = make_tiny_model(tokenizer, seed=0)
+    images = len({str(s.image) for s in samples})
+    batches = -(-images // 2)
+    result = train(model, processor_for(model, tokenizer), samples, quiet(max_steps=1, min_epochs=1.0))
+    assert result.steps == batches
+    result = train(model, processor_for(model, tokenizer), samples,
+                   quiet(max_steps=batches + 2, min_epochs=1.0))
+    assert result.steps == batches + 2
