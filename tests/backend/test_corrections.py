@@ -516,3 +516,15 @@ def test_old_events_are_pruned_at_most_once_a_minute_however_many_stores_write(s
     assert kept_after_one_more_event(day - 30) == 2  # pruned again; the first is not a day old
     assert kept_after_one_more_event(40) == 3  # the first is past its day, but the last prune was 40 s ago
     assert kept_after_one_more_event(30) == 3  # a minute on: the first goes, the fourth comes
+
+
+@pytest.mark.parametrize("order", ["newer first", "older first"])
+def test_a_bulk_event_naming_one_annotation_twice_keeps_the_newer(settings, order):
+    newer = annotation(8, 3, "the newer word", updated_at="2026-11-20T10:00:05Z")
+    older = annotation(8, 3, "the older word", updated_at="2026-11-20T10:00:01Z")
+    items = [newer["annotation"], older["annotation"]]
+    bulk = {**newer, "action": "ANNOTATIONS_CREATED", "annotations": items[::-1] if order == "older first" else items}
+    del bulk["annotation"]
+    summary = store_of(settings).record_event(bulk)
+    assert summary["samples"] == (2 if order == "older first" else 1)
+    assert [r.caption for r in store_of(settings).regions()] == ["the newer word"]
