@@ -66,8 +66,10 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     backend = GPT4RoIBackend(settings, queue, observer=metrics)
     _open_store(settings)
     secret = webhook_secret(settings)
+    installer = None
     if secret is not None and settings.label_studio_url and settings.label_studio_api_key:
-        threading.Thread(target=_install_secret, args=(settings,), daemon=True, name="webhook-secret").start()
+        installer = _SecretInstaller(settings)
+        installer.start()
     predict_threads = anyio.CapacityLimiter(settings.threads)
     event_threads = anyio.CapacityLimiter(max(4, settings.threads // 2))
 
@@ -148,6 +150,8 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     @app.post("/webhook")
     async def webhook(request: Request) -> Response:
         if not secret_matches(secret, request.headers.get(SECRET_HEADER)):
+            if installer is not None:
+                installer.retry()  # Label Studio may have been down at start, or the webhook added since
             return _error(401, f"missing or wrong {SECRET_HEADER} header: webhooks need the backend's secret "
                                "(WEBHOOK_SECRET, or DATA_DIR/webhook-secret; `python -m backend connect` adds it "
                                "to Label Studio's webhook)")
@@ -184,14 +188,37 @@ def _open_store(settings: Settings) -> None:
         log.warning("%s; /webhook answers 503 until it does", exc)
 
 
-def _install_secret(settings: Settings) -> None:
-    # Label Studio may start after the backend, or not know it yet: `connect` does the same later.
-    try:
-        for step in install_webhook_secret(settings):
-            log.info("%s", step.describe())
-    except Exception as exc:
-        log.warning("could not add the webhook secret header in Label Studio (%s); run `python -m backend "
-                    "connect --project ID`, or add the header %s by hand", exc, SECRET_HEADER)
+_SECRET_INSTALL_INTERVAL_S = 60.0
+
+
+class _SecretInstaller:
+    """Adds the secret header to Label Studio's webhooks for this backend (`install_webhook_secret`), in the
+    background: at start, and again when a webhook comes without it (Label Studio was not up yet, or a
+    webhook was added since), then at most once a minute whoever sends them."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._retried = float("-inf")
+
+    def start(self) -> None:
+        threading.Thread(target=self._install, daemon=True, name="webhook-secret").start()
+
+    def retry(self) -> None:
+        with self._lock:
+            if time.monotonic() - self._retried < _SECRET_INSTALL_INTERVAL_S:
+                return
+            self._retried = time.monotonic()
+        self.start()
+
+    def _install(self) -> None:
+        try:
+            for step in install_webhook_secret(self.settings):
+                log.info("%s", step.describe())
+        except Exception as exc:
+            log.warning("could not add the webhook secret header in Label Studio (%s); run `python -m backend "
+                        "connect --project ID`, or add the header %s by hand", exc, SECRET_HEADER)
+
 
 
 def _too_large(settings: Settings) -> JSONResponse:

@@ -4,7 +4,8 @@ Label Studio sends webhooks without any Authorization header, even to a backend 
 so `/webhook` is exempt from Basic auth and requires the header `X-Webhook-Secret: <secret>` instead. The
 secret is WEBHOOK_SECRET, or, when that is unset, one generated on first start and kept in
 `DATA_DIR/webhook-secret` (readable by its owner only). With Label Studio credentials the backend adds the
-header to its webhook in Label Studio itself (`backend.connect`); otherwise add it by hand:
+header to its webhook in Label Studio itself (`backend.connect`; the API at start, and again when an event
+comes without it); otherwise add it by hand:
 `PATCH /api/webhooks/<id>/ {"headers": {"X-Webhook-Secret": "<secret>"}}`. ALLOW_UNSIGNED_WEBHOOKS turns the
 check off, for a backend nobody else can reach. What an accepted event means is `GPT4RoIBackend.fit`'s
 business.

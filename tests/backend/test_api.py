@@ -333,6 +333,22 @@ def test_basic_auth_everywhere_but_the_webhook_which_checks_its_secret(base_env,
         server.stop()
 
 
+def test_an_unsigned_webhook_has_the_secret_header_added_to_label_studios_webhook(base_env, fake_ls, tmp_path):
+    # Label Studio may have been down when the API started, or the webhook added since: until the header is
+    # there, its events are refused, so the first unsigned one has the API add it.
+    server = start_api(backend_env(base_env), tmp_path / "api.log")
+    hook = {"id": 9000 + len(fake_ls.webhooks), "project": 1, "url": f"{server.url}/webhook", "headers": {}}
+    fake_ls.webhooks.append(hook)
+    try:
+        unsigned = httpx.post(f"{server.url}/webhook", json=capture("09")["request"]["json"], timeout=30)
+        assert unsigned.status_code == 401
+        wait_until(lambda: hook["headers"].get("X-Webhook-Secret") == base_env["WEBHOOK_SECRET"], 30,
+                   "the secret header in Label Studio's webhook")
+    finally:
+        fake_ls.webhooks.remove(hook)
+        server.stop()
+
+
 @pytest.mark.usefixtures("worker", "redis_db")
 def test_interactive_deadline_gives_504_and_the_server_stays_up(base_env, fake_ls, tmp_path):
     server = start_api(backend_env(base_env, INTERACTIVE_TIMEOUT="1"), tmp_path / "api.log")

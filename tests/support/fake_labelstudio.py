@@ -239,6 +239,16 @@ def _handler(ls: FakeLabelStudio) -> type[BaseHTTPRequestHandler]:
                 if project is None:
                     return self._json(404, {"detail": "Not found."})
                 return self._json(200, view)
+            if path.startswith("/api/webhooks/"):
+                webhook_id = int(path.strip("/").split("/")[2])
+                with ls.lock:
+                    hook = next((h for h in ls.webhooks if h["id"] == webhook_id), None)
+                    if hook is not None:
+                        hook.update(json.loads(body))
+                        answer = dict(hook)
+                if hook is None:
+                    return self._json(404, {"detail": "Not found."})
+                return self._json(200, answer)
             return self._json(404, {"detail": "Not found."})
 
     return Handler
