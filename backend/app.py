@@ -43,13 +43,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from backend import registry
 from backend.annotations import AnnotationError
 from backend.connect import install_webhook_secret
-from backend.corrections import CorrectionsStore
 from backend.jobs import JobQueue, QueueFull, QueueUnavailable, connect, log_incident
 from backend.labelconfig import ConfigError
 from backend.labelstudio_backend import GPT4RoIBackend, PredictionFailed, PredictionTimeout, RequestError
 from backend.metrics import Metrics
 from backend.settings import Settings
-from backend.store import StoreUnavailable
+from backend.store import Database, StoreUnavailable
 from backend.webhooks import SECRET_HEADER, WebhookError, parse_event, secret_matches, webhook_secret
 
 log = logging.getLogger(__name__)
@@ -183,7 +182,7 @@ def _open_store(settings: Settings) -> None:
     # Now rather than on the first webhook: a burst arriving after a start would otherwise wait, all of it,
     # for the driver's import, the connection and the migration.
     try:
-        CorrectionsStore.for_settings(settings)
+        Database.for_settings(settings)
     except StoreUnavailable as exc:
         log.warning("%s; /webhook answers 503 until it does", exc)
 
@@ -218,7 +217,6 @@ class _SecretInstaller:
         except Exception as exc:
             log.warning("could not add the webhook secret header in Label Studio (%s); run `python -m backend "
                         "connect --project ID`, or add the header %s by hand", exc, SECRET_HEADER)
-
 
 
 def _too_large(settings: Settings) -> JSONResponse:
