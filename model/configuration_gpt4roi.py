@@ -172,11 +172,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "region_dim": 32, "num_fuse_rounds": 2, "fuse_norm_groups": 8, "roi_output_size": 7,
         "pos_embed_dim": 16,
     },
-    # The CPU demo model trained by `python -m model.demo` on synthetic shapes.
+    # The CPU demo model trained by `python -m model.demo` on synthetic shapes. A 16 x 16 patch grid, as the
+    # 7B's: with 8 x 8 patches of 12 px a small object covers about one patch, and even a vision tower
+    # taught every shape could not tell a small cross from a blob.
     "demo": {
         "vision_config": {
             "hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 4, "num_attention_heads": 4,
-            "image_size": 96, "patch_size": 12, "hidden_act": "quick_gelu",
+            "image_size": 96, "patch_size": 6, "hidden_act": "quick_gelu",
         },
         "text_config": {
             "vocab_size": 518, "hidden_size": 192, "intermediate_size": 384, "num_hidden_layers": 3,

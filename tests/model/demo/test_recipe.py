@@ -1,7 +1,7 @@
 """The shipped demo checkpoint is what its recipe trains: identified by the recipe's key, loadable without
 training, and trained by a library that still computes what it computed then.
 
-Retraining the whole recipe takes a quarter of an hour (`python -m model.demo --verify` does it and
+Retraining the whole recipe takes about half an hour (`python -m model.demo --verify` does it and
 compares every held-out figure with the shipped one); here a miniature of the recipe (same data
 generator, tokenizer, three stages and evaluation, a few dozen steps each) is trained and compared with
 the figures it gave when the checkpoint was shipped (`tests/fixtures/demo_miniature.json`). Any change to
