@@ -205,9 +205,10 @@ class _SecretInstaller:
 
     def retry(self) -> None:
         with self._lock:
-            if time.monotonic() - self._retried < _SECRET_INSTALL_INTERVAL_S:
+            now = time.monotonic()
+            if now - self._retried < _SECRET_INSTALL_INTERVAL_S:
                 return
-            self._retried = time.monotonic()
+            self._retried = now
         self.start()
 
     def _install(self) -> None:

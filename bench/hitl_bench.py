@@ -1,7 +1,8 @@
 """Human-in-the-loop benchmark: pre-annotate, correct, fine-tune, pre-annotate again, through the real backend.
 
     python bench/hitl_bench.py [--seeds 0 1 2] [--before 48] [--after 96] [--al-pool 96] [--al-scenes 24]
-                               [--steps N] [--workdir DIR] [--redis-url URL] [--json FILE]
+                               [--al-cross-every 8] [--arms first random uncertain] [--steps N]
+                               [--workdir DIR] [--redis-url URL] [--json FILE]
 
 The demo model (`model.demo`) never saw the shape `cross`. Per seed, this script:
 
@@ -19,7 +20,9 @@ The demo model (`model.demo`) never saw the shape `cross`. Per seed, this script
 
 That is the arm "first": the first `--before` scenes are corrected. The active-learning arms pre-annotate
 `--al-pool` scenes and correct `--al-scenes` of them, chosen at random ("random") or lowest task score first
-("uncertain", the Data Manager sorted by prediction score); both are judged on the same later scenes.
+("uncertain", the Data Manager sorted by prediction score); both are judged on the same later scenes. Their
+pool holds the new concept as a team meets one, rarely: a cross in one scene in `--al-cross-every`, none in
+the others (the first arm's scenes hold one in every other), so that which scenes get corrected matters.
 
 It prints, per seed and arm, the share of regions whose pre-annotation the annotator accepts unchanged
 (caption, label, color, size and texture all right) on the new concept and on the old ones, before and
@@ -61,6 +64,7 @@ class Arm:
     selection: Selection
     before: int
     pool: int
+    cross_every: int | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="active-learning arms: scenes pre-annotated by the current version (0: no such arms)")
     parser.add_argument("--al-scenes", type=int, default=24,
                         help="active-learning arms: scenes corrected, chosen at random or by lowest task score")
+    parser.add_argument("--al-cross-every", type=int, default=8,
+                        help="active-learning arms: one pool scene in this many holds a cross, the others none")
+    parser.add_argument("--arms", nargs="+", choices=("first", "random", "uncertain"),
+                        default=["first", "random", "uncertain"], help="arms to run (default: all three)")
     parser.add_argument("--steps", type=int, default=None,
                         help="fine-tune optimizer steps (default: FINETUNE_STEPS / FINETUNE_EPOCHS of the settings)")
     parser.add_argument("--base-images", type=int, default=120, help="synthetic base images for replay (0: none)")
@@ -85,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="hitl-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    arms = [Arm("first", args.before, args.before)]
+    arms = [Arm("first", args.before, args.before)] if "first" in args.arms else []
     if args.al_pool:
-        arms += [Arm("random", args.al_scenes, args.al_pool), Arm("uncertain", args.al_scenes, args.al_pool)]
+        arms += [Arm(selection, args.al_scenes, args.al_pool, args.al_cross_every)
+                 for selection in ("random", "uncertain") if selection in args.arms]
     results: dict[tuple[int, str], LoopResult] = {}
     with contextlib.ExitStack() as stack:
         url = args.redis_url or stack.enter_context(private_redis(workdir))
@@ -96,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_loop(workdir / f"seed{seed}-{arm.selection}", url, before=arm.before, after=args.after,
                                   steps=args.steps, base_images=args.base_images, checkpoint=args.checkpoint,
                                   key_prefix=f"hitl-{os.getpid()}-{seed}-{arm.selection}", seed=seed,
-                                  selection=arm.selection, pool=arm.pool)
+                                  selection=arm.selection, pool=arm.pool, cross_every=arm.cross_every)
                 results[seed, arm.selection] = result
                 print_run(seed, arm, result)
     print_summary(args.seeds, arms, results)
@@ -137,7 +146,7 @@ def print_summary(seeds: list[int], arms: list[Arm], results: dict[tuple[int, st
              for arm in arms}
     for arm in arms:
         print(f"mean  {arm.selection:<10} new concept {means[arm.selection]:.1%}")
-    if "uncertain" in means:
+    if "uncertain" in means and "random" in means:
         print(f"lowest task score first vs at random, new concept: {100 * (means['uncertain'] - means['random']):+.1f} "
               "points")
 

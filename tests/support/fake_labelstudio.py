@@ -104,6 +104,20 @@ class FakeLabelStudio:
             self.expire_after_predictions = None
             self._expire()
 
+    def patch(self, kind: str, record_id: int, changes: dict[str, Any]) -> dict[str, Any] | None:
+        """`PATCH /api/{kind}/{id}/` of a project or a webhook: the record as changed, None if there is none."""
+        with self.lock:
+            if kind == "projects":
+                record = self.projects.get(record_id)
+            elif kind == "webhooks":
+                record = next((h for h in self.webhooks if h["id"] == record_id), None)
+            else:
+                record = None
+            if record is None:
+                return None
+            record.update(changes)
+            return _project_view(record_id, record) if kind == "projects" else dict(record)
+
     def predictions_for(self, project_id: int) -> list[dict[str, Any]]:
         """Predictions pushed for a project, in arrival order."""
         with self.lock:
@@ -228,27 +242,10 @@ def _handler(ls: FakeLabelStudio) -> type[BaseHTTPRequestHandler]:
             ls.requests.append(("PATCH", self.path, dict(self.headers)))
             if not self._authorized():
                 return self._json(401, {"detail": "Authentication credentials were not provided."})
-            path = urlsplit(self.path).path
-            if path.startswith("/api/projects/"):
-                project_id = int(path.strip("/").split("/")[2])
-                with ls.lock:
-                    project = ls.projects.get(project_id)
-                    if project is not None:
-                        project.update(json.loads(body))
-                        view = _project_view(project_id, project)
-                if project is None:
-                    return self._json(404, {"detail": "Not found."})
-                return self._json(200, view)
-            if path.startswith("/api/webhooks/"):
-                webhook_id = int(path.strip("/").split("/")[2])
-                with ls.lock:
-                    hook = next((h for h in ls.webhooks if h["id"] == webhook_id), None)
-                    if hook is not None:
-                        hook.update(json.loads(body))
-                        answer = dict(hook)
-                if hook is None:
-                    return self._json(404, {"detail": "Not found."})
-                return self._json(200, answer)
+            kind, _, number = urlsplit(self.path).path.strip("/").removeprefix("api/").partition("/")
+            changed = ls.patch(kind, int(number), json.loads(body)) if number.isdigit() else None
+            if changed is not None:
+                return self._json(200, changed)
             return self._json(404, {"detail": "Not found."})
 
     return Handler

@@ -53,15 +53,21 @@ class SceneTask:
         return f"t{self.task_id}-r{index + 1}"
 
 
-def make_tasks(root: Path, batch: str, first_id: int, count: int, seed: int) -> list[SceneTask]:
-    """`count` scenes saved under `root/batch/`; every other scene contains at least one cross."""
+def make_tasks(root: Path, batch: str, first_id: int, count: int, seed: int,
+               cross_every: int | None = None) -> list[SceneTask]:
+    """`count` scenes saved under `root/batch/`. By default every other scene contains at least one cross (the
+    others are as drawn); with `cross_every` k, one scene in k does and the others contain none: a new
+    concept as a team meets it, rarely."""
     (root / batch).mkdir(parents=True, exist_ok=True)
     tasks = []
     for index in range(count):
         attempt = 0
         while True:
             image, objects = make_image(image_seed(seed, index * 1000 + attempt))
-            if index % 2 or any(o.shape == NEW_SHAPE for o in objects):
+            has_cross = any(o.shape == NEW_SHAPE for o in objects)
+            if cross_every is None and (index % 2 or has_cross):
+                break
+            if cross_every is not None and has_cross == (index % cross_every == 0):
                 break
             attempt += 1
         name = f"{batch}/{first_id + index:06d}.png"
@@ -313,12 +319,12 @@ def finetune_env(steps: int | None, base_data: Path | None, base_eval: Path | No
 def run_loop(workdir: Path, redis_url: str, *, before: int, after: int, steps: int | None, base_images: int = 120,
              checkpoint: Path | None = None, key_prefix: str = "hitl", extra_env: Mapping[str, str] | None = None,
              seed: int = 0, selection: Selection = "first", pool: int | None = None,
-             log: Any = print) -> LoopResult:
+             cross_every: int | None = None, log: Any = print) -> LoopResult:
     """The whole loop (see the module docstring) in `workdir`; returns what it measured.
 
     `pool` scenes (default: `before`) are pre-annotated first and `before` of them, chosen by `selection`,
-    are corrected. `seed` draws the scenes, the base data and the fine-tune's own randomness; seed 0 is the
-    bench's historical draw."""
+    are corrected; `cross_every` k draws the pool with a cross in one scene in k (`make_tasks`). `seed` draws
+    the scenes, the base data and the fine-tune's own randomness; seed 0 is the bench's historical draw."""
     from model.demo import HELD_OUT_SHAPE, ensure_demo_checkpoint
     from model.demo.synthetic import generate_dataset
 
@@ -350,7 +356,7 @@ def run_loop(workdir: Path, redis_url: str, *, before: int, after: int, steps: i
     pool = pool or before
     log(f"[hitl] seed {seed}: {before} of {pool} scenes corrected ({selection}), {after} after; "
         f"demo checkpoint {checkpoint}")
-    first = make_tasks(images, "before", 1, pool, seed=7001 + 100 * seed)
+    first = make_tasks(images, "before", 1, pool, seed=7001 + 100 * seed, cross_every=cross_every)
     second = make_tasks(images, "after", 10_001, after, seed=7002 + 100 * seed)
     backend = Backend(env, workdir / "logs")
     timings: dict[str, float] = {}
