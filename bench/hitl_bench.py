@@ -121,7 +121,7 @@ def print_run(seed: int, arm: Arm, result: LoopResult) -> None:
     before, after = result.before.to_json(), result.after.to_json()
     summary = result.summary()
     print(f"\n=== seed {seed}, arm '{arm.selection}': {summary['corrected_scenes']} of {arm.pool} scenes corrected "
-          f"({summary['corrected_new_regions']} regions of '{NEW_SHAPE}')")
+          f"({summary['corrected_new_regions']} of the pool's {before['new_regions']} regions of '{NEW_SHAPE}')")
     print(f"accepted unchanged, new concept '{NEW_SHAPE}': {before['new_concept']:.1%} ({before['new_regions']} "
           f"regions, {result.base_version}) -> {after['new_concept']:.1%} ({after['new_regions']} regions, "
           f"{result.new_version})")
@@ -135,13 +135,13 @@ def print_run(seed: int, arm: Arm, result: LoopResult) -> None:
 
 def print_summary(seeds: list[int], arms: list[Arm], results: dict[tuple[int, str], LoopResult]) -> None:
     """Per seed and arm: new and old concepts after the fine-tune; the arms' means."""
-    print("\nseed  arm        corrected  new concept after  old concepts after  fine-tune s")
+    print(f"\nseed  arm        corrected  {NEW_SHAPE + 'es':>9}  new concept after  old concepts after  fine-tune s")
     for seed in seeds:
         for arm in arms:
             result = results[seed, arm.selection]
-            after = result.after.to_json()
-            print(f"{seed:<5} {arm.selection:<10} {len(result.corrected):>9}  {after['new_concept']:>17.1%}  "
-                  f"{after['old_concepts']:>18.1%}  {result.finetune_seconds:>11.0f}")
+            after, summary = result.after.to_json(), result.summary()
+            print(f"{seed:<5} {arm.selection:<10} {len(result.corrected):>9}  {summary['corrected_new_regions']:>9}  "
+                  f"{after['new_concept']:>17.1%}  {after['old_concepts']:>18.1%}  {result.finetune_seconds:>11.0f}")
     means = {arm.selection: statistics.mean(results[s, arm.selection].after.to_json()["new_concept"] for s in seeds)
              for arm in arms}
     for arm in arms:
