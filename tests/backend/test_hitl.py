@@ -2,10 +2,10 @@
 saw (`cross`), a simulated annotator corrects them through webhooks, `finetune.py` trains and promotes a
 new version, and the next scenes are pre-annotated by it (`bench/hitl_bench.py` runs the same, bigger).
 
-The assertions specify a measurable improvement on a small sample (the new concept from at most 20 % to at
-least 40 % accepted unchanged, old concepts losing at most 15 points), not the benchmark's targets (new
-concept at 90 % or more, old concepts kept at 94 % or more, over three seeds), which `bench/hitl_bench.py`
-reports.
+The assertions specify a clear improvement on a small sample (the new concept from at most 20 % to at
+least 60 % accepted unchanged, old concepts at 90 % or more and losing at most 8 points; measured: 0 → 80 %
+of 15 regions, 98 → 100 %), with a few regions' margin below the benchmark's targets (new concept at 90 % or
+more, old concepts kept at 94 % or more, over three seeds), which `bench/hitl_bench.py` reports.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def test_corrections_teach_the_demo_model_a_new_shape_without_forgetting(tmp_pat
     assert result.new_version.startswith("v0001-"), figures
     assert before["new_regions"] >= 8 and after["new_regions"] >= 6, figures
     assert before["new_concept"] <= 0.2, figures
-    assert after["new_concept"] >= 0.4, figures
-    assert after["old_concepts"] >= 0.75, figures
-    assert after["old_concepts"] >= before["old_concepts"] - 0.15, figures
+    assert after["new_concept"] >= 0.6, figures
+    assert after["old_concepts"] >= 0.9, figures
+    assert after["old_concepts"] >= before["old_concepts"] - 0.08, figures
     assert result.webhook_seconds_max < 1.0, figures
