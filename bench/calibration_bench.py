@@ -38,7 +38,7 @@ from tests.support.hitl import CHOICE_CONTROLS, DEMO_CONFIG, SceneTask, make_tas
 
 def judged(annotator: Any, plan: FillPlan, task: SceneTask, root: Path) -> list[tuple[list[Observation], bool]]:
     """Per object of a scene: its fields' observations (raw confidence, kept) and whether all were kept."""
-    with Image.open(root / task.reference.split("?d=", 1)[1]) as opened:
+    with Image.open(task.image_path(root)) as opened:
         image = opened.convert("RGB")
     regions = []
     for index, obj in enumerate(task.objects):

@@ -30,7 +30,7 @@ def test_the_lowest_task_scores_are_the_scenes_holding_a_shape_the_model_never_s
     annotator = load_annotator(ensure_demo_checkpoint(progress=False), torch.device("cpu"))
     plan = FillPlan.from_label_config(DEMO_CONFIG)
     tasks = make_tasks(tmp_path, "pool", 1, POOL, seed=61, cross_every=EVERY)
-    items = [Description(Image.open(tmp_path / t.reference.split("?d=")[1]).convert("RGB"), plan,
+    items = [Description(Image.open(t.image_path(tmp_path)).convert("RGB"), plan,
                          regions_from_task(plan, task_json(t)), True) for t in tasks]
     predictions = [build_prediction(item.plan, item.regions, answers, "demo")
                    for item, answers in zip(items, describe_many(annotator, items, 24), strict=True)]

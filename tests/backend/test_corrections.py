@@ -241,7 +241,7 @@ def test_corrections_export_to_training_records_with_cached_images(settings, tmp
     assert failed == {}
     for task in tasks:
         path, width, height = images[task.reference]
-        source = tmp_path / "images" / task.reference.split("d=", 1)[1]
+        source = task.image_path(tmp_path / "images")
         assert path.name == hashlib.sha256(source.read_bytes()).hexdigest() + ".png"
         assert path.parent == Path(settings.data_dir) / IMAGE_CACHE_DIR
         assert (width, height) == (task.width, task.height)

@@ -215,7 +215,7 @@ def accepted_as_proposed(annotator: Any, settings: Settings, plan: FillPlan, tas
     from tests.support.hitl import task_json
 
     regions = regions_from_task(plan, task_json(task))
-    with Image.open(images / task.reference.split("d=", 1)[1]) as opened:
+    with Image.open(task.image_path(images)) as opened:
         image = opened.convert("RGB")
     answers = describe(annotator, image, plan, regions, False, settings.max_new_tokens)
     return build_prediction(plan, regions, answers, BASE, image_size=image.size)["result"]
@@ -227,7 +227,7 @@ def test_unreachable_images_fail_the_run_and_keep_the_current_version(env, tmp_p
     tasks = make_tasks(tmp_path / "images", "b", 1, 4, seed=13)
     annotate(settings, tasks)
     for task in tasks:
-        (tmp_path / "images" / task.reference.split("d=", 1)[1]).unlink()
+        task.image_path(tmp_path / "images").unlink()
 
     outcome = run_finetune(settings, FinetuneOptions())
 

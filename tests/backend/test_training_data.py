@@ -64,7 +64,7 @@ def test_images_past_the_retention_are_forgotten_and_fetched_again_when_needed(s
 
 def test_a_file_shared_by_references_lives_as_long_as_its_latest_fetch(settings, tmp_path):
     [task] = make_tasks(tmp_path / "images", "b", 1, 1, seed=42)
-    source = tmp_path / "images" / task.reference.split("d=", 1)[1]
+    source = task.image_path(tmp_path / "images")
     shutil.copy(source, source.with_name("copy.png"))
     copy_reference = "/data/local-files/?d=b/copy.png"
     images, _ = local_images(settings, [(task.reference, "1")])

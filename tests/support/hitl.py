@@ -52,6 +52,10 @@ class SceneTask:
         """The id of object `index`'s region (shared by the detector box, the prediction and the annotation)."""
         return f"t{self.task_id}-r{index + 1}"
 
+    def image_path(self, root: Path) -> Path:
+        """Where `make_tasks(root, …)` saved the scene's image (its reference names it under `root`)."""
+        return root / self.reference.split("?d=", 1)[1]
+
 
 def make_tasks(root: Path, batch: str, first_id: int, count: int, seed: int,
                cross_every: int | None = None) -> list[SceneTask]:
