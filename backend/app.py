@@ -103,6 +103,8 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
                 await denied(scope, receive, send_noting_status)
             elif declared.isdigit() and int(declared) > settings.max_request_bytes:
                 await _too_large(settings)(scope, receive, send_noting_status)
+            elif scope["method"] == "POST" and not _declares_json(request.headers.get("content-type", "")):
+                await _not_json()(scope, receive, send_noting_status)
             else:
                 await inner(scope, _limited(receive, settings), send_noting_status)
             route = path if path in _ROUTES else "other"
@@ -117,11 +119,16 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     async def health() -> dict[str, str]:
         return {"status": "UP", "model_class": type(backend).__name__}
 
-    @app.post("/setup")
-    async def setup(request: Request) -> dict[str, str]:
-        body = await _json_object(request)
+    def answer_setup(raw: bytes) -> dict[str, str]:
+        body = _json_object(raw)
         return backend.setup(_optional_str(body, "project"), _optional_str(body, "schema"),
                              body.get("extra_params"))
+
+    # Every body is parsed on a thread: a body may be tens of megabytes of JSON, and the event loop must stay
+    # free for /health and /setup.
+    @app.post("/setup")
+    async def setup(request: Request) -> dict[str, str]:
+        return await anyio.to_thread.run_sync(answer_setup, await request.body(), limiter=event_threads)
 
     @app.get("/versions")
     async def versions() -> dict[str, Any]:
@@ -141,8 +148,6 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
 
     @app.post("/predict")
     async def predict(request: Request) -> Response:
-        # Parsing runs on the thread too: a batch of thousands of tasks is megabytes of JSON, and the event
-        # loop must stay free for /health and /setup.
         results = await anyio.to_thread.run_sync(answer_predict, await request.body(), limiter=predict_threads)
         return JSONResponse({"results": results})
 
@@ -154,16 +159,20 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
             return _error(401, f"missing or wrong {SECRET_HEADER} header: webhooks need the backend's secret "
                                "(WEBHOOK_SECRET, or DATA_DIR/webhook-secret; `python -m backend connect` adds it "
                                "to Label Studio's webhook)")
-        event = parse_event(await _json_body(request))
-        summary = await anyio.to_thread.run_sync(backend.fit, event["action"], event, limiter=event_threads)
+        summary = await anyio.to_thread.run_sync(answer_webhook, await request.body(), limiter=event_threads)
         return JSONResponse({"status": "ok", **summary})
+
+    def answer_webhook(raw: bytes) -> dict[str, Any]:
+        event = parse_event(_parse_json(raw))
+        return backend.fit(event["action"], event)
+
+    def answer_train(raw: bytes) -> dict[str, Any]:
+        body = _parse_json(raw) if raw.strip() else {}
+        return backend.fit("START_TRAINING", body if isinstance(body, dict) else {"body": body})
 
     @app.post("/train")
     async def train(request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        body = _parse_json(raw) if raw.strip() else {}
-        data = body if isinstance(body, dict) else {"body": body}
-        summary = await anyio.to_thread.run_sync(backend.fit, "START_TRAINING", data, limiter=event_threads)
+        summary = await anyio.to_thread.run_sync(answer_train, await request.body(), limiter=event_threads)
         return {"status": "ok", **summary}
 
     @app.get("/metrics")
@@ -218,6 +227,17 @@ class _SecretInstaller:
         except Exception as exc:
             log.warning("could not add the webhook secret header in Label Studio (%s); run `python -m backend "
                         "connect --project ID`, or add the header %s by hand", exc, SECRET_HEADER)
+
+
+def _declares_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def _not_json() -> JSONResponse:
+    # Browsers post text/plain and form bodies to any origin without a CORS preflight; requiring JSON's
+    # media type means no web page can post to the API in its visitors' name.
+    return _error(415, "the body must be JSON sent with Content-Type: application/json (Label Studio sends it)")
 
 
 def _too_large(settings: Settings) -> JSONResponse:
@@ -279,24 +299,45 @@ def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> J
     return JSONResponse({"status": status, "detail": detail}, status_code=status, headers=headers)
 
 
-async def _json_body(request: Request) -> Any:
-    return _parse_json(await request.body())
-
-
-async def _json_object(request: Request) -> dict[str, Any]:
-    body = await _json_body(request)
+def _json_object(raw: bytes) -> dict[str, Any]:
+    body = _parse_json(raw)
     if not isinstance(body, dict):
         raise RequestError(f"the body must be a JSON object, got {type(body).__name__}", status=400)
     return body
+
+
+# Label Studio's requests are a few levels deep (tasks → task → annotations → result → value → labels) plus
+# whatever a task's data holds; anything near the interpreter's recursion limit would overflow whatever
+# walks it next (a copy, the job's JSON, the store's), so it is refused before.
+MAX_JSON_DEPTH = 64
 
 
 def _parse_json(raw: bytes) -> Any:
     if not raw.strip():
         raise RequestError("empty body: expected JSON", status=400)
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        value = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        value = None
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
         raise RequestError(f"the body is not valid JSON: {exc}", status=400) from None
+    else:
+        # Each level needs an opening bracket: a body with fewer has nothing to walk.
+        if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH or _depth_within(value, MAX_JSON_DEPTH):
+            return value
+    raise RequestError(f"the body is nested deeper than {MAX_JSON_DEPTH} levels of objects and lists", status=400)
+
+
+def _depth_within(value: Any, limit: int) -> bool:
+    """Whether `value` holds no more than `limit` levels of containers (walked without recursion)."""
+    level: list[Any] = [value]
+    for _ in range(limit):
+        level = [child for item in level if isinstance(item, (dict, list))
+                 for child in (item.values() if isinstance(item, dict) else item)
+                 if isinstance(child, (dict, list))]
+        if not level:
+            return True
+    return False
 
 
 def _reject_constant(name: str) -> Any:

