@@ -245,10 +245,21 @@ def test_a_worker_never_runs_a_function_someone_else_enqueued(redis_db, tmp_path
 # ---------------------------------------------------------------------- generated bodies
 json_scalars = (st.none() | st.booleans() | st.integers(-10**12, 10**12)
                 | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40))
+
+
+def _nested(depth: int, leaf: Any, as_object: bool) -> Any:
+    for _ in range(depth):
+        leaf = {"n": leaf} if as_object else [leaf]
+    return leaf
+
+
+# Nesting from a few levels to far past MAX_JSON_DEPTH (refused with a 400, never a 500); deeper than the
+# test itself can encode is sent raw in tests/security/test_boundaries.py.
+nested_values = st.builds(_nested, st.integers(2, 600), json_scalars, st.booleans())
 json_values = st.recursive(
     json_scalars,
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
-    max_leaves=25)
+    max_leaves=25) | nested_values
 
 
 def predict_bodies() -> st.SearchStrategy[Any]:
@@ -269,7 +280,8 @@ def predict_bodies() -> st.SearchStrategy[Any]:
 # Where generated tasks point: images the stand-in Label Studio serves (with its token), one it does not
 # have, and references the fetch policy refuses; beside generated text.
 IMAGES = ("/data/upload/1/red.png", "/data/upload/1/blue.png", "/data/upload/1/missing.png",
-          "/data/upload/../../etc/passwd", "http://127.0.0.1:1/x.png", "file:///etc/passwd", "s3://bucket/x.png")
+          "/data/upload/../../etc/passwd", "http://127.0.0.1:1/x.png", "file:///etc/passwd", "s3://bucket/x.png",
+          "/data/upload/1/été.png", "/data/upload/2/red.png", "http://bücher.invalid/x.png")
 # Label Studio's requests, parsed once: examples are copies of them.
 DRAWN = interactive_body("")
 DRAWN_REGION = DRAWN["params"]["context"]["result"][0]
@@ -301,7 +313,10 @@ def _rectangle(region_id: str, box: tuple[float, float, float, float], labels: l
 
 
 def images() -> st.SearchStrategy[Any]:
-    return st.sampled_from(IMAGES) | st.text(max_size=40)
+    # Generated text is mostly non-ASCII; in an upload path or a URL it reaches the worker's fetch.
+    return (st.sampled_from(IMAGES) | st.text(max_size=40)
+            | st.builds("/data/upload/1/{}.png".format, st.text(max_size=12))
+            | st.builds("http://127.0.0.1:1/{}.png".format, st.text(max_size=12)))
 
 
 def drawn_bodies() -> st.SearchStrategy[dict[str, Any]]:
