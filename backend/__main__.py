@@ -132,6 +132,10 @@ def _connect(settings: Settings, project: int, check: bool) -> int:
 
 
 def _serve_api(settings: Settings, redis_url: str) -> int:
+    if not settings.answers_this_machine_only and not settings.basic_auth_enabled:
+        print(f"configuration error: HOST={settings.host} lets other machines call the API: set BASIC_AUTH_USER and "
+              "BASIC_AUTH_PASS (or HOST=127.0.0.1)", file=sys.stderr)
+        return 2
     import uvicorn
 
     from backend.app import create_app

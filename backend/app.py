@@ -97,7 +97,10 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
 
             request = Request(scope)
             declared = request.headers.get("content-length", "")
-            if settings.basic_auth_enabled and path not in OPEN_ROUTES and not _basic_auth_ok(request, settings):
+            if settings.basic_auth_enabled and path == "/health" and not _basic_auth_ok(request, settings):
+                # Load balancers and the compose health check hold no credentials: alive, and nothing more.
+                await JSONResponse({"status": "ok"})(scope, receive, send_noting_status)
+            elif settings.basic_auth_enabled and path not in OPEN_ROUTES and not _basic_auth_ok(request, settings):
                 denied = _error(401, "Basic auth required: send BASIC_AUTH_USER / BASIC_AUTH_PASS",
                                 headers={"WWW-Authenticate": 'Basic realm="gpt4roi"'})
                 await denied(scope, receive, send_noting_status)

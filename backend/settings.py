@@ -9,6 +9,7 @@ declaration per setting, kept in one place on purpose.)
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -336,6 +337,16 @@ class Settings:
     def basic_auth_enabled(self) -> bool:
         """Whether Basic auth protects the API."""
         return bool(self.basic_auth_user)
+
+    @property
+    def answers_this_machine_only(self) -> bool:
+        """Whether HOST is a loopback address, which nobody else can reach."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:
+            return False
 
     @property
     def effective_redis_url(self) -> str:

@@ -49,10 +49,62 @@ def interpolate(text: str, env: dict[str, str]) -> str:
     return VARIABLE.sub(value, text)
 
 
+# What an operator fills in after copying .env.example (which pre-fills no secret).
+OPERATOR_SECRETS = {"LABEL_STUDIO_USERNAME": "admin@example.com", "LABEL_STUDIO_PASSWORD": "ls-password",
+                    "POSTGRES_PASSWORD": "pg-password", "REDIS_PASSWORD": "redis-password",
+                    "BASIC_AUTH_USER": "labelstudio", "BASIC_AUTH_PASS": "api-password"}
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    """docker-compose.yml as compose resolves it with .env.example copied to .env."""
-    return yaml.safe_load(interpolate(COMPOSE.read_text(encoding="utf-8"), env_example()))
+    """docker-compose.yml as compose resolves it with .env.example copied to .env and the secrets set."""
+    return yaml.safe_load(interpolate(COMPOSE.read_text(encoding="utf-8"), {**env_example(), **OPERATOR_SECRETS}))
+
+
+def test_no_password_is_pre_filled_and_compose_refuses_to_start_without_them():
+    example = env_example()
+    secrets = [name for name in example if name.endswith(("PASSWORD", "_PASS", "SECRET", "API_KEY"))]
+    assert {"LABEL_STUDIO_PASSWORD", "POSTGRES_PASSWORD", "REDIS_PASSWORD", "BASIC_AUTH_PASS"} <= set(secrets)
+    assert {name: example[name] for name in secrets if example[name]} == {}
+    with pytest.raises(AssertionError, match="requires"):
+        interpolate(COMPOSE.read_text(encoding="utf-8"), example)
+    for name in ("REDIS_PASSWORD", "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "POSTGRES_PASSWORD"):
+        with pytest.raises(AssertionError, match=f"requires {name}"):
+            interpolate(COMPOSE.read_text(encoding="utf-8"), {**example, **OPERATOR_SECRETS, name: ""})
+
+
+def published(service: dict[str, Any]) -> list[str]:
+    """The host address of every published port ("0.0.0.0" when a mapping names none)."""
+    addresses = []
+    for port in service.get("ports") or []:
+        if isinstance(port, dict):
+            addresses.append(str(port.get("host_ip") or "0.0.0.0"))
+        else:
+            parts = str(port).split(":")
+            addresses.append(":".join(parts[:-2]) if len(parts) > 2 else "0.0.0.0")
+    return addresses
+
+
+def test_no_service_is_published_beyond_this_machine_by_default(services: dict[str, Any]):
+    everywhere = {name: published(s) for name, s in services.items() if set(published(s)) - {"127.0.0.1"}}
+    assert everywhere == {}
+    assert published(services["backend"]) == ["127.0.0.1"] and published(services["label-studio"]) == ["127.0.0.1"]
+
+
+def test_the_api_binding_every_address_requires_basic_auth(services: dict[str, Any]):
+    env = environment(services["backend"])
+    assert env["HOST"] == "0.0.0.0"
+    settings = Settings.from_env({k: v for k, v in env.items() if k != "DATABASE_URL"})
+    assert not settings.answers_this_machine_only and settings.basic_auth_enabled
+
+
+def test_redis_requires_a_password_that_every_backend_process_sends(services: dict[str, Any]):
+    command = services["redis"]["command"]
+    password = command[command.index("--requirepass") + 1]
+    assert password == OPERATOR_SECRETS["REDIS_PASSWORD"]
+    assert environment(services["redis"])["REDISCLI_AUTH"] == password  # the health check's redis-cli
+    for name in BACKEND_SERVICES:
+        assert urlsplit(environment(services[name])["REDIS_URL"]).password == password
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -18,7 +20,7 @@ from backend import app as app_module
 from backend.images import ImageLoader, ImageNotAllowed, ImageUnavailable, check_host
 from backend.jobs import redacted
 from backend.settings import Settings
-from tests.support import capture, wait_until
+from tests.support import REPO, capture, wait_until
 from tests.support.images import png_bytes, scene
 from tests.support.processes import backend_env, start_api
 from tests.support.redis_server import KEY_PREFIX
@@ -240,3 +242,19 @@ def test_the_api_keeps_answering_after_refusals(bounded):
     for _ in range(3):
         post_json(bounded, "/predict", NESTED)
     wait_until(lambda: bounded.client.get("/health").status_code == 200, 5, "/health")
+
+
+# ---------------------------------------------------------------------- deployment
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10"])
+def test_an_api_answering_other_machines_without_basic_auth_refuses_to_start(base_env, host):
+    env = backend_env(base_env, HOST=host, PORT="1")
+    done = subprocess.run([sys.executable, "-m", "backend", "serve-api"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert f"HOST={host}" in line and "BASIC_AUTH_USER" in line and "BASIC_AUTH_PASS" in line
+
+
+def test_loopback_hosts_answer_this_machine_only():
+    assert all(Settings(host=h).answers_this_machine_only for h in ("127.0.0.1", "localhost", "::1", "127.0.0.2"))
+    assert not any(Settings(host=h).answers_this_machine_only for h in ("0.0.0.0", "::", "10.0.0.1", "backend"))
