@@ -152,7 +152,7 @@ def _serve_api(settings: Settings, redis_url: str) -> int:
 def _ensure_model(settings: Settings) -> None:
     """With no model registered, register the demo model (shipped with the repository; trained once into the
     cache only when its recipe was changed)."""
-    from backend.registry import RegistryError, current_version, import_checkpoint
+    from backend.registry import RegistryError, current_version, import_checkpoint, set_current
 
     try:
         current_version(settings)
@@ -161,6 +161,13 @@ def _ensure_model(settings: Settings) -> None:
         pass
     from model.demo import demo_version_name, ensure_demo_checkpoint
 
+    # The folder without a pointer: a MODEL_DIR kept from an earlier DATA_DIR, whose database held the pointer.
+    # Versions are immutable once written, so the folder is the demo version as registered then.
+    if (Path(settings.model_dir) / demo_version_name() / "config.json").is_file():
+        log.info("MODEL_DIR=%s holds the demo model without a current version: making it current",
+                 settings.model_dir)
+        set_current(settings, demo_version_name(), reason="adopt")
+        return
     log.info("no model in MODEL_DIR=%s: registering the demo model", settings.model_dir)
     import_checkpoint(settings, ensure_demo_checkpoint(), demo_version_name())
 

@@ -18,7 +18,9 @@ from typing import Any, get_type_hints
 from urllib.parse import urlsplit
 
 _TRUE = {"1", "true", "yes", "on"}
-_DEFAULT_MODEL_DIR = Path("data/models")
+# Stands for DATA_DIR/models until __post_init__ replaces it: a relative default would follow the working
+# directory, not DATA_DIR, and pair a fresh DATA_DIR with another one's models.
+_DEFAULT_MODEL_DIR = Path("<DATA_DIR>/models")
 _DEFAULT_DATA_DIR = Path("data")
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -295,6 +297,8 @@ class Settings:
         return cls(**values)
 
     def __post_init__(self) -> None:
+        if self.model_dir == _DEFAULT_MODEL_DIR:
+            object.__setattr__(self, "model_dir", Path(self.data_dir) / "models")
         for name in ("port", "threads", "max_image_bytes", "max_image_pixels", "image_cache_size",
                      "max_new_tokens", "interactive_job_timeout", "batch_job_timeout", "worker_heartbeat_ttl",
                      "worker_maintenance_interval", "batch_max_regions", "result_ttl", "max_request_bytes",
