@@ -187,6 +187,7 @@ def _serve_all(settings: Settings) -> int:
     worker = subprocess.Popen([sys.executable, "-m", "backend", "worker"], env=env)
     # Fine-tunes (START_TRAINING, every FINETUNE_EVERY_N corrections) have their own queue and process.
     finetuner = subprocess.Popen([sys.executable, "-m", "backend", "finetune-worker"], env=env)
+    _outlive_no_one(worker.pid, finetuner.pid, embedded.pid if embedded is not None else None)
     stopping = threading.Event()
     threading.Thread(target=_watch_worker, args=(worker, stopping), daemon=True).start()
     # uvicorn re-raises the SIGTERM/SIGINT it handled once it has shut down; turning that into SystemExit
@@ -206,6 +207,43 @@ def _serve_all(settings: Settings) -> int:
                 process.kill()
         if embedded is not None:
             embedded.shutdown()
+
+
+# Run by a small process of its own: when `serve` dies, however (SIGKILL included, where no `finally` runs), it
+# stops the processes `serve` started. The embedded redis-server daemonizes, so it would outlive `serve`
+# otherwise, holding DATA_DIR's database; a pid is only signalled while it is still the process started then.
+_WATCHDOG = """
+import os, select, signal, sys, time
+parent, pids = int(sys.argv[1]), [(int(p), float(t)) for p, t in (a.split("@") for a in sys.argv[2:])]
+try:
+    select.select([os.pidfd_open(parent)], [], [])
+except OSError:
+    while os.getppid() == parent:
+        time.sleep(0.2)
+def started(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return float(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+for pid, ticks in pids:
+    if started(pid) == ticks:
+        os.kill(pid, signal.SIGTERM)
+"""
+
+
+def _outlive_no_one(*pids: int | None) -> None:
+    """Start the watchdog (`_WATCHDOG`) over `pids`, each identified by its start time too (Linux's /proc);
+    elsewhere nothing is watched."""
+    marked = []
+    for pid in (p for p in pids if p):
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                marked.append(f"{pid}@{float(handle.read().rsplit(')', 1)[1].split()[19])}")
+        except (OSError, IndexError, ValueError):
+            return
+    subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), *marked], stdin=subprocess.DEVNULL,
+                     start_new_session=True)
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:
