@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -29,7 +30,10 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from backend.settings import Settings, load_for_command, settings_table_markdown
 
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     settings = load_for_command()
     if args.command == "serve-api":
-        return _serve_api(settings, settings.effective_redis_url)
+        _leave(lambda: _serve_api(settings, settings.effective_redis_url))
     if args.command == "worker":
         from backend.worker import run_worker
 
@@ -115,7 +119,22 @@ def main(argv: list[str] | None = None) -> int:
     except LabelStudioError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return _serve_all(settings)
+    _leave(lambda: _serve_all(settings))
+    return 0
+
+
+def _leave(serve: Callable[[], int]) -> NoReturn:
+    """Run a server, then end the process at once: request threads the shutdown abandoned (a /predict waits on
+    its jobs for up to INTERACTIVE_TIMEOUT) would otherwise hold the interpreter's exit. What they did is
+    either acknowledged and committed already, or never answered."""
+    try:
+        code = serve()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _connect(settings: Settings, project: int, check: bool) -> int:
@@ -144,9 +163,16 @@ def _serve_api(settings: Settings, redis_url: str) -> int:
     # Everything imported so far lives as long as the process: kept out of the collector's full passes,
     # which otherwise walk it all (~100 ms with every request waiting) every few hundred webhooks.
     gc.freeze()
-    uvicorn.run(app, host=settings.host, port=settings.port,
+    # On SIGTERM, requests still waiting (a /predict waits up to INTERACTIVE_TIMEOUT) get a few seconds, not
+    # all they might take: `docker stop` and Label Studio's own test runs give 10 s in all.
+    uvicorn.run(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=_API_GRACE_S,
                 log_level=settings.log_level.lower(), access_log=settings.log_level.upper() == "DEBUG")
     return 0
+
+
+# Seconds the API's requests, then the workers' jobs, get after SIGTERM: within 10 s in all, `docker stop`'s.
+_API_GRACE_S = 3
+_WORKER_GRACE_S = 4.0
 
 
 def _ensure_model(settings: Settings) -> None:
@@ -200,13 +226,30 @@ def _serve_all(settings: Settings) -> int:
         stopping.set()
         for process in (worker, finetuner):
             process.terminate()
+        # A worker finishes the job in hand if it can in time; otherwise it is killed, and its job, abandoned,
+        # is run again by the next worker (WORKER_HEARTBEAT_TTL).
+        deadline = time.monotonic() + _WORKER_GRACE_S
         for process in (worker, finetuner):
             try:
-                process.wait(timeout=30)
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait()
         if embedded is not None:
-            embedded.shutdown()
+            _stop_redis(embedded.pid)
+
+
+def _stop_redis(pid: int | None, timeout: float = 3.0) -> None:
+    """SIGTERM the embedded redis-server (it saves its database and exits) and wait for it; redis-py's
+    SHUTDOWN would spend 4 s reconnecting to the server it just stopped."""
+    if not pid:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)  # ProcessLookupError once it is gone (it is not our child: nothing to reap)
+            time.sleep(0.05)
 
 
 # Run by a small process of its own: when `serve` dies, however (SIGKILL included, where no `finally` runs), it

@@ -151,7 +151,10 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
 
     @app.post("/predict")
     async def predict(request: Request) -> Response:
-        results = await anyio.to_thread.run_sync(answer_predict, await request.body(), limiter=predict_threads)
+        # Abandoned when the server shuts down: the thread may wait on its jobs for INTERACTIVE_TIMEOUT, and
+        # the jobs are the workers' to finish or retry.
+        results = await anyio.to_thread.run_sync(answer_predict, await request.body(), limiter=predict_threads,
+                                                 abandon_on_cancel=True)
         return JSONResponse({"results": results})
 
     @app.post("/webhook")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from model.demo import demo_version_name
 from tests.support import free_port, wait_until
 from tests.support.model_factory import make_tiny_checkpoint
 from tests.support.processes import Process, backend_env, start_process
+from tests.support.requests import interactive_body
 
 
 def test_an_empty_model_dir_gets_the_shipped_demo_model_without_training(tmp_path, monkeypatch):
@@ -111,3 +113,24 @@ def test_the_embedded_redis_never_outlives_a_killed_serve(base_env, tmp_path):
     except psutil.TimeoutExpired:
         redis_server.kill()
         pytest.fail("the embedded redis-server outlived a SIGKILLed serve")
+
+
+def test_serve_exits_within_10_s_of_sigterm_with_a_job_in_flight(base_env, fake_ls, tmp_path):
+    # The worker is inside a job: fetching an image its host sends only after 20 s.
+    proc, url = _serve(base_env, tmp_path)
+    body = interactive_body(f"{fake_ls.url}/slow/red.png?delay=20")
+
+    def ask() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.post(f"{url}/predict", json=body, timeout=60)
+
+    asking = threading.Thread(target=ask, daemon=True)
+    seen = len(fake_ls.requests)
+    asking.start()
+    wait_until(lambda: any(path.startswith("/slow/") for _, path, _ in fake_ls.requests[seen:]), 30,
+               "the worker to start fetching the slow image")
+    started = time.monotonic()
+    proc.popen.send_signal(signal.SIGTERM)
+    proc.popen.wait(timeout=60)
+    elapsed = time.monotonic() - started
+    assert elapsed < 10, f"{elapsed:.1f} s\n{proc.tail()}"
