@@ -178,13 +178,13 @@ def plot_acceptance(stats: dict[str, AcceptanceStats], order: Sequence[str], pat
     series = {"accepted unchanged": [stats[v].acceptance_rate for v in versions],
               "caption edit distance": [stats[v].caption_edit_distance for v in versions]}
     for name in fields:
-        series[f"{name} kept"] = [stats[v].field_accuracy.get(name) for v in versions]
+        series[f"{_plain(name)} kept"] = [stats[v].field_accuracy.get(name) for v in versions]
     for label, values in series.items():
         points = [(i, v) for i, v in zip(x, values, strict=True) if v is not None]
         if points:
             style = {"linewidth": 2.5} if label == "accepted unchanged" else {"linestyle": "--", "alpha": 0.8}
             axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label, **style)
-    axis.set_xticks(x, versions, rotation=20, ha="right")
+    axis.set_xticks(x, [_plain(v) for v in versions], rotation=20, ha="right")
     axis.set_ylabel("share (edit distance: 0 = unchanged)")
     return _save(figure, axis, "What annotators kept, per model version", "best", path)
 
@@ -231,6 +231,13 @@ def plot_reliability(diagrams: Mapping[str, Sequence[Sequence[float]]], path: Pa
     axis.set_xlabel("confidence of the proposed field")
     axis.set_ylabel("share kept unchanged by annotators")
     return _save(figure, axis, "Reliability of the confidences", "upper left", path)
+
+
+def _plain(text: str, limit: int = 40) -> str:
+    """A string that came with a webhook (a version, a control name), as plot text: `$` shown as itself
+    rather than opening math, which matplotlib fails on when malformed; clipped to `limit` characters."""
+    clipped = text if len(text) <= limit else text[:limit - 1] + "…"
+    return clipped.replace("$", r"\$")
 
 
 def _save(figure: Any, axis: Any, title: str, legend: str, path: Path) -> Path:

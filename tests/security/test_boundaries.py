@@ -258,3 +258,15 @@ def test_an_api_answering_other_machines_without_basic_auth_refuses_to_start(bas
 def test_loopback_hosts_answer_this_machine_only():
     assert all(Settings(host=h).answers_this_machine_only for h in ("127.0.0.1", "localhost", "::1", "127.0.0.2"))
     assert not any(Settings(host=h).answers_this_machine_only for h in ("0.0.0.0", "::", "10.0.0.1", "backend"))
+
+
+# ---------------------------------------------------------------------- reports
+def test_strings_from_webhooks_are_plotted_as_plain_text(tmp_path):
+    # A proposal's model version and a config's control names arrive with webhooks; matplotlib would read
+    # `$…$` in them as math (and fail on a broken formula), and a long one would squeeze the figure.
+    from backend.acceptance import AcceptanceStats
+    from backend.report import plot_acceptance
+
+    stats = AcceptanceStats(regions=2, accepted=1, fields={"$\\frac{": [1, 2], "x" * 5000: [2, 2]})
+    path = plot_acceptance({"v1$^{": stats, "$\\undefined$" + "y" * 5000: stats}, ["v1$^{"], tmp_path / "a.png")
+    assert path.stat().st_size > 0
