@@ -47,6 +47,7 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
+from rq.worker import Worker
 
 from backend.settings import Settings
 
@@ -365,6 +366,11 @@ class JobQueue:
         """Jobs that failed for good (kept for JOB_RESULT_TTL), per queue."""
         with self._guard():
             return {q.name: FailedJobRegistry(queue=q).count for q in (self.interactive, self.batch)}
+
+    def batch_workers(self) -> int:
+        """Workers registered (alive within their TTL) that listen on the batch queue."""
+        with self._guard():
+            return Worker.count(queue=self.batch)
 
     def ping(self) -> None:
         """Raise `QueueUnavailable` unless Redis answers."""
