@@ -158,8 +158,8 @@ def _wait(queue: JobQueue, jobs: Mapping[str, Any], summary: PrelabelSummary, ti
                 else:
                     summary.failed.append(f"task {task_id}: finished but was not pushed")
                 last_end = time.monotonic()
+                bar.set_postfix_str(f"pushed {summary.pushed}, failed {len(summary.failed)}", refresh=False)
                 bar.update(1)
-                bar.set_postfix(pushed=summary.pushed, failed=len(summary.failed), refresh=False)
             if not remaining:
                 break
             now = time.monotonic()
