@@ -112,3 +112,18 @@ def test_prelabel_stops_waiting_and_says_why_when_no_worker_takes_its_jobs(fake_
     assert "no worker has listened on the batch queue" in summary.stalled
     assert "python -m backend worker" in summary.describe()
     assert fake_ls.predictions_for(project) == []
+
+
+def test_a_rerun_after_its_predictions_were_deleted_counts_its_new_jobs_not_the_old_ones(fake_ls, base_env):
+    # The same tasks give the same job ids: the jobs of the first run must not answer for the second.
+    project = 605
+    tasks = project_tasks(fake_ls, 6500)[:2]
+    fake_ls.add_project(project, CAPTURED_CONFIG, tasks)
+    settings = settings_for(fake_ls, base_env)
+    assert run_prelabel(settings, project, timeout=120, progress=False).pushed == 2
+
+    fake_ls.add_project(project, CAPTURED_CONFIG, tasks)  # someone deleted the predictions in Label Studio
+    again = run_prelabel(settings, project, timeout=120, progress=False)
+    assert (again.enqueued, again.pushed, again.pending, again.failed) == (2, 2, 0, [])
+    # Counted as pushed once pushed, not before.
+    assert sorted(p["task"] for p in fake_ls.predictions_for(project)) == [6500, 6501]
