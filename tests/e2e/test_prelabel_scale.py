@@ -77,6 +77,8 @@ def scenes(count: int) -> Iterator[tuple[bytes, list[ObjectSpec], tuple[int, int
 
 @dataclass
 class ScaleProject:
+    """The connected project, its tasks' truth, and the environment that reaches our backend."""
+
     project_id: int
     tasks: list[Task]
     env: dict[str, str]
@@ -97,7 +99,7 @@ def run_backend(env: dict[str, str], *args: str, timeout: float = 300) -> subpro
 @pytest.fixture(scope="module")
 def scale_project(labelstudio: LabelStudioServer, ls_client: LabelStudioClient, demo_models: Path,  # noqa: F811
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScaleProject]:
-    """120 uploaded scenes with a detector's boxes imported as predictions, our backend (API and one worker)
+    """`TASKS` uploaded scenes with a detector's boxes imported as predictions, our backend (API and one worker)
     connected with `python -m backend connect`."""
     project = ls_client.create_project_from_config(CONFIG_NAME, title="gpt4roi prelabel at scale")
     made = list(scenes(TASKS))
