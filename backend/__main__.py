@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_prelabel(settings, args.project, wait=not args.no_wait, timeout=args.timeout,
                                    sort_by_score=args.sort_by_score)
             print(summary.describe())
-            return 0 if not summary.failed else 1
+            return 0 if not (summary.failed or summary.stalled) else 1
     except LabelStudioError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -47,6 +47,7 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
+from rq.worker import Worker
 
 from backend.settings import Settings
 
@@ -226,7 +227,7 @@ class JobQueue:
             if push:
                 self.connection.set(self._claim_key(job_id), CLAIM_PUSH, ex=self._claim_ttl)
             # A pushed job must run to push; a finished one may have been answered to nobody.
-            if self._reusable(job_id, allow_finished=not push):
+            if self._reuse_or_clear(job_id, allow_finished=not push):
                 return job_id
             settings = self.settings
             timeout = settings.interactive_job_timeout if interactive else settings.batch_job_timeout
@@ -251,7 +252,10 @@ class JobQueue:
             raise QueueFull(f"{waiting} prediction jobs are waiting; {jobs} more would pass MAX_QUEUED_JOBS="
                             f"{self.settings.max_queued_jobs}. Try again when the workers have caught up")
 
-    def _reusable(self, job_id: str, allow_finished: bool) -> bool:
+    def _reuse_or_clear(self, job_id: str, allow_finished: bool) -> bool:
+        """True when the job `job_id` can answer (queued, running, or finished well and `allow_finished`);
+        otherwise an ended job of that id is deleted with its results, which would else answer `wait` for
+        the job enqueued again under the same id before it ran."""
         try:
             job = Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
         except NoSuchJobError:
@@ -263,7 +267,9 @@ class JobQueue:
             latest = Result.fetch_latest(job, serializer=JSONSerializer)
             value = latest.return_value if latest is not None else None
             # An input error (say, an image server that was down) is worth another try.
-            return isinstance(value, dict) and "error" not in value
+            if isinstance(value, dict) and "error" not in value:
+                return True
+        job.delete(remove_from_queue=False)
         return False
 
     # ------------------------------------------------------------------ wait
@@ -369,6 +375,11 @@ class JobQueue:
         """Jobs that failed for good (kept for JOB_RESULT_TTL), per queue."""
         with self._guard():
             return {q.name: FailedJobRegistry(queue=q).count for q in (self.interactive, self.batch)}
+
+    def batch_workers(self) -> int:
+        """Workers registered (alive within their TTL) that listen on the batch queue."""
+        with self._guard():
+            return Worker.count(queue=self.batch)
 
     def ping(self) -> None:
         """Raise `QueueUnavailable` unless Redis answers."""

@@ -4,7 +4,13 @@
 Studio's API (`backend.labelstudio`), skips tasks that already have a prediction of the current model
 version (so a rerun only does what is missing) and tasks without rectangles, and enqueues one batch job
 per remaining task. Each job pushes its prediction to Label Studio as soon as it finishes; the command
-shows a progress bar until every job ended (or `--no-wait`).
+shows a progress bar (tasks done, pushed, failed) until every job ended (or `--no-wait`).
+
+The wait never outlasts what a job can take: without a worker listening on the batch queue (a worker on
+another Redis or key prefix, or none started) nothing queued can end, and it stops after `NO_WORKER_GRACE_S`
+saying so; with workers, a wait in which no job ended for longer than a job may run (BATCH_JOB_TIMEOUT, plus
+the time a dead worker's job takes to be noticed) stops too, naming the tasks whose jobs never ended. A rerun
+queues only what is still missing.
 
 Label Studio's Data Manager fills its *Prediction score* column (and sorts by it) from the predictions of
 the project's chosen prelabeling version only, which `connect` sets to the live model. `--sort-by-score`
@@ -27,6 +33,8 @@ from backend.payloads import make_payload
 from backend.settings import Settings
 
 _WAIT_SLICE_S = 1.0
+# How long the wait tolerates no worker on the batch queue (one restarting, one still loading its model).
+NO_WORKER_GRACE_S = 30.0
 
 
 @dataclass
@@ -42,6 +50,8 @@ class PrelabelSummary:
     pushed: int = 0
     failed: list[str] = field(default_factory=list)
     pending: int = 0
+    # Why the wait stopped before every job ended (no worker, or jobs that never end); empty otherwise.
+    stalled: str = ""
     version_chosen: bool | None = None  # None: not asked (`sort_by_score`)
 
     def describe(self) -> str:
@@ -54,6 +64,8 @@ class PrelabelSummary:
             f"failed: {len(self.failed)}",
         ]
         lines += [f"  failed: {message}" for message in self.failed[:20]]
+        if self.stalled:
+            lines.append(f"  stopped waiting: {self.stalled}")
         if self.version_chosen:
             lines.append(f"  prelabeling version of the project: {self.model_version} (the Data Manager's "
                          "Prediction score column shows its scores; `connect` goes back to the live model)")
@@ -65,9 +77,13 @@ class PrelabelSummary:
 
 def run_prelabel(settings: Settings, project: int, *, wait: bool = True, timeout: float | None = None,
                  client: LabelStudioClient | None = None, queue: JobQueue | None = None,
-                 progress: bool = True, sort_by_score: bool = False) -> PrelabelSummary:
+                 progress: bool = True, sort_by_score: bool = False,
+                 stall_timeout: float | None = None) -> PrelabelSummary:
     """Enqueue push jobs for every task of `project` that lacks a prediction of the current version; with
-    `sort_by_score`, make that version the project's prelabeling version once no job is left running."""
+    `sort_by_score`, make that version the project's prelabeling version once no job is left running.
+
+    `stall_timeout`: seconds without any job ending after which the wait stops and reports the jobs left
+    (default: what one job may take, see the module docstring)."""
     client = client or LabelStudioClient(settings)
     if queue is None:
         queue = JobQueue(settings, connect(settings.effective_redis_url, settings))
@@ -98,7 +114,9 @@ def run_prelabel(settings: Settings, project: int, *, wait: bool = True, timeout
         jobs[queue.submit(payload, interactive=False, push=True)] = task["id"]
     summary.enqueued = len(jobs)
     if wait and jobs:
-        _wait(queue, jobs, summary, timeout, progress)
+        if stall_timeout is None:
+            stall_timeout = settings.batch_job_timeout + 3 * settings.worker_heartbeat_ttl + _WAIT_SLICE_S
+        _wait(queue, jobs, summary, timeout, progress, stall_timeout)
     else:
         summary.pending = len(jobs)
     if sort_by_score:
@@ -119,11 +137,14 @@ def _wait_for_room(queue: JobQueue) -> None:
 
 
 def _wait(queue: JobQueue, jobs: Mapping[str, Any], summary: PrelabelSummary, timeout: float | None,
-          progress: bool) -> None:
+          progress: bool, stall_timeout: float) -> None:
     from tqdm import tqdm
 
     remaining = dict(jobs)
-    deadline = None if timeout is None else time.monotonic() + timeout
+    now = time.monotonic()
+    deadline = None if timeout is None else now + timeout
+    last_end = now  # when a job last ended (or the wait began)
+    worker_seen = now  # when a worker on the batch queue was last seen
     with tqdm(total=len(jobs), unit="task", desc="prelabel", disable=not progress) as bar:
         while remaining and (deadline is None or time.monotonic() < deadline):
             for job_id, outcome in queue.wait(list(remaining), _WAIT_SLICE_S).items():
@@ -136,6 +157,27 @@ def _wait(queue: JobQueue, jobs: Mapping[str, Any], summary: PrelabelSummary, ti
                     summary.pushed += 1
                 else:
                     summary.failed.append(f"task {task_id}: finished but was not pushed")
+                last_end = time.monotonic()
+                bar.set_postfix_str(f"pushed {summary.pushed}, failed {len(summary.failed)}", refresh=False)
                 bar.update(1)
+            if not remaining:
+                break
+            now = time.monotonic()
+            if queue.batch_workers():
+                worker_seen = now
+            elif now - worker_seen > NO_WORKER_GRACE_S:
+                summary.stalled = (
+                    f"no worker has listened on the batch queue {queue.batch.name} (Redis at {queue.url}) for "
+                    f"{NO_WORKER_GRACE_S:.0f} s, so the {len(remaining)} jobs left cannot end. Start `python -m "
+                    "backend worker` with this REDIS_URL and REDIS_KEY_PREFIX (a `serve` without REDIS_URL keeps "
+                    "its Redis to itself: give it and prelabel the same REDIS_URL), then rerun prelabel: it "
+                    "queues only the tasks still without a prediction")
+                break
+            if now - last_end > stall_timeout:
+                tasks = ", ".join(str(task) for task in list(remaining.values())[:20])
+                summary.stalled = (
+                    f"no job ended for {stall_timeout:.0f} s, longer than a job may run (BATCH_JOB_TIMEOUT): "
+                    f"the jobs of tasks {tasks}{' …' if len(remaining) > 20 else ''} never ended. Check the "
+                    "workers' logs; a rerun queues the tasks still without a prediction")
+                break
     summary.pending = len(remaining)
-

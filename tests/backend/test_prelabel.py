@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from backend import prelabel
 from backend.jobs import JobQueue, connect
 from backend.prelabel import run_prelabel
 from backend.settings import Settings
@@ -94,3 +97,33 @@ def test_sort_by_score_makes_the_pushed_version_the_projects_prelabeling_version
     assert summary.pending == 0 and summary.version_chosen
     assert fake_ls.projects[project]["model_version"] == MODEL_VERSION
     assert f"prelabeling version of the project: {MODEL_VERSION}" in summary.describe()
+
+
+def test_prelabel_stops_waiting_and_says_why_when_no_worker_takes_its_jobs(fake_ls, base_env, monkeypatch):
+    # As with a `serve` whose Redis is embedded while prelabel reaches another: jobs nobody will ever take.
+    monkeypatch.setattr(prelabel, "NO_WORKER_GRACE_S", 2.0)
+    project = 604
+    fake_ls.add_project(project, CAPTURED_CONFIG, project_tasks(fake_ls, 6400)[:2])
+    settings = dataclasses.replace(settings_for(fake_ls, base_env), key_prefix=f"{KEY_PREFIX}-nobody")
+    started = time.monotonic()
+    summary = run_prelabel(settings, project, progress=False)
+    assert time.monotonic() - started < 30
+    assert (summary.enqueued, summary.pushed, summary.pending) == (2, 0, 2)
+    assert "no worker has listened on the batch queue" in summary.stalled
+    assert "python -m backend worker" in summary.describe()
+    assert fake_ls.predictions_for(project) == []
+
+
+def test_a_rerun_after_its_predictions_were_deleted_counts_its_new_jobs_not_the_old_ones(fake_ls, base_env):
+    # The same tasks give the same job ids: the jobs of the first run must not answer for the second.
+    project = 605
+    tasks = project_tasks(fake_ls, 6500)[:2]
+    fake_ls.add_project(project, CAPTURED_CONFIG, tasks)
+    settings = settings_for(fake_ls, base_env)
+    assert run_prelabel(settings, project, timeout=120, progress=False).pushed == 2
+
+    fake_ls.add_project(project, CAPTURED_CONFIG, tasks)  # someone deleted the predictions in Label Studio
+    again = run_prelabel(settings, project, timeout=120, progress=False)
+    assert (again.enqueued, again.pushed, again.pending, again.failed) == (2, 2, 0, [])
+    # Counted as pushed once pushed, not before.
+    assert sorted(p["task"] for p in fake_ls.predictions_for(project)) == [6500, 6501]
