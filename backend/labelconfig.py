@@ -158,7 +158,7 @@ class Region:
     def box(self) -> tuple[float, float, float, float]:
         """Normalized xyxy for the model: the axis-aligned hull of the (possibly rotated) rectangle, clamped
         to the image. Boxes too small for the model are widened by the model itself
-        (`model.processing_gpt4roi.sanitize_boxes`), so there is one rule for that."""
+        (`model.gpt4roi.processing_gpt4roi.sanitize_boxes`), so there is one rule for that."""
         x1, y1, x2, y2 = self._bounds()
         return (_clamp(x1), _clamp(y1), _clamp(x2), _clamp(y2))
 

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, get_type_hints
 from urllib.parse import urlsplit
 
+from model.engine import ENGINES
+
 _TRUE = {"1", "true", "yes", "on"}
 # Stands for DATA_DIR/models until __post_init__ replaces it: a relative default would follow the working
 # directory, not DATA_DIR, and pair a fresh DATA_DIR with another one's models.
@@ -199,9 +201,16 @@ class Settings:
         86_400, "QUEUED_JOB_TTL", "Seconds a prediction job may wait in its queue before it is dropped.")
 
     # Model
-    annotator_class: str = _setting(
-        "model.inference.RegionAnnotator", "ANNOTATOR_CLASS",
-        "Dotted path of the class the worker loads with `from_pretrained(path, device=…)`.")
+    engine: str = _setting(
+        "gpt4roi", "ENGINE",
+        "The model family MODEL_DIR starts with when it holds no version yet: `gpt4roi` or `florence-2` (or the "
+        "dotted path of an `model.engine.Engine` of one's own, which then serves every version). A version "
+        "is always served by the engine that made it, which its `version.json` names.")
+    base_model: str = _setting(
+        "", "BASE_MODEL",
+        "The first version when MODEL_DIR holds none: a hub id or a local checkpoint folder. Empty: the "
+        "engine's default (`gpt4roi`: the CPU demo model; `florence-2`: florence-community/Florence-2-base-ft, "
+        "downloaded on first start).")
     device: str = _setting(
         "auto", "DEVICE", "Torch device of the worker: `auto` (CUDA when present), `cpu`, `cuda:0`…")
     dtype: str = _setting(
@@ -329,6 +338,9 @@ class Settings:
             raise SettingsError("IMAGE_FORMATS must name at least one image format")
         if self.dtype not in {"auto", "float32", "float16", "bfloat16"}:
             raise SettingsError(f"DTYPE must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.engine not in ENGINES and "." not in self.engine:
+            raise SettingsError(f"ENGINE must be one of {', '.join(sorted(ENGINES))} (or the dotted path of an "
+                                f"Engine class), got {self.engine!r}")
 
     def __repr__(self) -> str:
         shown = []

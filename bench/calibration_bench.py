@@ -32,7 +32,7 @@ from backend.calibration import Observation, calibration_report, fit, observe
 from backend.describe import describe
 from backend.labelconfig import FillPlan, Region, predicted_fields
 from model.demo.recipe import ensure_demo_checkpoint
-from model.inference import RegionAnnotator
+from model.gpt4roi.inference import RegionAnnotator
 from tests.support.hitl import CHOICE_CONTROLS, DEMO_CONFIG, SceneTask, make_tasks
 
 

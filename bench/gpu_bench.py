@@ -41,13 +41,13 @@ import torch
 
 from backend.describe import Description, describe, describe_many
 from backend.labelconfig import FillPlan, Region
-from model.configuration_gpt4roi import GPT4RoIConfig
 from model.demo.synthetic import corpus_texts, generate_dataset, make_image
-from model.inference import RegionAnnotator, RegionQuery
-from model.modeling_gpt4roi import GPT4RoIForCausalLM
-from model.processing_gpt4roi import GPT4RoIProcessor
-from model.prompts import attribute_question, caption_question
-from model.tokenization_gpt4roi import train_sentencepiece
+from model.gpt4roi.configuration_gpt4roi import GPT4RoIConfig
+from model.gpt4roi.inference import RegionAnnotator, RegionQuery
+from model.gpt4roi.modeling_gpt4roi import GPT4RoIForCausalLM
+from model.gpt4roi.processing_gpt4roi import GPT4RoIProcessor
+from model.gpt4roi.prompts import attribute_question, caption_question
+from model.gpt4roi.tokenization_gpt4roi import train_sentencepiece
 
 REPO = Path(__file__).resolve().parents[1]
 INTERACTIVE_CONFIG = REPO / "labelstudio_config" / "interactive.xml"
@@ -220,7 +220,7 @@ def across_jobs(annotator: RegionAnnotator, device: torch.device, jobs: int, new
 def finetune_step(annotator: RegionAnnotator, device: torch.device, steps: int = 3) -> dict[str, Any]:
     """LoRA fine-tune steps as `backend/finetune.py` configures them (this changes the model: run it last)."""
     from model.data_format import read_jsonl
-    from model.training import LORA_TARGETS, TrainingConfig, train
+    from model.gpt4roi.training import LORA_TARGETS, TrainingConfig, train
 
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as folder:
         samples = read_jsonl(generate_dataset(folder, n_images=4 * steps, seed=3, split_name="bench",

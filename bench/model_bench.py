@@ -15,14 +15,14 @@ import time
 
 import torch
 
-from model.configuration_gpt4roi import GPT4RoIConfig
 from model.demo.synthetic import corpus_texts, make_image
-from model.generation import GenerationConfig, generate_answers, generation_prompt
-from model.inference import RegionAnnotator, RegionQuery
-from model.modeling_gpt4roi import GPT4RoIForCausalLM
-from model.processing_gpt4roi import GPT4RoIProcessor
-from model.prompts import caption_question
-from model.tokenization_gpt4roi import train_sentencepiece
+from model.gpt4roi.configuration_gpt4roi import GPT4RoIConfig
+from model.gpt4roi.generation import GenerationConfig, generate_answers, generation_prompt
+from model.gpt4roi.inference import RegionAnnotator, RegionQuery
+from model.gpt4roi.modeling_gpt4roi import GPT4RoIForCausalLM
+from model.gpt4roi.processing_gpt4roi import GPT4RoIProcessor
+from model.gpt4roi.prompts import caption_question
+from model.gpt4roi.tokenization_gpt4roi import train_sentencepiece
 
 
 def one_at_a_time(annotator: RegionAnnotator, queries: list[RegionQuery], max_new_tokens: int) -> list[str]:

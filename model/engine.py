@@ -128,13 +128,13 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def finetune(self, examples: Sequence[Example], config: FinetuneConfig,
                  records: Sequence[Any] = ()) -> FinetuneResult:
-        """Train on `examples` (plus dataset `records`, e.g. replayed base data), with LoRA; the adapter is
-        merged into the weights before this returns, so the engine answers as the trained model."""
+        """Train on `examples` (plus dataset `records`, e.g. replayed base data) with LoRA; the engine answers
+        as the trained model afterwards."""
 
     @abc.abstractmethod
     def save_pretrained(self, path: str | Path) -> None:
-        """Write a checkpoint folder `from_pretrained` loads (in the dtype the engine was loaded from), with
-        the trained adapter alone under `lora/` after a fine-tune."""
+        """Write a checkpoint folder `from_pretrained` loads, in the dtype the checkpoint was stored in: after a
+        fine-tune, the adapter merged into the weights, and the adapter alone under `lora/`."""
 
     def forget_images(self) -> None:  # noqa: B027 - an engine without an image cache has nothing to forget
         """Drop cached image features (a new version is about to answer)."""

@@ -30,9 +30,8 @@ from backend.payloads import make_payload
 from backend.runs import FinetuneRuns, RunStatus
 from backend.settings import Settings
 from backend.store import DB_FILE, SQLiteDatabase
-from backend.training_data import IMAGE_CACHE_DIR, is_held_out, local_images, split_held_out, training_records
-from model.data_format import read_jsonl, write_jsonl
-from model.prompts import attribute_question, caption_question
+from backend.training_data import IMAGE_CACHE_DIR, is_held_out, local_images, split_held_out, training_examples
+from model.engine import LABEL
 from tests.support import REPO, capture, free_port
 from tests.support.hitl import DEMO_CONFIG, annotation_event, make_tasks, task_json
 from tests.support.redis_server import KEY_PREFIX, REDIS_URL
@@ -231,7 +230,7 @@ def test_malformed_proposals_are_refused_with_a_reason(settings):
 
 
 # ---------------------------------------------------------------------- export for training
-def test_corrections_export_to_training_records_with_cached_images(settings, tmp_path):
+def test_corrections_become_training_examples_with_cached_images(settings, tmp_path):
     tasks = make_tasks(tmp_path / "images", "b", 1, 2, seed=5)
     for i, task in enumerate(tasks):
         store_of(settings).record_event(annotation_event(task, 20 + i, DEMO_CONFIG))
@@ -249,26 +248,24 @@ def test_corrections_export_to_training_records_with_cached_images(settings, tmp
     again, failed = local_images(settings, [(r.image, r.task_id) for r in regions])
     assert again == images and failed == {}
 
-    records = training_records(regions, images)
-    questions = {caption_question(), *(attribute_question(a) for a in ("color", "size", "texture", "category"))}
-    assert len(records) == len(questions) * len(regions)
-    by_region: dict[str, dict[str, str]] = {}
-    for record in records:
-        by_region.setdefault(record.meta["region_id"], {})[record.conversations[0]["value"]] = \
-            record.conversations[1]["value"]
+    examples = training_examples(regions, images)
+    fields = (None, "color", "size", "texture", LABEL)
+    assert len(examples) == len(fields) * len(regions)
+    by_region: dict[str, dict[str | None, str]] = {}
+    for example in examples:
+        by_region.setdefault(example.meta["region_id"], {})[example.attribute] = example.answer
     for task in tasks:
         for index, obj in enumerate(task.objects):
             answers = by_region[task.region_id(index)]
-            assert set(answers) == questions
-            assert answers[caption_question()] == obj.caption
-            assert answers[attribute_question("category")] == obj.shape
-            assert answers[attribute_question("texture")] == obj.texture
-    for record in records:
-        task = next(t for t in tasks if t.task_id == int(record.meta["task_id"]))
-        obj = task.objects[int(record.meta["region_id"].rsplit("r", 1)[1]) - 1]
-        assert record.boxes[0] == pytest.approx(obj.box, abs=1e-6)
-    written = write_jsonl(records, tmp_path / "export" / "corrections.jsonl")
-    assert [r.id for r in read_jsonl(written)] == [r.id for r in records]
+            assert set(answers) == set(fields)
+            assert answers[None] == obj.caption
+            assert answers[LABEL] == obj.shape
+            assert answers["texture"] == obj.texture
+    for example in examples:
+        task = next(t for t in tasks if t.task_id == int(example.meta["task_id"]))
+        obj = task.objects[int(example.meta["region_id"].rsplit("r", 1)[1]) - 1]
+        assert example.box == pytest.approx(obj.box, abs=1e-6)
+        assert example.image == str(images[task.reference][0])
 
 
 def test_an_unreachable_image_is_reported_not_raised(settings, tmp_path):

@@ -24,7 +24,7 @@ from backend.labelconfig import (
     validate_prediction,
     wants_label,
 )
-from model.processing_gpt4roi import MIN_BOX_SIZE, sanitize_boxes
+from model.gpt4roi.processing_gpt4roi import MIN_BOX_SIZE, sanitize_boxes
 from tests.support import capture, config_xml
 
 CAPTURED_CONFIG = capture("04")["request"]["json"]["label_config"]

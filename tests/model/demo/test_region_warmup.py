@@ -10,7 +10,7 @@ from PIL import Image
 from model.data_format import read_jsonl
 from model.demo.region_warmup import RegionWarmupConfig, question_turns, warm_up_region_reading
 from model.demo.synthetic import generate_dataset
-from model.processing_gpt4roi import GPT4RoIProcessor, normalize_boxes
+from model.gpt4roi.processing_gpt4roi import GPT4RoIProcessor, normalize_boxes
 from tests.support.model_factory import make_tiny_model, make_tokenizer
 
 
@@ -73,7 +73,7 @@ def test_warm_up_lowers_the_loss_and_trains_only_the_language_model(samples, mod
     assert all(torch.equal(v, model.vision_tower.state_dict()[k]) for k, v in vision.items())
     assert all(torch.equal(v, model.spi_module.state_dict()[k]) for k, v in region.items())
     assert any(not torch.equal(v, model.language_model.state_dict()[k]) for k, v in llm.items())
-    assert not model.training
+    assert not model.gpt4roi.training
 
 
 def test_warm_up_can_keep_to_some_record_kinds(samples, model_and_processor, monkeypatch):

@@ -107,6 +107,10 @@ class RegionAnnotator:
         self._image_keys[ident] = (weakref.ref(image, lambda _: self._image_keys.pop(ident, None)), key)
         return key
 
+    def forget_images(self) -> None:
+        """Drop every cached image encoding (new weights are about to answer)."""
+        self._cache.clear()
+
     def _features(self, images: Sequence[Image.Image]) -> ImageFeatures:
         """Features of `images` (stacked in order), encoding only those not in the cache."""
         keys = [self.image_key(image) for image in images]
