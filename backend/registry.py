@@ -35,6 +35,7 @@ from typing import Any
 
 from backend.settings import Settings
 from backend.store import Connection, Database
+from model.engine import EngineError, engine_of_checkpoint
 
 CURRENT_FILE = "current"
 # Moves of the pointer recorded by earlier releases, which kept it in a file; read, never written.
@@ -66,6 +67,17 @@ class VersionInfo:
     def parent(self) -> str | None:
         """The version it was fine-tuned from."""
         return self.metadata.get("parent")
+
+    @property
+    def engine(self) -> str:
+        """The engine that serves it: as its `version.json` says, else as its `config.json` implies."""
+        named = self.metadata.get("engine")
+        if named:
+            return str(named)
+        try:
+            return engine_of_checkpoint(self.path)
+        except EngineError:
+            return "unknown"
 
     @property
     def created_at(self) -> str | None:
@@ -254,9 +266,9 @@ def discard_staging(settings: Settings) -> list[str]:
 
 
 def import_checkpoint(settings: Settings, source: Path, version: str, *, symlink: bool = False,
-                      make_current: bool = True) -> Path:
+                      make_current: bool = True, metadata: dict[str, Any] | None = None) -> Path:
     """Register an existing checkpoint folder as `version` (copied, or linked with `symlink`), for example
-    the first model of a new registry."""
+    the first model of a new registry; a copy gets `metadata` (its engine, its base model) as `version.json`."""
     _check_name(version)
     source = Path(source).resolve()
     if not (source / "config.json").is_file():
@@ -270,7 +282,10 @@ def import_checkpoint(settings: Settings, source: Path, version: str, *, symlink
     if symlink:
         target.symlink_to(source, target_is_directory=True)
     else:
-        shutil.copytree(source, target)
+        staging = staging_dir(settings, version)
+        shutil.rmtree(staging)
+        shutil.copytree(source, staging, ignore=shutil.ignore_patterns(".cache", METADATA_FILE))
+        publish(settings, staging, version, {"imported_from": str(source), **(metadata or {})})
     if make_current:
         set_current(settings, version, reason="import")
     return target

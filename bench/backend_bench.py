@@ -224,7 +224,7 @@ def measure_interactive(client: httpx.Client, jobs: JobTimes, predictor: Any, im
                             drawn={"id": "r"})
             started = time.perf_counter()
             image = predictor.images.get(f"{image_base}/img/{index}.png", None)
-            describe(predictor.annotator, image, plan, [region], True, max_new_tokens)
+            describe(predictor.engine, image, plan, [region], True, max_new_tokens)
             sink.append((time.perf_counter() - started) * 1000)
     e2e_first, e2e_second, overheads = [], [], []
     for index in range(first_image, first_image + rounds):

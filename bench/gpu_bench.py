@@ -43,6 +43,7 @@ from backend.describe import Description, describe, describe_many
 from backend.labelconfig import FillPlan, Region
 from model.demo.synthetic import corpus_texts, generate_dataset, make_image
 from model.gpt4roi.configuration_gpt4roi import GPT4RoIConfig
+from model.gpt4roi.engine import GPT4RoIEngine
 from model.gpt4roi.inference import RegionAnnotator, RegionQuery
 from model.gpt4roi.modeling_gpt4roi import GPT4RoIForCausalLM
 from model.gpt4roi.processing_gpt4roi import GPT4RoIProcessor
@@ -174,7 +175,7 @@ def interactive(annotator: RegionAnnotator, device: torch.device, new_tokens: in
         for sink in (first, second):
             synchronize(device)
             started = time.perf_counter()
-            describe(annotator, image, plan, [region], True, new_tokens)
+            describe(GPT4RoIEngine(annotator), image, plan, [region], True, new_tokens)
             synchronize(device)
             sink.append((time.perf_counter() - started) * 1000)
     # The first image also pays for warm-up; the medians leave it out.
@@ -198,18 +199,19 @@ def decode_bound(annotator: RegionAnnotator, device: torch.device, new_tokens: i
 
 def across_jobs(annotator: RegionAnnotator, device: torch.device, jobs: int, new_tokens: int) -> dict[str, float]:
     """`jobs` single-box jobs, each on its own image: one batch (`describe_many`) vs one at a time."""
+    engine = GPT4RoIEngine(annotator)
     plan = FillPlan.from_label_config(INTERACTIVE_CONFIG.read_text())
     items = [Description(make_image(seed=500 + i, width=640, height=480)[0], plan,
                          [Region(f"r{i}", 10.0 + i % 5 * 10, 15.0, 30.0, 35.0, labels=("circle",))], True)
              for i in range(jobs)]
 
     def together() -> Any:
-        annotator._cache.clear()  # every run encodes its images, as a worker meeting new images does
-        return describe_many(annotator, items, new_tokens)
+        engine.forget_images()  # every run encodes its images, as a worker meeting new images does
+        return describe_many(engine, items, new_tokens)
 
     def alone() -> Any:
-        annotator._cache.clear()
-        return [describe(annotator, item.image, item.plan, item.regions, True, new_tokens) for item in items]
+        engine.forget_images()
+        return [describe(engine, item.image, item.plan, item.regions, True, new_tokens) for item in items]
 
     batched_s, _ = timed(device, together, repeats=2)
     single_s, _ = timed(device, alone, repeats=1)

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     queries = [RegionQuery(image, (box,), caption_question()) for box in boxes]
 
     def batched() -> list[str]:
-        annotator._cache.clear()  # count the one image encoding in every run
+        annotator.forget_images()  # count the one image encoding in every run
         return annotator.answer(queries, max_new_tokens=args.max_new_tokens)
 
     one_at_a_time(annotator, queries[:2], args.max_new_tokens)  # warm-up

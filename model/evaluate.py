@@ -2,8 +2,8 @@
 
     python -m model.evaluate --checkpoint DIR --data FILE.jsonl [--engine NAME] [--out report.json] [--limit N]
 
-Every record is answered by greedy generation (`Engine.generate`), as the backend's captions are. Caption records get BLEU-4,
-METEOR, ROUGE-L and CIDEr. Other records get exact-match accuracy per attribute or relation (after
+Every record is answered by greedy generation (`Engine.generate`), as the backend's captions are. Caption
+records get BLEU-4, METEOR, ROUGE-L and CIDEr. Other records get exact-match accuracy per attribute or relation (after
 `model.metrics.normalize_answer`), and a confusion table per attribute. A dataset that knows more about its
 captions (the demo's synthetic shapes) adds its own figures with `caption_figures`.
 """
