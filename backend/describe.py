@@ -13,14 +13,14 @@ inside the functions all the same, so that importing it is cheap.
 from __future__ import annotations
 
 import gc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from backend.calibration import Calibration, confidences
 from backend.labelconfig import FillPlan, Region, wants_label
-from model.engine import LABEL, CaptionRequest, ChoiceRequest, Engine
+from model.engine import LABEL, CaptionRequest, ChoiceRequest, Engine, engine_of_checkpoint
 from model.engine import load_engine as load_checkpoint
 
 
@@ -91,11 +91,16 @@ def resolve_device(name: str) -> Any:
     return torch.device(name)
 
 
-def load_engine(path: Path, device: Any, dtype: str = "auto", engine: str | None = None) -> Engine:
+def load_engine(path: Path, device: Any, dtype: str = "auto", engine: str | None = None,
+                options: Mapping[str, str] | None = None) -> Engine:
     """A checkpoint folder loaded by the engine that made it (its config.json says which), or by `engine`, a
-    registered name or the dotted path of an Engine of one's own. `dtype` `auto` lets the engine choose
-    (bf16 on CUDA, fp32 on the CPU)."""
-    return load_checkpoint(path, device=str(device), dtype=None if dtype == "auto" else dtype, engine=engine)
+    registered name or the dotted path of an Engine of one's own. `options` (ENGINE_OPTIONS) are named
+    `<engine>.<option>`: the engine gets its own, so versions of several engines can share one setting.
+    `dtype` `auto` lets the engine choose (bf16 on CUDA, fp32 on the CPU)."""
+    name = engine or engine_of_checkpoint(path)
+    own = {key.split(".", 1)[1]: value for key, value in (options or {}).items() if key.split(".", 1)[0] == name}
+    return load_checkpoint(path, device=str(device), dtype=None if dtype == "auto" else dtype, engine=engine,
+                           options=own)
 
 
 def release_memory() -> None:

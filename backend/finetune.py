@@ -337,7 +337,7 @@ def _run(settings: Settings, options: FinetuneOptions, parent: str, regions: Seq
     except RuntimeError as exc:
         raise FinetuneError(f"FINETUNE_DEVICE: {exc}") from None
     # fp32 weights (mixed precision on CUDA); the engine stores the result in its parent's dtype.
-    engine = load_engine(parent_path, device, "float32")
+    engine = load_engine(parent_path, device, "float32", options=settings.engine_option_values)
     lineage = _lineage(settings, parent, engine)
     config = FinetuneConfig(
         learning_rate=settings.finetune_learning_rate, epochs=settings.finetune_epochs,
@@ -465,7 +465,7 @@ def _evaluate(settings: Settings, checkpoint: Path, regions: Sequence[CorrectedR
     """Ask a checkpoint about held-out regions as the worker would and compare with the final values."""
     from PIL import Image
 
-    engine = load_engine(checkpoint, device)
+    engine = load_engine(checkpoint, device, options=settings.engine_option_values)
     evaluation = _Evaluation()
     groups: dict[tuple[str, Any], list[CorrectedRegion]] = {}
     for region in regions:
@@ -495,7 +495,8 @@ def _base_eval(settings: Settings, candidate: Path, parent: Path, device: Any) -
     samples = random.Random(0).sample(samples, min(len(samples), settings.finetune_eval_max))
     scores = {}
     for key, path in (("base_candidate", candidate), ("base_parent", parent)):
-        answers = predict(load_engine(path, device), samples, progress=False)
+        answers = predict(load_engine(path, device, options=settings.engine_option_values), samples,
+                          progress=False)
         truth = [s.conversations[1]["value"] for s in samples]
         scores[key] = sum(same_answer(a, t) for a, t in zip(answers, truth, strict=True)) / len(samples)
         release_memory()

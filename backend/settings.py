@@ -211,6 +211,11 @@ class Settings:
         "The first version when MODEL_DIR holds none: a hub id or a local checkpoint folder. Empty: the "
         "engine's default (`gpt4roi`: the CPU demo model; `florence-2`: florence-community/Florence-2-base-ft, "
         "downloaded on first start).")
+    engine_options: str = _setting(
+        "", "ENGINE_OPTIONS",
+        "Engines' own settings, `<engine>.<option>=value` pairs separated by commas (e.g. "
+        "`qwen3-vl.region=drawn`; the README's engine table lists them): each version is loaded with its "
+        "engine's.")
     device: str = _setting(
         "auto", "DEVICE", "Torch device of the worker: `auto` (CUDA when present), `cpu`, `cuda:0`…")
     dtype: str = _setting(
@@ -338,6 +343,10 @@ class Settings:
             raise SettingsError("IMAGE_FORMATS must name at least one image format")
         if self.dtype not in {"auto", "float32", "float16", "bfloat16"}:
             raise SettingsError(f"DTYPE must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if any("=" not in part or "." not in part.split("=", 1)[0]
+               for part in self.engine_options.split(",") if part.strip()):
+            raise SettingsError(f"ENGINE_OPTIONS must be <engine>.<option>=value pairs separated by commas, got "
+                                f"{self.engine_options!r}")
         if self.engine not in ENGINES and "." not in self.engine:
             raise SettingsError(f"ENGINE must be one of {', '.join(sorted(ENGINES))} (or the dotted path of an "
                                 f"Engine class), got {self.engine!r}")
@@ -348,6 +357,12 @@ class Settings:
             value = getattr(self, f.name)
             shown.append(f"{f.name}={'***' if f.metadata['secret'] and value else value!r}")
         return f"Settings({', '.join(shown)})"
+
+    @property
+    def engine_option_values(self) -> dict[str, str]:
+        """ENGINE_OPTIONS as a mapping."""
+        pairs = [part.strip() for part in self.engine_options.split(",") if part.strip()]
+        return {key.strip(): value.strip() for key, value in (pair.split("=", 1) for pair in pairs)}
 
     @property
     def basic_auth_enabled(self) -> bool:

@@ -100,7 +100,8 @@ class Predictor:
             release_memory()
             # A registered engine name only chooses the first version; a dotted path serves every version.
             own = self.settings.engine if "." in self.settings.engine else None
-            self.engine = load_engine(path, resolve_device(self.settings.device), self.settings.dtype, own)
+            self.engine = load_engine(path, resolve_device(self.settings.device), self.settings.dtype, own,
+                                      self.settings.engine_option_values)
             self.calibration = Calibration.load(path)
             log.info("model %s loaded from %s in %.1f s", version, path, time.perf_counter() - started)
             self.version = version

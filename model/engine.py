@@ -109,9 +109,11 @@ class Engine(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str | None = None) -> Engine:
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str | None = None,
+                        options: Mapping[str, str] | None = None) -> Engine:
         """Load a checkpoint folder or hub id onto `device`; `dtype` a torch dtype name, None for the engine's
-        default on that device (bf16 on CUDA, fp32 on the CPU)."""
+        default on that device (bf16 on CUDA, fp32 on the CPU); `options` the engine's own settings
+        (ENGINE_OPTIONS), an unknown one raising `EngineError`."""
 
     @abc.abstractmethod
     def caption(self, requests: Sequence[CaptionRequest], max_new_tokens: int = 32) -> list[Answer]:
@@ -198,6 +200,20 @@ def engine_of_checkpoint(path: str | Path) -> str:
 
 
 def load_engine(path: str | Path, device: str = "cpu", dtype: str | None = None,
-                engine: str | None = None) -> Engine:
+                engine: str | None = None, options: Mapping[str, str] | None = None) -> Engine:
     """Load a checkpoint with its own engine (or `engine`, a name or dotted path, when given)."""
-    return engine_class(engine or engine_of_checkpoint(path)).from_pretrained(path, device=device, dtype=dtype)
+    cls = engine_class(engine or engine_of_checkpoint(path))
+    return cls.from_pretrained(path, device=device, dtype=dtype, options=options)
+
+
+def check_options(engine: str, options: Mapping[str, str] | None, known: Mapping[str, Sequence[str]]) -> dict[str, str]:
+    """`options` validated against `known` (name → allowed values, empty for any value)."""
+    checked = dict(options or {})
+    for name, value in checked.items():
+        if name not in known:
+            raise EngineError(f"the {engine} engine has no option {name!r} (ENGINE_OPTIONS); it has "
+                              f"{', '.join(sorted(known)) or 'none'}")
+        if known[name] and value not in known[name]:
+            raise EngineError(f"the {engine} engine's option {name} must be one of {', '.join(known[name])}, "
+                              f"got {value!r}")
+    return checked

@@ -1,6 +1,6 @@
 """Evaluate a checkpoint of any engine on a region dataset (the JSONL format of `model.data_format`).
 
-    python -m model.evaluate --checkpoint DIR --data FILE.jsonl [--engine NAME] [--out report.json] [--limit N]
+    python -m model.evaluate --checkpoint DIR --data FILE.jsonl [--engine NAME] [--option K=V] [--out FILE]
 
 Every record is answered by greedy generation (`Engine.generate`), as the backend's captions are. Caption
 records get BLEU-4, METEOR, ROUGE-L and CIDEr. Other records get exact-match accuracy per attribute or relation (after
@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the report as JSON here")
     parser.add_argument("--limit", type=int, help="evaluate only the first N records")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                        help="an engine option (as in ENGINE_OPTIONS); repeat for several")
     parser.add_argument("--engine", help=f"engine to load the checkpoint with ({', '.join(sorted(ENGINES))}); "
                                          "default: the one its config.json names")
     args = parser.parse_args(argv)
@@ -104,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--data {args.data} does not exist")
     samples = read_jsonl(args.data)[: args.limit]
     try:
-        engine = load_engine(args.checkpoint, device=args.device, engine=args.engine)
+        if any("=" not in option for option in args.option):
+            raise EngineError(f"--option takes NAME=VALUE, got {args.option}")
+        options = dict(option.split("=", 1) for option in args.option)
+        engine = load_engine(args.checkpoint, device=args.device, engine=args.engine, options=options)
     except EngineError as exc:
         parser.error(str(exc))
     started = time.perf_counter()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from model.engine import (
     Example,
     FinetuneConfig,
     FinetuneResult,
+    check_options,
 )
 
 from .inference import RegionAnnotator, RegionQuery
@@ -41,7 +42,9 @@ class GPT4RoIEngine(Engine):
         self.stored_dtype = stored_dtype or annotator.model.dtype
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str | None = None) -> GPT4RoIEngine:
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str | None = None,
+                        options: Mapping[str, str] | None = None) -> GPT4RoIEngine:
+        check_options(cls.name, options, {})
         torch_dtype = getattr(torch, dtype) if dtype else None
         return cls(RegionAnnotator.from_pretrained(path, device=str(device), dtype=torch_dtype),
                    stored_dtype=_stored_dtype(Path(path)))
