@@ -46,7 +46,8 @@ class TestConnect:
         assert response.status_code == 422 and "no <Image>" in response.json()["detail"]
 
     def test_versions(self, api):
-        assert api.client.get("/versions").json() == {"versions": [MODEL_VERSION], "current_version": MODEL_VERSION}
+        assert api.client.get("/versions").json() == {"versions": [MODEL_VERSION], "current_version": MODEL_VERSION,
+                                                      "engines": {MODEL_VERSION: "gpt4roi"}}
 
     def test_api_process_never_imports_torch(self, base_env):
         script = (

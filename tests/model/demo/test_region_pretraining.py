@@ -45,7 +45,7 @@ def test_pretraining_lowers_its_loss_and_trains_only_the_vision_side(samples):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     assert all(torch.equal(v, model.language_model.state_dict()[k]) for k, v in llm_before.items())
     assert any(not torch.equal(v, model.spi_module.state_dict()[k]) for k, v in spi_before.items())
-    assert not model.gpt4roi.training
+    assert not model.training
 
 
 def test_records_without_ground_truth_are_refused(samples):

@@ -73,7 +73,7 @@ def test_warm_up_lowers_the_loss_and_trains_only_the_language_model(samples, mod
     assert all(torch.equal(v, model.vision_tower.state_dict()[k]) for k, v in vision.items())
     assert all(torch.equal(v, model.spi_module.state_dict()[k]) for k, v in region.items())
     assert any(not torch.equal(v, model.language_model.state_dict()[k]) for k, v in llm.items())
-    assert not model.gpt4roi.training
+    assert not model.training
 
 
 def test_warm_up_can_keep_to_some_record_kinds(samples, model_and_processor, monkeypatch):
