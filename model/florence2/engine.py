@@ -346,11 +346,12 @@ class Florence2Engine(Engine):
         for record in records:
             if len(record.boxes) != 1:
                 raise EngineError(f"record {record.id}: Florence-2 answers about one region at a time")
-            image = images.get(record.image) or images.setdefault(record.image, _open(record.image))
+            if record.image not in images:
+                images[record.image] = _open(record.image)
             region = self.locations(record.boxes[0], (record.width, record.height), normalized=False)
             attribute = _attribute_of(record.meta)
             prompt = self.caption_prompt(region) if attribute is None else self.attribute_prompt_for(attribute, region)
-            pictures.append(image)
+            pictures.append(images[record.image])
             prompts.append(prompt)
         return [answer.text for answer in self._answer(pictures, prompts, max_new_tokens)]
 
