@@ -12,6 +12,7 @@ may otherwise stop at once.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{count} regions of one image in one call:         {batched:.2f} s ({batched / count:.2f} s a region)")
     print(f"{count} regions one at a time, image re-encoded: {alone:.2f} s ({alone / count:.2f} s a region)")
     print(f"ratio: {alone / batched:.1f}x; same captions both ways: {same}; first caption: {answer.text[:60]!r}")
+    # Other processes on the machine slow every figure alike; the load says how far to trust them.
+    print("load average (1, 5, 15 min): " + ", ".join(f"{load:.2f}" for load in os.getloadavg()))
     return 0 if same else 1
 
 
