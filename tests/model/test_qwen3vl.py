@@ -247,3 +247,13 @@ def test_a_finetune_lowers_the_loss_saves_the_adapter_and_reloads_as_trained(che
     assert reloaded.choose([question])[0] == pytest.approx(after, abs=1e-5)
     caption = CaptionRequest(question.image, question.box)
     assert reloaded.caption([caption], max_new_tokens=4) == engine.caption([caption], max_new_tokens=4)
+
+
+def test_a_checkpoint_is_saved_in_the_dtype_it_was_stored_in(checkpoint, tmp_path):
+    engine = Qwen3VLEngine.from_pretrained(checkpoint, dtype="bfloat16")
+    assert engine.model.dtype == torch.bfloat16 and engine.stored_dtype == torch.float32
+    engine.save_pretrained(tmp_path / "copy")
+    assert engine.model.dtype == torch.bfloat16, "the engine goes on in its working dtype"
+    assert json.loads((tmp_path / "copy" / "config.json").read_text())["dtype"] == "float32"
+    assert Qwen3VLForConditionalGeneration.from_pretrained(tmp_path / "copy").dtype == torch.float32
+    assert not (tmp_path / "copy" / "lora").exists(), "no fine-tune, no adapter"
