@@ -5,39 +5,49 @@ Regions. Qwen3-VL has no region encoder; a region reaches it in one of two ways,
 
 - `drawn` (the default): the box is outlined in red on a copy of the image (`prompts.draw_region`) and the
   question names "the region outlined in red". Qwen's maintainers say that describing a region given by its
-  coordinates was not trained directly and "may not be very stable", whereas pointing at something marked on
-  the picture is what the model reads well; so drawing is the default. Its cost: every region is its own
-  image, so the vision tower runs once per region (questions about the same region still share it).
-- `text`: the box goes into the question as `[x1, y1, x2, y2]` in Qwen's relative 0–1000 coordinates; the
-  image is the same for every region, so its features are computed once per image and reused by all its
-  regions (kept in a small cache across calls, until `forget_images`).
+  coordinates was not trained directly and "may not be very stable", whereas something marked on the picture
+  is what the model sees; so drawing is the default. Its cost: every region is an image of its own, so its
+  features cannot be shared with the image's other regions; the vision tower and the language model's pass over
+  the image tokens run once per region (the questions about one region still share them).
+- `text`: the box goes into the question as `[x1, y1, x2, y2]` in Qwen's relative 0–1000 coordinates. The image
+  is the same for every region, so its features and the language model's keys and values for everything up to
+  the image's end are computed once per image and reused by all its regions; a further box costs only its
+  question's tokens.
 
-Either way the vision tower runs apart from the language model (`get_image_features`), and its output is handed
-to `forward`/`generate` as `mm_encoder_outputs`, with the prompt's image placeholder expanded to the number of
-visual tokens (as the processor would) and `mm_token_type_ids` marking them, which multimodal RoPE needs.
+Prompts are Qwen's chat template: the image, then the question (`prompts`: "Describe the object in region [..]
+in one short sentence."; "What is the {attribute} of the object in region [..]? Answer with one of: v1, v2";
+for the label "Which of these is the object in region [..]: l1, l2? Answer with one of them."), then the
+assistant prefix.
 
-Questions (`prompts`): "Describe the object in region [..] in one short sentence."; "What is the {attribute} of
-the object in region [..]? Answer with one of: v1, v2"; for the label, "Which of these is the object in
-region [..]: l1, l2? Answer with one of them." — in the chat template, the image first, then the question.
+How a prompt runs. The vision tower runs apart (`get_image_features`, cached by image content, or content and
+box when drawn) and its output goes to `forward` as `mm_encoder_outputs`, with the image placeholder expanded
+to the number of visual tokens and `mm_token_type_ids` marking them, as the processor would. The tokens up to
+the image's end (the "image prefix") run once per image (per region when drawn) and their key/value cache is
+kept; a batch of prompts gathers its prefixes into one left-padded cache and runs the rests (question and
+assistant prefix, left-padded so every row ends at the last column) on top.
 
-Scoring (`choose`). A candidate's score is the log-likelihood of its tokens followed by `<|im_end|>` after the
-template's assistant prefix; a softmax over a request's candidates gives the distribution. The image and
-question prefix runs once per request: the prefix batch (left-padded) runs with a KV cache, the cache rows are
-repeated to one row per candidate (`Cache.reorder_cache`), and only the candidates' tokens run on top. With
-multimodal RoPE a token's position is not its index: `get_rope_index` gives the prefix's 3-D positions and a
-per-row `rope_delta` (its largest position + 1 minus its real length). Generation places every later text
-token at `text_position + rope_delta` on all three axes, with `text_position` counting the real tokens; the
-continuation gets exactly those positions, passed explicitly as `position_ids` of shape (4, rows, length): the
-text positions (which the attention mask uses) and the three equal rope axes. GPT4RoI's trick (one packed prefix
-shared through its own model code) does not carry over because Qwen's positions depend on the image grid, so
-the positions are rebuilt this way instead.
+Positions. With multimodal RoPE a token's position is not its index: `get_rope_index` gives the image tokens
+3-D positions and reports a per-row `rope_delta` (largest position + 1 minus the row's real length); every text
+token after the image sits at `text_position + rope_delta` on all three axes, `text_position` counting the real
+tokens before it (what `generate` does with `rope_deltas` after the first step). The engine keeps, per image
+prefix, the rope position of the first token after it, and passes every later token's positions explicitly as
+`position_ids` of shape (4, rows, length): the text positions (which the attention mask uses), then the three
+equal rope axes. GPT4RoI's packing trick (one shared prefix through its own model code) does not carry over as
+is, since Qwen's positions depend on each image's grid; rebuilding them this way gives the same numbers as one
+pass over the whole sequence (the specifications compare with `generate` and plain forward passes).
 
-Captions are greedy `generate`; the confidence is the geometric mean of the generated tokens' probabilities,
-the end-of-turn token included.
+Captions: greedy decoding on that cache, each row stopping at its end-of-turn (or EOS) token; the confidence is
+the geometric mean of the generated tokens' probabilities, the stop token included.
+
+Choices: a candidate's score is the log-likelihood of its tokens followed by `<|im_end|>` after the assistant
+prefix. The prompt runs once per request; its cache rows are repeated to one row per candidate
+(`Cache.reorder_cache`) and only the candidates' tokens run on top; a softmax over a request's candidates gives
+the distribution.
 
 Fine-tunes train LoRA adapters on the language model's attention and MLP projections (`LORA_TARGETS`, a regex
-that leaves out the vision tower), the rest frozen, with the loss on the answer tokens only. The vision tower
-does not change, so image features stay valid while training.
+anchored at the language model, so the vision tower's modules are left out), everything else frozen, with the
+loss on the answer tokens (and the end-of-turn token) only. The vision tower does not change, so image features
+stay valid while training; the cached image prefixes do not, and are dropped afterwards.
 """
 
 from __future__ import annotations
@@ -51,11 +61,11 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoProcessor, GenerationConfig, Qwen3VLForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor, DynamicCache, Qwen3VLForConditionalGeneration
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
 from model.engine import (
@@ -98,9 +108,37 @@ class _Prompt:
 
 @dataclass(frozen=True)
 class _Features:
+    """The vision tower's output for one image: the merged tokens, the deepstack layers', the patch grid."""
+
     embeds: torch.Tensor
     deepstack: tuple[torch.Tensor, ...]
     grid: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Prefix:
+    """The language model's keys and values (per layer, `(kv heads, length, head dim)`) for a prompt's tokens up
+    to the end of its image, the rope position of the first token after them (on all three axes), and the
+    number of visual tokens the image takes."""
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    next_position: int
+    visual_tokens: int
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[1]
+
+
+class _Prefilled(NamedTuple):
+    """Prompts run: their cache, attention mask, last logits, and the text and rope positions of the next token."""
+
+    cache: DynamicCache
+    mask: torch.Tensor
+    logits: torch.Tensor
+    text_next: torch.Tensor
+    rope_next: torch.Tensor
 
 
 class Qwen3VLEngine(Engine):
@@ -122,7 +160,9 @@ class Qwen3VLEngine(Engine):
         self.image_token_id = model.config.image_token_id
         self.merge_size = processor.image_processor.merge_size
         self._peft: Any = None
+        self.vision_end_id = model.config.vision_end_token_id
         self._features: OrderedDict[tuple[Any, ...], _Features] = OrderedDict()
+        self._prefixes_cache: OrderedDict[tuple[Any, ...], _Prefix] = OrderedDict()
         self._image_keys: dict[int, tuple[weakref.ref, str]] = {}
 
     @classmethod
@@ -184,6 +224,7 @@ class Qwen3VLEngine(Engine):
 
     def forget_images(self) -> None:
         self._features.clear()
+        self._prefixes_cache.clear()
 
     # ---------------------------------------------------------------- training
     def finetune(self, examples: Sequence[Example], config: FinetuneConfig,
@@ -300,23 +341,31 @@ class Qwen3VLEngine(Engine):
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return text.replace(self.image_token, self.image_token * visual_tokens, 1)
 
+    def _prompt_ids(self, prompts: Sequence[_Prompt], visual_tokens: Sequence[int]) -> list[list[int]]:
+        texts = [self._prompt_text(p.question, n) for p, n in zip(prompts, visual_tokens, strict=True)]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def _visual_tokens(self, features: _Features) -> int:
+        return int(features.grid.prod()) // self.merge_size ** 2
+
     def _answer_ids(self, answer: str) -> list[int]:
         return [*self.tokenizer(answer, add_special_tokens=False)["input_ids"], self.end_of_turn]
 
-    def _inputs(self, prompts: Sequence[_Prompt], answers: Sequence[str] | None = None) -> dict[str, Any]:
-        """Model inputs for the prompts (left-padded), or, with `answers`, for prompt + answer + end of turn
-        (right-padded) with `labels` on the answer tokens only."""
+    def _inputs(self, prompts: Sequence[_Prompt], answers: Sequence[str]) -> dict[str, Any]:
+        """Training inputs: prompt + answer + end of turn (right-padded), `labels` on the answer tokens only."""
         features = self._encode_images(prompts)
-        texts = [self._prompt_text(p.question, int(f.grid.prod()) // self.merge_size ** 2)
-                 for p, f in zip(prompts, features, strict=True)]
-        sequences = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        labels = None
-        if answers is not None:
-            answer_ids = [self._answer_ids(a) for a in answers]
-            labels = [[-100] * len(s) + a for s, a in zip(sequences, answer_ids, strict=True)]
-            sequences = [s + a for s, a in zip(sequences, answer_ids, strict=True)]
-        ids, mask = _pad(sequences, self.pad_id, left=answers is None)
-        inputs: dict[str, Any] = {
+        sequences, labels = [], []
+        prompts_ids = self._prompt_ids(prompts, [self._visual_tokens(f) for f in features])
+        for prompt_ids, answer in zip(prompts_ids, answers, strict=True):
+            answer_ids = self._answer_ids(answer)
+            sequences.append(prompt_ids + answer_ids)
+            labels.append([-100] * len(prompt_ids) + answer_ids)
+        ids, mask = _pad(sequences, self.pad_id, left=False)
+        return {**self._visual_inputs(ids, mask, features), "labels": _pad(labels, -100, left=False)[0].to(self.device)}
+
+    def _visual_inputs(self, ids: torch.Tensor, mask: torch.Tensor, features: Sequence[_Features]) -> dict[str, Any]:
+        """`forward`'s inputs for token rows holding one image each, its features computed beforehand."""
+        return {
             "input_ids": ids.to(self.device),
             "attention_mask": mask.to(self.device),
             "mm_token_type_ids": (ids == self.image_token_id).long().to(self.device),
@@ -326,55 +375,124 @@ class Qwen3VLEngine(Engine):
                 deepstack_features=[tuple(f.deepstack[k] for f in features)
                                     for k in range(len(features[0].deepstack))])},
         }
-        if labels is not None:
-            inputs["labels"] = _pad(labels, -100, left=False)[0].to(self.device)
-        return inputs
 
     # ------------------------------------------------------------- the passes
     @torch.no_grad()
+    def _prefixes(self, prompts: Sequence[_Prompt]) -> tuple[list[_Prefix], list[list[int]]]:
+        """Each prompt's image prefix (run through the language model only when not in the cache) and the token
+        ids of its rest (the question and the assistant prefix)."""
+        missing: dict[tuple[Any, ...], int] = {}
+        for row, prompt in enumerate(prompts):
+            if prompt.key not in self._prefixes_cache:
+                missing.setdefault(prompt.key, row)
+        rows = list(missing.values())
+        features = dict(zip(rows, self._encode_images([prompts[row] for row in rows]), strict=True))
+        visual = [self._prefixes_cache[p.key].visual_tokens if p.key in self._prefixes_cache
+                  else self._visual_tokens(features[missing[p.key]]) for p in prompts]
+        ids = self._prompt_ids(prompts, visual)
+        cut = [row.index(self.vision_end_id) + 1 for row in ids]
+        if missing:
+            prefix_ids, mask = _pad([ids[row][:cut[row]] for row in rows], self.pad_id, left=True)
+            inputs = self._visual_inputs(prefix_ids, mask, [features[row] for row in rows])
+            cache = self.model(**inputs, use_cache=True, logits_to_keep=1).cache
+            _, rope_deltas = self.model.model.get_rope_index(
+                inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+                attention_mask=inputs["attention_mask"])
+            for i, (key, row) in enumerate(missing.items()):
+                length = cut[row]
+                self._prefixes_cache[key] = _Prefix(
+                    tuple(layer.keys[i, :, -length:].clone() for layer in cache.layers),
+                    tuple(layer.values[i, :, -length:].clone() for layer in cache.layers),
+                    next_position=int(rope_deltas[i]) + length, visual_tokens=visual[row])
+        prefixes = []
+        for prompt in prompts:
+            self._prefixes_cache.move_to_end(prompt.key)
+            prefixes.append(self._prefixes_cache[prompt.key])
+        while len(self._prefixes_cache) > IMAGE_CACHE_SIZE:
+            self._prefixes_cache.popitem(last=False)
+        return prefixes, [row[end:] for row, end in zip(ids, cut, strict=True)]
+
+    @torch.no_grad()
+    def _prefill(self, prompts: Sequence[_Prompt]) -> _Prefilled:
+        """The prompts' image prefixes gathered into one cache (left-padded) and their rests run on top
+        (left-padded too, so that every row ends at the last column)."""
+        prefixes, rests = self._prefixes(prompts)
+        width = max(p.length for p in prefixes)
+        layers = []
+        for layer in range(len(prefixes[0].keys)):
+            keys = prefixes[0].keys[layer].new_zeros((len(prefixes), *prefixes[0].keys[layer].shape[:1], width,
+                                                      prefixes[0].keys[layer].shape[-1]))
+            values = torch.zeros_like(keys)
+            for row, prefix in enumerate(prefixes):
+                keys[row, :, width - prefix.length:] = prefix.keys[layer]
+                values[row, :, width - prefix.length:] = prefix.values[layer]
+            layers.append((keys, values))
+        cache = DynamicCache(layers, config=self.model.config.text_config)
+        prefix_mask = torch.zeros((len(prefixes), width), dtype=torch.long)
+        for row, prefix in enumerate(prefixes):
+            prefix_mask[row, width - prefix.length:] = 1
+        rest_ids, rest_mask = _pad(rests, self.pad_id, left=True)
+        mask = torch.cat([prefix_mask, rest_mask], dim=1).to(self.device)
+        # The text after the image: the k-th real token sits at text position `prefix length + k` (what the
+        # attention mask counts) and at rope position `next_position + k` on all three axes.
+        rest_mask = rest_mask.to(self.device)
+        before = (rest_mask.cumsum(-1) - 1).clamp(min=0)
+        lengths = torch.tensor([p.length for p in prefixes], device=self.device)
+        starts = torch.tensor([p.next_position for p in prefixes], device=self.device)
+        logits = self.model(input_ids=rest_ids.to(self.device), attention_mask=mask,
+                            position_ids=_positions(lengths[:, None] + before, starts[:, None] + before),
+                            cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        taken = rest_mask.sum(-1)
+        return _Prefilled(cache, mask, logits, lengths + taken, starts + taken)
+
+    @torch.no_grad()
     def _generate(self, prompts: Sequence[_Prompt], max_new_tokens: int) -> list[Answer]:
-        inputs = self._inputs(prompts)
-        config = GenerationConfig.from_dict({**self.model.generation_config.to_dict(), "do_sample": False,
-                                             "num_beams": 1, "temperature": None, "top_p": None, "top_k": None,
-                                             "pad_token_id": self.pad_id, "max_new_tokens": max_new_tokens,
-                                             "output_logits": True, "return_dict_in_generate": True})
-        eos = config.eos_token_id
-        stops = set(eos if isinstance(eos, list) else [eos] if eos is not None else []) | {self.end_of_turn}
-        config.eos_token_id = sorted(stops)
-        out = self.model.generate(**inputs, generation_config=config)
-        new = out.sequences[:, inputs["input_ids"].shape[1]:]
-        logits = torch.stack(out.logits, dim=1).float()
-        picked = logits.log_softmax(-1).gather(-1, new[..., None].to(logits.device))[..., 0]
-        answers = []
-        for row, tokens in enumerate(new.tolist()):
-            length = next((i + 1 for i, token in enumerate(tokens) if token in stops), len(tokens))
-            text = self.tokenizer.decode(tokens[:length], skip_special_tokens=True).strip()
-            answers.append(Answer(text, math.exp(picked[row, :length].mean().item()) if length else None))
-        return answers
+        """Greedy decoding on the prefilled cache, each row stopping at its first end-of-turn (or EOS) token."""
+        state = self._prefill(prompts)
+        cache, mask, logits, text_next, rope_next = state
+        eos = self.model.generation_config.eos_token_id
+        stops = set(eos if isinstance(eos, list) else [] if eos is None else [eos]) | {self.end_of_turn}
+        generated: list[list[int]] = [[] for _ in prompts]
+        log_probs: list[list[float]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        for step in range(max_new_tokens):
+            scores = logits.float().log_softmax(-1)
+            picked = scores.argmax(-1)
+            chosen = scores.gather(-1, picked[:, None])[:, 0].tolist()
+            for row, token in enumerate(picked.tolist()):
+                if not done[row]:
+                    generated[row].append(token)
+                    log_probs[row].append(chosen[row])
+                    done[row] = token in stops
+            if all(done) or step == max_new_tokens - 1:  # no forward pass for a token nobody reads
+                break
+            mask = torch.cat([mask, mask.new_ones((len(prompts), 1))], dim=1)
+            logits = self.model(input_ids=picked[:, None], attention_mask=mask,
+                                position_ids=_positions(text_next[:, None], rope_next[:, None]), cache=cache,
+                                use_cache=True).logits[:, -1]
+            text_next, rope_next = text_next + 1, rope_next + 1
+        return [Answer(self.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                       math.exp(sum(row) / len(row)) if row else None)
+                for tokens, row in zip(generated, log_probs, strict=True)]
 
     @torch.no_grad()
     def _score(self, prompts: Sequence[_Prompt], candidates: Sequence[Sequence[str]]) -> list[dict[str, float]]:
-        inputs = self._inputs(prompts)
-        out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-        first = out.logits[:, -1].float().log_softmax(-1)
-        mask = inputs["attention_mask"]
-        _, rope_deltas = self.model.model.get_rope_index(
-            inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
-            attention_mask=mask)
+        """Per prompt, the softmax over its candidates of log P(candidate + end of turn | prompt): the prompts
+        run once, their cache rows repeated to one row per candidate, the candidates' tokens run on top."""
         rows = [(request, self._answer_ids(c)) for request, values in enumerate(candidates) for c in values]
         if not rows:
             return [{} for _ in candidates]
+        cache, mask, logits, text_next, rope_next = self._prefill(prompts)
+        first = logits.float().log_softmax(-1)
         index = torch.tensor([request for request, _ in rows], device=self.device)
         tokens, token_mask = _pad([ids for _, ids in rows], self.pad_id, left=False)
         tokens, token_mask = tokens.to(self.device), token_mask.to(self.device)
-        cache = out.cache
         cache.reorder_cache(index)
-        text_positions = mask.sum(-1)[index, None] + torch.arange(tokens.shape[1], device=self.device)
-        rope_positions = text_positions + rope_deltas.to(self.device)[index]
-        position_ids = torch.stack([text_positions, rope_positions, rope_positions, rope_positions])
+        steps = torch.arange(tokens.shape[1], device=self.device)
         rest = self.model(input_ids=tokens, attention_mask=torch.cat([mask[index], token_mask], dim=1),
-                          position_ids=position_ids, cache=cache, use_cache=True).logits
-        # Token j of a candidate is predicted by the prefix's last position (j = 0) or by candidate token j - 1.
+                          position_ids=_positions(text_next[index, None] + steps, rope_next[index, None] + steps),
+                          cache=cache, use_cache=True).logits
+        # Token j of a candidate is predicted by the prompt's last position (j = 0) or by candidate token j - 1.
         log_probs = first[index, tokens[:, 0]]
         if tokens.shape[1] > 1:
             later = rest[:, :-1].float()
@@ -436,6 +554,12 @@ def _record_question(record: Any) -> tuple[Box, str | None, tuple[str, ...]] | N
     if meta.get("attribute"):
         return box, str(meta["attribute"]), tuple(meta.get("candidates") or ())
     return None
+
+
+def _positions(text: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """`position_ids` for text tokens: the text positions (which the attention mask uses), then the three rope
+    axes, which text tokens share."""
+    return torch.stack([text, rope, rope, rope])
 
 
 def _pad(sequences: Sequence[Sequence[int]], value: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:

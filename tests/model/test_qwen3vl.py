@@ -181,18 +181,26 @@ def test_many_requests_over_two_images_answer_as_one_at_a_time(engine):
         assert list(distribution.values()) == pytest.approx(list(alone.values()), abs=1e-5)
 
 
-def test_the_text_mode_encodes_an_image_once_for_all_its_regions(checkpoint):
-    encoded: list[int] = []
-    for region, expected in (("text", 1), ("drawn", len(BOXES))):
-        engine = Qwen3VLEngine.from_pretrained(checkpoint, options={"region": region})
-        hook = engine.model.model.visual.register_forward_hook(
-            lambda module, args, kwargs, out: encoded.append(len(kwargs["grid_thw"])), with_kwargs=True)
-        image = picture(4)
-        engine.caption([CaptionRequest(image, box) for box in BOXES], max_new_tokens=2)
-        engine.choose([ChoiceRequest(image, box, "color", COLORS) for box in BOXES])
+@pytest.mark.parametrize(("region", "expected"), [("text", 1), ("drawn", len(BOXES))])
+def test_the_text_mode_encodes_an_image_and_runs_its_tokens_once_for_all_its_regions(checkpoint, region, expected):
+    engine = Qwen3VLEngine.from_pretrained(checkpoint, options={"region": region})
+    encoded: list[int] = []  # images through the vision tower
+    prefixes: list[int] = []  # rows holding image tokens through the language model
+    hooks = [
+        engine.model.model.visual.register_forward_hook(
+            lambda module, args, kwargs, out: encoded.append(len(kwargs["grid_thw"])), with_kwargs=True),
+        engine.model.model.language_model.register_forward_hook(
+            lambda module, args, kwargs, out: prefixes.append(
+                0 if kwargs.get("visual_pos_masks") is None else kwargs["visual_pos_masks"].any(-1).sum().item()),
+            with_kwargs=True),
+    ]
+    image = picture(4)
+    engine.caption([CaptionRequest(image, box) for box in BOXES], max_new_tokens=2)
+    engine.choose([ChoiceRequest(image, box, "color", COLORS) for box in BOXES])
+    engine.caption([CaptionRequest(picture(4), BOXES[0])], max_new_tokens=2)  # the same pixels, a new object
+    for hook in hooks:
         hook.remove()
-        assert sum(encoded) == expected, region
-        encoded.clear()
+    assert (sum(encoded), sum(prefixes)) == (expected, expected)
 
 
 def test_dataset_records_are_asked_their_own_question(engine, tmp_path):
