@@ -237,8 +237,19 @@ def test_a_finetune_lowers_the_loss_saves_the_adapter_and_reloads_as_trained(che
     question = ChoiceRequest(Image.open(paths[0]).convert("RGB"), (6 / 64, 5 / 48, 32 / 64, 29 / 48), "color",
                              ("blue", "red"))
     [before] = engine.choose([question])
-    result = engine.finetune(examples, FinetuneConfig(learning_rate=5e-3, max_steps=10, lora_rank=4, seed=0))
+    records = [  # dataset records train too, where they ask one question about one region
+        RegionSample(id="e", image=str(paths[1]), width=64, height=48, boxes=[[20.0, 10.0, 60.0, 40.0]],
+                     conversations=[{"from": "human", "value": "What is the size of region1 <bbox>?"},
+                                    {"from": "gpt", "value": "large"}],
+                     meta={"task": "attribute", "attribute": "size"}),
+        RegionSample(id="f", image=str(paths[1]), width=64, height=48, boxes=[[1, 1, 9, 9], [20, 10, 60, 40]],
+                     conversations=[{"from": "human", "value": "Is region1 <bbox> left of region2 <bbox>?"},
+                                    {"from": "gpt", "value": "yes"}], meta={"task": "relation"}),
+    ]
+    result = engine.finetune(examples, FinetuneConfig(learning_rate=5e-3, max_steps=10, lora_rank=4, seed=0),
+                             records=records)
     assert result.steps == 10 and result.last_loss < result.first_loss
+    assert result.settings["examples"] == len(examples) + 1
     trained = {name for name, p in engine.model.named_parameters() if p.requires_grad}
     assert trained and all(".language_model." in name and "lora_" in name for name in trained)
     [after] = engine.choose([question])
