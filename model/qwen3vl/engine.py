@@ -158,9 +158,9 @@ class Qwen3VLEngine(Engine):
         self.pad_id = self.end_of_turn if pad is None else pad
         self.image_token = processor.image_token
         self.image_token_id = model.config.image_token_id
+        self.vision_end_id = model.config.vision_end_token_id
         self.merge_size = processor.image_processor.merge_size
         self._peft: Any = None
-        self.vision_end_id = model.config.vision_end_token_id
         self._features: OrderedDict[tuple[Any, ...], _Features] = OrderedDict()
         self._prefixes_cache: OrderedDict[tuple[Any, ...], _Prefix] = OrderedDict()
         self._image_keys: dict[int, tuple[weakref.ref, str]] = {}
@@ -281,6 +281,7 @@ class Qwen3VLEngine(Engine):
         self.model.to(self.stored_dtype).save_pretrained(path)
         self.model.to(working)
         self.processor.save_pretrained(path)
+        self.forget_images()  # the weights went through the stored dtype and the merge: recompute the prefixes
 
     def _add_lora(self, config: FinetuneConfig) -> None:
         from peft import LoraConfig, get_peft_model
