@@ -158,6 +158,7 @@ ENGINES: dict[str, Registration] = {
         Registration("gpt4roi", "model.gpt4roi.engine.GPT4RoIEngine", "gpt4roi", "demo"),
         Registration("florence-2", "model.florence2.engine.Florence2Engine", "florence2",
                      "florence-community/Florence-2-base-ft"),
+        Registration("qwen3-vl", "model.qwen3vl.engine.Qwen3VLEngine", "qwen3_vl", "Qwen/Qwen3-VL-2B-Instruct"),
     )
 }
 
