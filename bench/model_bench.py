@@ -2,6 +2,8 @@
 against the batched path (image encoded once, prompts batched, the text before the image run once).
 
     python bench/model_bench.py [--preset tiny|demo] [--regions 16] [--repeats 3]
+    python bench/model_bench.py --engine florence-2 [--size base|large] …   (bench/florence2_bench.py)
+    python bench/model_bench.py --engine qwen3-vl [--size 2b|8b] [--region text|drawn] …   (bench/qwen3vl_bench.py)
 
 Both paths produce the same greedy answers (checked); the figures are medians of `--repeats` runs in
 this one process, and the ratio is what to compare across machines.
@@ -10,6 +12,7 @@ this one process, and the ratio is what to compare across machines.
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import time
 
@@ -49,13 +52,21 @@ def timed(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
+ENGINE_BENCHES = {"florence-2": "bench.florence2_bench", "qwen3-vl": "bench.qwen3vl_bench"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    chooser = argparse.ArgumentParser(add_help=False)
+    chooser.add_argument("--engine", default="gpt4roi", choices=["gpt4roi", *ENGINE_BENCHES])
+    chosen, rest = chooser.parse_known_args(argv)
+    if chosen.engine != "gpt4roi":
+        return importlib.import_module(ENGINE_BENCHES[chosen.engine]).main(rest)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[chooser])
     parser.add_argument("--preset", default="tiny", choices=["tiny", "demo"])
     parser.add_argument("--regions", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(rest)
     torch.manual_seed(0)
     tokenizer = train_sentencepiece(corpus_texts(), vocab_size=400)
     config = GPT4RoIConfig.from_preset(args.preset, vocab_size=len(tokenizer))

@@ -42,7 +42,7 @@ import re
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -65,6 +65,7 @@ from model.engine import (
     Example,
     FinetuneConfig,
     FinetuneResult,
+    check_options,
 )
 
 CAPTION_TASK = "<REGION_TO_DESCRIPTION>"
@@ -126,8 +127,14 @@ class Florence2Engine(Engine):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str | None = None,
-                        **kwargs: Any) -> Florence2Engine:
-        """Load a checkpoint folder or hub id; `kwargs` go to the constructor (`num_beams`, …)."""
+                        options: Mapping[str, str] | None = None) -> Florence2Engine:
+        """Load a checkpoint folder or hub id. Options: `num_beams` (1, greedy, by default; the hub's
+        generation config asks for 3) and `no_repeat_ngram_size` (0 by default)."""
+        chosen = check_options(cls.name, options, {"num_beams": (), "no_repeat_ngram_size": ()})
+        try:
+            kwargs: dict[str, Any] = {name: int(value) for name, value in chosen.items()}
+        except ValueError:
+            raise EngineError(f"the {cls.name} engine's options take whole numbers, got {chosen}") from None
         config = AutoConfig.from_pretrained(path)
         if config.model_type != "florence2":
             raise EngineError(f"{path} is a {config.model_type!r} checkpoint, not Florence-2")
