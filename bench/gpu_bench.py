@@ -2,6 +2,8 @@
 
     python bench/gpu_bench.py [--preset gpt4roi-7b] [--device cuda] [--batches 1,8,32,64] [--new-tokens 32]
                               [--jobs 64] [--json results.json]
+    python bench/gpu_bench.py --engine florence-2 [--size base,large] …   (bench/engine_gpu.py)
+    python bench/gpu_bench.py --engine qwen3-vl [--size 2b,8b] …
 
 Builds a model of `--preset`'s shape with random weights directly on the device (bf16 on CUDA; no 7B
 initialisation on the CPU) and prints:
@@ -41,6 +43,7 @@ import torch
 
 from backend.describe import Description, describe, describe_many
 from backend.labelconfig import FillPlan, Region
+from bench import engine_gpu
 from model.demo.synthetic import corpus_texts, generate_dataset, make_image
 from model.gpt4roi.configuration_gpt4roi import GPT4RoIConfig
 from model.gpt4roi.engine import GPT4RoIEngine
@@ -248,12 +251,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=64, help="single-box jobs for the across-job comparison")
     parser.add_argument("--bandwidth-mb", type=int, default=2048, help="size of the bandwidth probe copy")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--engine", default="gpt4roi", choices=["gpt4roi", *engine_gpu.SIZES],
+                        help="the engine to measure (the options above are GPT4RoI's, but --device, --batches, "
+                             "--new-tokens and --json)")
+    parser.add_argument("--size", help="the other engines' sizes, comma-separated (default: all but tiny)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device here; pass --device cpu (with --preset tiny)")
+        raise SystemExit("--device cuda: no CUDA device here; pass --device cpu (with --preset or --size tiny)")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     batches = [int(b) for b in args.batches.split(",")]
+    if args.engine != "gpt4roi":
+        sizes = args.size.split(",") if args.size else [s for s in engine_gpu.SIZES[args.engine] if s != "tiny"]
+        unknown = set(sizes) - set(engine_gpu.SIZES[args.engine])
+        if unknown:
+            parser.error(f"--size {','.join(sorted(unknown))}: {args.engine} has "
+                         f"{', '.join(engine_gpu.SIZES[args.engine])}")
+        measured = []
+        for size in sizes:
+            measured.append(engine_gpu.figures(args.engine, size, device, batches, args.new_tokens,
+                                               lambda: synchronize(device)))
+            engine_gpu.report(measured[-1])
+        if args.json:
+            args.json.write_text(json.dumps(measured, indent=2) + "\n")
+        return 0
 
     started = time.perf_counter()
     annotator = build(args.preset, device, dtype)
