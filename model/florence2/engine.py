@@ -34,13 +34,11 @@ keeps the adapter alone for `save_pretrained`'s `lora/`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
 import re
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -67,6 +65,7 @@ from model.engine import (
     FinetuneResult,
     check_options,
 )
+from model.image_keys import ImageKeys
 
 CAPTION_TASK = "<REGION_TO_DESCRIPTION>"
 CATEGORY_TASK = "<REGION_TO_CATEGORY>"
@@ -120,7 +119,7 @@ class Florence2Engine(Engine):
         self.train_batch_size = train_batch_size
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_size = image_cache_size
-        self._image_keys: dict[int, tuple[weakref.ref, str]] = {}
+        self.image_key = ImageKeys()
         self._adapter: tuple[Any, dict[str, torch.Tensor]] | None = None
         self._prompt_ids = lru_cache(maxsize=4096)(self._encode_prompt)
         self._target_ids = lru_cache(maxsize=8192)(self._encode_target)
@@ -188,21 +187,9 @@ class Florence2Engine(Engine):
         return tuple(self.tokenizer(text)["input_ids"])  # <s> text </s>
 
     # ------------------------------------------------------------------ images
-    def image_key(self, image: Image.Image) -> str:
-        """A content key, remembered while the image object lives (hashing pixels costs as much as a box)."""
-        ident = id(image)
-        remembered = self._image_keys.get(ident)
-        if remembered is not None and remembered[0]() is image:
-            return remembered[1]
-        digest = hashlib.blake2b(image.tobytes(), digest_size=16)
-        digest.update(f"{image.mode}{image.size}".encode())
-        key = digest.hexdigest()
-        self._image_keys[ident] = (weakref.ref(image, lambda _: self._image_keys.pop(ident, None)), key)
-        return key
-
     def forget_images(self) -> None:
         self._cache.clear()
-        self._image_keys.clear()
+        self.image_key.clear()
 
     @torch.no_grad()
     def _features(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:

@@ -52,11 +52,9 @@ stay valid while training; the cached image prefixes do not, and are dropped aft
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import time
-import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -79,6 +77,7 @@ from model.engine import (
     FinetuneResult,
     check_options,
 )
+from model.image_keys import ImageKeys
 
 from .prompts import REGION_MODES, Box, attribute_question, caption_question, draw_region
 
@@ -163,7 +162,7 @@ class Qwen3VLEngine(Engine):
         self._peft: Any = None
         self._features: OrderedDict[tuple[Any, ...], _Features] = OrderedDict()
         self._prefixes_cache: OrderedDict[tuple[Any, ...], _Prefix] = OrderedDict()
-        self._image_keys: dict[int, tuple[weakref.ref, str]] = {}
+        self._image_key = ImageKeys()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str | None = None,
@@ -301,19 +300,6 @@ class Qwen3VLEngine(Engine):
         if self.region == "drawn":
             return _Prompt(draw_region(image, box), (key, tuple(box)), question)
         return _Prompt(image, (key,), question)
-
-    def _image_key(self, image: Image.Image) -> str:
-        """A content key (two decodes of one file share features), remembered while the object lives, since
-        hashing a photo costs about as much as answering a box."""
-        ident = id(image)
-        remembered = self._image_keys.get(ident)
-        if remembered is not None and remembered[0]() is image:
-            return remembered[1]
-        digest = hashlib.blake2b(image.tobytes(), digest_size=16)
-        digest.update(f"{image.mode}{image.size}".encode())
-        key = digest.hexdigest()
-        self._image_keys[ident] = (weakref.ref(image, lambda _: self._image_keys.pop(ident, None)), key)
-        return key
 
     @torch.no_grad()
     def _encode_images(self, prompts: Sequence[_Prompt]) -> list[_Features]:
