@@ -346,7 +346,7 @@ def _run(settings: Settings, options: FinetuneOptions, parent: str, regions: Seq
     result = engine.finetune(records, config, records=base)
     log.info("trained %s %d steps in %.1f s, loss %.3f -> %.3f", lineage["engine"], result.steps, result.seconds,
              result.first_loss, result.last_loss)
-    name = registry.next_version_name(settings)
+    name = registry.next_version_name(settings, engine=lineage["engine"])
     staging = registry.staging_dir(settings, name)
     engine.save_pretrained(staging)
     del engine

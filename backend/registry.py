@@ -15,8 +15,8 @@ checkpoint (it has `config.json`), the folder's name. Reading it is one small qu
 `/setup` from it without touching the model, and workers read it before every job: a move made on any
 machine reaches every worker before its next job.
 
-Fine-tuned versions are named `v<NNNN>-<UTC time>` (for example `v0003-20261126T041500`): the number grows
-by one per published version, so names sort in creation order and never repeat. A version is published by
+Fine-tuned versions are named `v<NNNN>-<UTC time>-<engine>` (for example `v0003-20261126T041500-florence-2`,
+so the version Label Studio shows says which model made it): the number grows by one per published version, so names sort in creation order and never repeat. A version is published by
 renaming its finished staging folder, so a worker never sees half a checkpoint.
 """
 
@@ -43,7 +43,7 @@ HISTORY_FILE = "history.jsonl"
 POINTER = "current"
 METADATA_FILE = "version.json"
 STAGING_PREFIX = ".staging-"
-VERSION_NAME = re.compile(r"^v(\d{4,})-(\d{8}T\d{6})$")
+VERSION_NAME = re.compile(r"^v(\d{4,})-(\d{8}T\d{6})(?:-[a-z0-9][a-z0-9.-]*)?$")
 
 
 class RegistryError(LookupError):
@@ -206,8 +206,8 @@ def history(settings: Settings) -> list[dict[str, Any]]:
     return moves
 
 
-def next_version_name(settings: Settings, now: dt.datetime | None = None) -> str:
-    """A new name `v<NNNN>-<UTC time>`, numbered after every existing (or staged) version."""
+def next_version_name(settings: Settings, now: dt.datetime | None = None, engine: str | None = None) -> str:
+    """A new name `v<NNNN>-<UTC time>[-<engine>]`, numbered after every existing (or staged) version."""
     root = Path(settings.model_dir)
     highest = 0
     if root.is_dir():
@@ -216,7 +216,8 @@ def next_version_name(settings: Settings, now: dt.datetime | None = None) -> str
             if match:
                 highest = max(highest, int(match.group(1)))
     stamp = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).strftime("%Y%m%dT%H%M%S")
-    return f"v{highest + 1:04d}-{stamp}"
+    suffix = re.sub(r"[^a-z0-9.-]+", "-", (engine or "").lower()).strip("-.")
+    return f"v{highest + 1:04d}-{stamp}" + (f"-{suffix}" if suffix else "")
 
 
 def staging_dir(settings: Settings, version: str) -> Path:

@@ -105,6 +105,7 @@ def test_an_engine_serves_from_its_base_model_to_a_fine_tuned_version_and_back(e
         # The stand-in Label Studio holds none of these annotations to confirm them with: trained unconfirmed.
         command({k: v for k, v in env.items() if not k.startswith("LABEL_STUDIO_")}, "backend/finetune.py")
         [tuned] = [name for name in registry.list_versions(settings) if name != base.name]
+        assert tuned.endswith(f"-{engine}")  # the version Label Studio shows names the engine
         meta = registry.read_metadata(settings, tuned)
         assert (meta["engine"], meta["base_model"], meta["parent"]) == (engine, str(base), base.name)
         command(env, "-m", "backend", "promote", tuned)
