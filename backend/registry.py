@@ -16,8 +16,9 @@ checkpoint (it has `config.json`), the folder's name. Reading it is one small qu
 machine reaches every worker before its next job.
 
 Fine-tuned versions are named `v<NNNN>-<UTC time>-<engine>` (for example `v0003-20261126T041500-florence-2`,
-so the version Label Studio shows says which model made it): the number grows by one per published version, so names sort in creation order and never repeat. A version is published by
-renaming its finished staging folder, so a worker never sees half a checkpoint.
+so the version Label Studio shows says which model made it): the number grows by one per published version,
+so names sort in creation order and never repeat. A version is published by renaming its finished staging
+folder, so a worker never sees half a checkpoint.
 """
 
 from __future__ import annotations
