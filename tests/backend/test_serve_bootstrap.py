@@ -177,3 +177,19 @@ def test_serve_exits_within_10_s_of_sigterm_with_a_job_in_flight(base_env, fake_
     proc.popen.wait(timeout=60)
     elapsed = time.monotonic() - started
     assert elapsed < 10, f"{elapsed:.1f} s\n{proc.tail()}"
+
+
+def test_commands_beside_a_serve_use_its_embedded_redis(base_env, tmp_path):
+    proc, _ = _serve(base_env, tmp_path)
+    env = backend_env(base_env, DATA_DIR=str(tmp_path / "data"), LOG_LEVEL="INFO")
+    env.pop("REDIS_URL")
+    try:
+        # A pointer move takes turns with fine-tunes through a lock in Redis: here, the serve's own.
+        done = subprocess.run([sys.executable, "-m", "backend", "rollback", "tiny-1"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "using the embedded Redis of the serve" in done.stderr
+        assert "unreachable" not in done.stdout + done.stderr
+    finally:
+        proc.stop()
+    assert not (tmp_path / "data" / "embedded-redis.url").exists()
