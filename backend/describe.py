@@ -1,7 +1,7 @@
 """Describing regions with a resident engine: what the worker answers and what a fine-tune evaluates.
 
 `describe` asks the engine (`model.engine`), for every region of one image, the caption and each closed-set
-question the labeling config needs (its Choices controls, the RectangleLabels label), in one `caption` and
+question the labeling config needs (its Choices controls, the region's label), in one `caption` and
 one `choose` call; `describe_many` does the same for the regions of several images (a worker's batch of
 jobs). `load_engine` loads a checkpoint with its own engine; `resolve_device` and `release_memory` are the
 device handling both callers share.
@@ -55,13 +55,13 @@ def describe_many(engine: Engine, items: Sequence[Description], max_new_tokens: 
         plan = item.plan
         for region, answer in zip(item.regions, item_answers, strict=True):
             box = region.box()
-            if plan.captions:
+            if plan.captions_for(region):
                 captions.append((CaptionRequest(item.image, box), answer))
-            for control in plan.choices:
+            for control in plan.choices_for(region):
                 choices.append((ChoiceRequest(item.image, box, control.name, tuple(control.candidates)), answer,
                                 control.name))
             if wants_label(plan, region, item.keep_drawn_label):
-                choices.append((ChoiceRequest(item.image, box, LABEL, tuple(plan.labels)), answer, None))
+                choices.append((ChoiceRequest(item.image, box, LABEL, plan.labels_for(region)), answer, None))
     if captions:
         generated = engine.caption([request for request, _ in captions], max_new_tokens=max_new_tokens)
         for (_, answer), result in zip(captions, generated, strict=True):

@@ -225,6 +225,10 @@ class Settings:
         True, "INTERACTIVE_KEEP_DRAWN_LABEL",
         "Keep the label an annotator gave a drawn box; when false, or when the box has no label, the "
         "model's label is proposed.")
+    keypoint_box_size: float = _setting(
+        10.0, "KEYPOINT_BOX_SIZE",
+        "Side of the box the model sees around a keypoint, in percent of the image's shorter side (a keypoint "
+        "has no extent of its own).")
 
     # What the store keeps
     event_retention_days: float = _setting(
@@ -324,7 +328,7 @@ class Settings:
         if self.batch_wait_ms < 0:
             raise SettingsError(f"BATCH_WAIT_MS must not be negative, got {self.batch_wait_ms}")
         for name in ("interactive_timeout", "batch_deadline", "redis_socket_timeout", "image_fetch_timeout",
-                     "label_studio_timeout"):
+                     "label_studio_timeout", "keypoint_box_size"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env_of(name)} must be positive, got {getattr(self, name)}")
         if self.job_retries < 0 or self.finetune_every_n < 0:

@@ -79,8 +79,12 @@ class TestFillPlan:
     @pytest.mark.parametrize("xml, reason", [
         ('<View><Text name="t" value="$text"/><Choices name="c" toName="t"><Choice value="a"/></Choices></View>',
          "no <Image>"),
-        ('<View><Image name="img" value="$image"/><Choices name="c" toName="img"><Choice value="a"/></Choices>'
-         '</View>', "no <Rectangle>"),
+        ('<View><Image name="img" value="$image"/><Text name="t" value="$t"/>'
+         '<Choices name="c" toName="t"><Choice value="a"/></Choices></View>', "no region tool"),
+        ('<View><Image name="img" valueList="$pages"/><RectangleLabels name="r" toName="img">'
+         '<Label value="a"/></RectangleLabels></View>', "list of pages"),
+        ('<View><Image name="img" value="$image"/><PolygonLabels name="p" toName="img" value="$objects"/></View>',
+         "come from the task data"),
         ("<View><Image name='img' value='$image'>", "cannot be parsed"),
         ("", "empty"),
     ])
