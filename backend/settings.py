@@ -179,10 +179,10 @@ class Settings:
         10_000, "MAX_TASKS_PER_REQUEST",
         "Most tasks one /predict may carry (Retrieve Predictions sends the whole selection).")
     max_regions_per_task: int = _setting(
-        256, "MAX_REGIONS_PER_TASK", "Most rectangles described in one task or one drawn-box request.")
+        256, "MAX_REGIONS_PER_TASK", "Most regions described in one task or one drawn-region request.")
     max_choices_per_control: int = _setting(
         256, "MAX_CHOICES_PER_CONTROL",
-        "Most values one Choices or RectangleLabels control of a labeling config may have.")
+        "Most values one Choices or labels control of a labeling config may have.")
     max_name_length: int = _setting(
         256, "MAX_NAME_LENGTH", "Longest control name or candidate value in a labeling config, in characters.")
     max_label_config_bytes: int = _setting(

@@ -211,7 +211,7 @@ BAD_REQUESTS = [
     ({"tasks": [{"id": 1, "data": {}}], "label_config": "<View><Text name='t' value='$t'/></View>"}, 422,
      "no <Image>"),
     ({"tasks": [{"id": 1, "data": {}}], "label_config": "<View><Image name='i' value='$i'/></View>"}, 422,
-     "no <Rectangle>"),
+     "no region tool"),
     ({"tasks": [{"id": 1, "data": {}}], "label_config": "<View"}, 422, "cannot be parsed"),
     ({"tasks": [{"id": 1, "data": {}}], "label_config": CAPTURED_CONFIG, "params": "x"}, 400, "'params'"),
     ({"tasks": [{"id": 1, "data": {}}], "label_config": CAPTURED_CONFIG, "params": {"context": [1]}}, 400,
