@@ -305,6 +305,9 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read every field from `environ` (default `os.environ`); `overrides` win over both."""
         environ = os.environ if environ is None else environ
+        if environ.get("ANNOTATOR_CLASS"):
+            raise SettingsError("ANNOTATOR_CLASS was replaced by ENGINE: set ENGINE to the dotted path of a "
+                                "model.engine.Engine subclass (or to gpt4roi, florence-2, qwen3-vl)")
         hints = get_type_hints(cls)
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
