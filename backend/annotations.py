@@ -1,10 +1,11 @@
-"""Annotators' corrections as data: a Label Studio annotation turned into one sample per rectangle.
+"""Annotators' corrections as data: a Label Studio annotation turned into one sample per region.
 
 Pure functions on plain data (no database, no network): `backend.corrections` stores what
 `samples_from_annotation` returns and reads it back as `CorrectedRegion`s.
 
-A sample is one rectangle of a submitted annotation: the image reference (the task's data URL), the
-rectangle (Label Studio's percent geometry, its normalized xyxy box and the original image size), the final
+A sample is one region of a submitted annotation (a rectangle, polygon, ellipse, keypoint, brush mask, or
+the whole image): the image reference (the task's data URL), the region (Label Studio's percent geometry,
+its normalized xyxy enclosing box and the original image size), the final
 caption, choices and label, and what the model had proposed for that region when Label Studio filled the
 annotation from a prediction (`annotation.prediction`). Cancelled (skipped) annotations and empty results
 give no sample.
@@ -19,7 +20,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from backend.labelconfig import ConfigError, FillPlan, Region, TaskError, regions_from_context
+from backend.labelconfig import (
+    ANY_TOOLS,
+    WHOLE_IMAGE_ID,
+    ConfigError,
+    FillPlan,
+    Region,
+    TaskError,
+    regions_from_context,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +104,16 @@ class AnnotationSamples:
 def parse_annotation_regions(result: Sequence[Any], plan: FillPlan | None) -> dict[str, dict[str, Any]]:
     """Group a Label Studio result (annotation or prediction) by region id.
 
-    Returns region id → `{"region": Region | None, "caption", "choices", "label"}`. Rectangles are read
-    with `backend.labelconfig`; per-region TextArea and Choices items are matched to them by id. With a
-    fill plan only its controls count; without one every textarea and choices item does.
+    Returns region id → `{"region": Region | None, "caption", "choices", "label"}`. Regions of every shape
+    are read with `backend.labelconfig` (a shape's region is its enclosing box); per-region TextArea and
+    Choices items are matched to them by id, and those of the plan's whole-image controls make the
+    whole-image region. With a fill plan only its controls count; without one every textarea and choices
+    item does.
     """
     if not isinstance(result, Sequence) or isinstance(result, (str, bytes)):
         raise AnnotationError("an annotation's 'result' must be a list of result items")
     try:
-        rectangles = regions_from_context(plan, {"result": list(result)}) if plan else _any_rectangles(result)
+        rectangles = regions_from_context(plan, {"result": list(result)}) if plan else _any_regions(result)
     except TaskError as exc:
         raise AnnotationError(str(exc)) from None
     fields: dict[str, dict[str, Any]] = {}
@@ -110,15 +121,22 @@ def parse_annotation_regions(result: Sequence[Any], plan: FillPlan | None) -> di
         label = region.labels[0] if region.labels else None
         fields[region.id] = {"region": dataclasses.replace(region, drawn=None), "caption": None, "choices": {},
                              "label": label}
-    captions = set(plan.captions) if plan else None
-    choice_controls = {c.name for c in plan.choices} if plan else None
+    captions = set(plan.captions) | set(plan.image_captions) if plan else None
+    choice_controls = {c.name for c in plan.choices + plan.image_choices} if plan else None
+    whole_image = set(plan.image_captions) | {c.name for c in plan.image_choices} if plan else set()
     for item in result:
         if not isinstance(item, Mapping) or item.get("id") is None:
             continue
-        entry = fields.setdefault(str(item["id"]), {"region": None, "caption": None, "choices": {}, "label": None})
+        name = str(item.get("from_name", ""))
+        if name in whole_image and str(item["id"]) not in fields:
+            # Label Studio gives each classification of the image an id of its own: they are one region.
+            entry = fields.setdefault(WHOLE_IMAGE_ID, {"region": Region.whole_image(), "caption": None,
+                                                       "choices": {}, "label": None})
+        else:
+            entry = fields.setdefault(str(item["id"]), {"region": None, "caption": None, "choices": {},
+                                                        "label": None})
         value = item.get("value") if isinstance(item.get("value"), Mapping) else {}
         kind = str(item.get("type", "")).lower()
-        name = str(item.get("from_name", ""))
         if kind == "textarea" and (captions is None or name in captions):
             texts = [str(t).strip() for t in value.get("text") or [] if str(t).strip()]
             if texts and entry["caption"] is None:
@@ -168,14 +186,13 @@ def _shown_prediction(annotation: Mapping[str, Any], plan: FillPlan | None) -> d
             "shown_version": text_or_none(shown.get("model_version"))}
 
 
-def _any_rectangles(result: Sequence[Any]) -> list[Region]:
-    # Without a labeling config, any rectangle of any image is a region.
+def _any_regions(result: Sequence[Any]) -> list[Region]:
+    # Without a labeling config, any region of any shape on any image is a region.
     names = {str(item.get("to_name")) for item in result if isinstance(item, Mapping)
-             and str(item.get("type", "")).lower() in ("rectangle", "rectanglelabels")}
+             and any(plan_tool.type == str(item.get("type", "")).lower() for plan_tool in ANY_TOOLS)}
     regions: list[Region] = []
     for name in sorted(names):
-        plan = FillPlan(image=name, image_key=None, image_constant=None, rectangle="", rectangle_type="rectangle",
-                        labels=(), captions=(), choices=())
+        plan = FillPlan(image=name, image_key=None, image_constant=None, tools=ANY_TOOLS)
         regions += regions_from_context(plan, {"result": [i for i in result if isinstance(i, Mapping)
                                                           and str(i.get("to_name")) == name]})
     return regions

@@ -6,7 +6,7 @@
 | `POST /setup` | `{"model_version": "<current>"}` from the registry pointer |
 | `POST /predict` | `{"results": [...]}`, one item per task (see `backend.labelstudio_backend`) |
 | `POST /webhook` | `{"status": "ok", "action", "samples", …}` once stored; no Basic auth, optional secret header |
-| `GET /versions` | `{"versions": [...], "current_version": "…"}` |
+| `GET /versions` | `{"versions": [...], "current_version": "…", "engines": {version: engine}}` |
 | `GET /metrics` | Prometheus text |
 | `POST /train` | legacy training trigger, recorded like a START_TRAINING webhook |
 

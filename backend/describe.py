@@ -1,10 +1,10 @@
-"""Describing regions with a resident model: what the worker answers and what a fine-tune evaluates.
+"""Describing regions with a resident engine: what the worker answers and what a fine-tune evaluates.
 
-`describe` asks the model, for every region of one image, the caption and each closed-set question the
-labeling config needs (its Choices controls, the RectangleLabels label), in one `answer` and one `score`
-call; `describe_many` does the same for the regions of several images (a worker's batch of jobs).
-`load_annotator` loads a checkpoint onto a device; `resolve_device` and `release_memory` are the device
-handling both callers share.
+`describe` asks the engine (`model.engine`), for every region of one image, the caption and each closed-set
+question the labeling config needs (its Choices controls, the region's label), in one `caption` and
+one `choose` call; `describe_many` does the same for the regions of several images (a worker's batch of
+jobs). `load_engine` loads a checkpoint with its own engine; `resolve_device` and `release_memory` are the
+device handling both callers share.
 
 Only workers and fine-tunes import this module (the API never does: it holds no model); torch is imported
 inside the functions all the same, so that importing it is cheap.
@@ -13,16 +13,15 @@ inside the functions all the same, so that importing it is cheap.
 from __future__ import annotations
 
 import gc
-import importlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from backend.calibration import Calibration, confidences
 from backend.labelconfig import FillPlan, Region, wants_label
-
-DEFAULT_ANNOTATOR = "model.inference.RegionAnnotator"
+from model.engine import LABEL, CaptionRequest, ChoiceRequest, Engine, engine_of_checkpoint
+from model.engine import load_engine as load_checkpoint
 
 
 @dataclass(frozen=True)
@@ -35,52 +34,41 @@ class Description:
     keep_drawn_label: bool
 
 
-def describe(annotator: Any, image: Any, plan: FillPlan, regions: Sequence[Region], keep_drawn_label: bool,
+def describe(engine: Engine, image: Any, plan: FillPlan, regions: Sequence[Region], keep_drawn_label: bool,
              max_new_tokens: int, calibration: Calibration | None = None) -> list[dict[str, Any]]:
     """Per region `{"id", "caption", "caption_confidence", "choices": {control: distribution},
     "label": distribution | None, "confidence"}`: `confidence` holds each field's confidence
     (`backend.calibration.confidences`), calibrated by `calibration` (raw without one)."""
-    return describe_many(annotator, [Description(image, plan, regions, keep_drawn_label)], max_new_tokens,
+    return describe_many(engine, [Description(image, plan, regions, keep_drawn_label)], max_new_tokens,
                          calibration)[0]
 
 
-def describe_many(annotator: Any, items: Sequence[Description], max_new_tokens: int,
+def describe_many(engine: Engine, items: Sequence[Description], max_new_tokens: int,
                   calibration: Calibration | None = None) -> list[list[dict[str, Any]]]:
     """`describe` for several images (several jobs) at once: every caption of every item goes into one
-    `answer` call and every closed-set question into one `score` call. Returns one answer list per item."""
-    from model import prompts
-    from model.inference import RegionQuery
-
+    `caption` call and every closed-set question into one `choose` call. Returns one answer list per item."""
     answers = [[{"id": r.id, "caption": None, "caption_confidence": None, "choices": {}, "label": None}
                 for r in item.regions] for item in items]
-    captions: list[tuple[Any, dict[str, Any]]] = []
-    scored: list[tuple[Any, tuple[str, ...], dict[str, Any], str | None]] = []
+    captions: list[tuple[CaptionRequest, dict[str, Any]]] = []
+    choices: list[tuple[ChoiceRequest, dict[str, Any], str | None]] = []
     for item, item_answers in zip(items, answers, strict=True):
         plan = item.plan
         for region, answer in zip(item.regions, item_answers, strict=True):
-            boxes = (region.box(),)
-            if plan.captions:
-                captions.append((RegionQuery(image=item.image, boxes=boxes, question=prompts.caption_question()),
-                                 answer))
-            for control in plan.choices:
-                query = RegionQuery(image=item.image, boxes=boxes, question=prompts.attribute_question(control.name))
-                scored.append((query, control.candidates, answer, control.name))
+            box = region.box()
+            if plan.captions_for(region):
+                captions.append((CaptionRequest(item.image, box), answer))
+            for control in plan.choices_for(region):
+                choices.append((ChoiceRequest(item.image, box, control.name, tuple(control.candidates)), answer,
+                                control.name))
             if wants_label(plan, region, item.keep_drawn_label):
-                query = RegionQuery(image=item.image, boxes=boxes, question=prompts.attribute_question("category"))
-                scored.append((query, plan.labels, answer, None))
+                choices.append((ChoiceRequest(item.image, box, LABEL, plan.labels_for(region)), answer, None))
     if captions:
-        queries = [query for query, _ in captions]
-        if hasattr(annotator, "answer_with_confidence"):
-            generated = annotator.answer_with_confidence(queries, max_new_tokens=max_new_tokens)
-            texts, sureness = [g.text for g in generated], [g.confidence for g in generated]
-        else:  # an ANNOTATOR_CLASS of its own that gives text alone: the caption goes unscored
-            texts = annotator.answer(queries, max_new_tokens=max_new_tokens)
-            sureness = [None] * len(texts)
-        for (_, answer), text, confidence in zip(captions, texts, sureness, strict=True):
-            answer["caption"], answer["caption_confidence"] = text, confidence
-    if scored:
-        distributions = annotator.score([s[0] for s in scored], [s[1] for s in scored])
-        for (_, _, answer, control), distribution in zip(scored, distributions, strict=True):
+        generated = engine.caption([request for request, _ in captions], max_new_tokens=max_new_tokens)
+        for (_, answer), result in zip(captions, generated, strict=True):
+            answer["caption"], answer["caption_confidence"] = result.text, result.confidence
+    if choices:
+        distributions = engine.choose([request for request, _, _ in choices])
+        for (_, answer, control), distribution in zip(choices, distributions, strict=True):
             clean = {str(k): float(v) for k, v in distribution.items()}
             if control is None:
                 answer["label"] = clean
@@ -103,14 +91,16 @@ def resolve_device(name: str) -> Any:
     return torch.device(name)
 
 
-def load_annotator(path: Path, device: Any, dtype: str = "auto", annotator_class: str = DEFAULT_ANNOTATOR) -> Any:
-    """The annotator class (a dotted path with `from_pretrained(path, device=…, dtype=…)`) loaded from a
-    checkpoint folder; `dtype` `auto` lets the class choose (bf16 on CUDA, fp32 on the CPU)."""
-    import torch
-
-    module_name, _, class_name = annotator_class.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls.from_pretrained(path, device=str(device), dtype=None if dtype == "auto" else getattr(torch, dtype))
+def load_engine(path: Path, device: Any, dtype: str = "auto", engine: str | None = None,
+                options: Mapping[str, str] | None = None) -> Engine:
+    """A checkpoint folder loaded by the engine that made it (its config.json says which), or by `engine`, a
+    registered name or the dotted path of an Engine of one's own. `options` (ENGINE_OPTIONS) are named
+    `<engine>.<option>`: the engine gets its own, so versions of several engines can share one setting.
+    `dtype` `auto` lets the engine choose (bf16 on CUDA, fp32 on the CPU)."""
+    name = engine or engine_of_checkpoint(path)
+    own = {key.split(".", 1)[1]: value for key, value in (options or {}).items() if key.split(".", 1)[0] == name}
+    return load_checkpoint(path, device=str(device), dtype=None if dtype == "auto" else dtype, engine=engine,
+                           options=own)
 
 
 def release_memory() -> None:

@@ -15,9 +15,10 @@ released when it ends, however it ends), so two fine-tunes never run at once:
    regions plus a replay sample of earlier ones (FINETUNE_REPLAY_RATIO per new region) and, when
    FINETUNE_BASE_DATA names the first model's training set, records drawn from it (FINETUNE_BASE_RATIO per
    new record), against forgetting. Images are fetched once into DATA_DIR's content-addressed cache.
-2. **Training.** LoRA adapters on the language model plus the full region module and projector
-   (`model.training`, `trainable="lora"`), starting from the current version; FINETUNE_STEPS steps but at
-   least one pass over the data (a large backlog is never cut short), or FINETUNE_EPOCHS passes.
+2. **Training.** The current version's engine (`model.engine`) fine-tunes itself with LoRA, on the parts it
+   chooses (GPT4RoI: the language model plus the full region module and projector; Florence-2: the language
+   model's attention); FINETUNE_STEPS steps but at least one pass over the data (a large backlog is never cut
+   short), or FINETUNE_EPOCHS passes.
 3. **Evaluation.** The candidate (reloaded from what was written) and the current version answer the
    held-out regions exactly as the worker would (same questions, same choice selection); each proposed
    field is compared with the annotator's final value (`backend.acceptance`). With FINETUNE_BASE_EVAL,
@@ -30,11 +31,11 @@ released when it ends, however it ends), so two fine-tunes never run at once:
    is kept, `awaiting review`, for `python -m backend promote VERSION`. The held-out part of the run's own
    corrections is measured and reported beside (`fresh_candidate`, `fresh_parent`).
 5. **Versions.** The candidate is written as an immutable folder `MODEL_DIR/v<NNNN>-<UTC time>/`: the merged
-   `save_pretrained` checkpoint, the LoRA adapter and region module alone (`lora/`), and `version.json`
-   (parent, data counts, metrics of both, decision, time, training config and loss). A rejected candidate is
-   deleted unless FINETUNE_KEEP_REJECTED. Workers load the new current version before their next job;
-   `/setup` answers it at once. `python -m backend versions` lists versions and the last run,
-   `python -m backend rollback VERSION` moves the pointer back.
+   `save_pretrained` checkpoint, the LoRA adapter alone (`lora/`), and `version.json` (its engine and base
+   model, inherited from the parent; parent, data counts, metrics of both, decision, time, training config
+   and loss). A rejected candidate is deleted unless FINETUNE_KEEP_REJECTED. Workers load the new current
+   version before their next job; `/setup` answers it at once. `python -m backend versions` lists versions
+   and the last run, `python -m backend rollback VERSION` moves the pointer back.
 
 Every run is recorded in the corrections store (`finetune_runs`): promoted, rejected, awaiting review,
 failed (with the reason: bad data, unreachable images, an exception in training) or interrupted (killed:
@@ -46,7 +47,7 @@ way a training script does; the pieces it calls live in `training_data`, `confir
 `acceptance`, `registry` and `runs`.
 
 Hardware. Weights are trained in fp32 and, on CUDA, the training loop runs under bf16 autocast (standard
-mixed precision); a model of more than a billion parameters (GPT4RoI-7B) also gets gradient checkpointing.
+mixed precision); GPT4RoI-7B (over a billion parameters) also gets gradient checkpointing.
 For the 7B that is 27 GB of fp32 weights plus small LoRA/region-module gradients and optimizer state and
 checkpointed bf16 activations, which should fit one 80 GB GPU; the merged version is stored in the dtype
 of its parent's checkpoint (fp16 for a converted 7B). What was actually run: the CPU path, with the demo and
@@ -54,7 +55,7 @@ tiny models (tests and `bench/hitl_bench.py`); the CUDA path, and so the 7B memo
 run by this project yet. Several GPUs: one fine-tune uses
 one device (FINETUNE_DEVICE, e.g. `cuda:1` beside a worker on `cuda:0`). The training loop does not wrap the
 model for data parallelism, so `torchrun`/`accelerate launch` would start independent, competing runs (the
-lock lets only one proceed); spreading one fine-tune over several GPUs needs the loop in `model/training.py`
+lock lets only one proceed); spreading one fine-tune over several GPUs needs each engine's training loop
 to be prepared with `accelerate.Accelerator` first, which has not been done.
 """
 
@@ -87,7 +88,7 @@ from backend.calibration import Observation, calibration_report, fit, observe
 from backend.confirmation import Confirmation, confirm, usable
 from backend.connect import follow_version
 from backend.corrections import CorrectionsStore
-from backend.describe import describe, load_annotator, release_memory, resolve_device
+from backend.describe import describe, load_engine, release_memory, resolve_device
 from backend.jobs import (
     FINETUNE_FUNCTION,
     PointerBusy,
@@ -100,13 +101,11 @@ from backend.jobs import (
 from backend.labelconfig import predicted_fields
 from backend.runs import FinetuneRuns, RunStatus
 from backend.settings import Settings, load_for_command
-from backend.training_data import LocalImage, local_images, split_held_out, training_records
+from backend.training_data import LocalImage, local_images, split_held_out, training_examples
 
 log = logging.getLogger("backend.finetune")
 
 LOCK_KEY = "finetune:lock"
-# Models above this many parameters are trained with gradient checkpointing on CUDA.
-LARGE_MODEL_PARAMETERS = 1_000_000_000
 
 
 class FinetuneError(RuntimeError):
@@ -317,11 +316,11 @@ def _run(settings: Settings, options: FinetuneOptions, parent: str, regions: Seq
     images, failed = local_images(settings, [(r.image, r.task_id) for r in [*new_train, *replay, *frozen, *fresh]])
     for reason in list(failed.values())[:5]:
         log.warning("image left out of the fine-tune: %s", reason)
-    new_records = training_records(new_train, images)
+    new_records = training_examples(new_train, images)
     if not new_records:
         reasons = "; ".join(list(failed.values())[:3]) or "the new corrections have no caption, choice or label"
         raise FinetuneError(f"no usable training record among {len(new_train)} new corrected regions: {reasons}")
-    records = new_records + training_records(replay, images)
+    records = new_records + training_examples(replay, images)
     base = _base_records(settings, round(settings.finetune_base_ratio * len(new_records)), rng)
     frozen = [r for r in frozen if r.image in images]
     fresh = [r for r in fresh if r.image in images]
@@ -331,32 +330,26 @@ def _run(settings: Settings, options: FinetuneOptions, parent: str, regions: Seq
             "unconfirmed_regions": dict(left_out), "watermark": max((r.seq for r in regions), default=watermark)}
     log.info("fine-tune data: %s", data)
 
-    from model.training import LORA_TARGETS, TrainingConfig, merge_lora, save_adapter, save_checkpoint, train
+    from model.engine import FinetuneConfig
 
     try:
         device = resolve_device(options.device or settings.finetune_device)
     except RuntimeError as exc:
         raise FinetuneError(f"FINETUNE_DEVICE: {exc}") from None
-    model, processor, stored_dtype = _load(parent_path, device)
-    large = sum(p.numel() for p in model.parameters()) > LARGE_MODEL_PARAMETERS
-    config = TrainingConfig(
-        trainable="lora", learning_rate=settings.finetune_learning_rate, epochs=settings.finetune_epochs,
-        max_steps=options.steps or settings.finetune_steps or None, min_epochs=1.0,
-        lora_rank=settings.finetune_lora_rank,
-        lora_alpha=2 * settings.finetune_lora_rank, seed=options.seed,
-        region_lr_scale=settings.finetune_region_lr_scale,
-        # The output layer too: a concept new to the model brings words it was never trained to say.
-        lora_targets=(*LORA_TARGETS, "lm_head"),
-        gradient_checkpointing=large and device.type == "cuda", progress=False)
-    result = train(model, processor, [*records, *base], config)
-    log.info("trained %d steps in %.1f s, loss %.3f -> %.3f", result.steps, result.seconds, result.first_loss,
-             result.last_loss)
-    name = registry.next_version_name(settings)
+    # fp32 weights (mixed precision on CUDA); the engine stores the result in its parent's dtype.
+    engine = load_engine(parent_path, device, "float32", options=settings.engine_option_values)
+    lineage = _lineage(settings, parent, engine)
+    config = FinetuneConfig(
+        learning_rate=settings.finetune_learning_rate, epochs=settings.finetune_epochs,
+        max_steps=options.steps or settings.finetune_steps or None, lora_rank=settings.finetune_lora_rank,
+        seed=options.seed, region_lr_scale=settings.finetune_region_lr_scale)
+    result = engine.finetune(records, config, records=base)
+    log.info("trained %s %d steps in %.1f s, loss %.3f -> %.3f", lineage["engine"], result.steps, result.seconds,
+             result.first_loss, result.last_loss)
+    name = registry.next_version_name(settings, engine=lineage["engine"])
     staging = registry.staging_dir(settings, name)
-    save_adapter(model, staging / "lora")
-    merge_lora(model)
-    save_checkpoint(model.to(stored_dtype), processor, staging)
-    del model
+    engine.save_pretrained(staging)
+    del engine
     release_memory()
 
     metrics: dict[str, Any] = {}
@@ -377,6 +370,7 @@ def _run(settings: Settings, options: FinetuneOptions, parent: str, regions: Seq
         raise FinetuneError("the fine-tune lock expired during the run (FINETUNE_LOCK_TTL too short, or Redis "
                             "was unreachable); the candidate is discarded so that two runs never publish")
     metadata = {
+        **lineage,
         "parent": parent,
         "promoted": verdict is Verdict.PROMOTED,
         "verdict": verdict.value,
@@ -385,7 +379,7 @@ def _run(settings: Settings, options: FinetuneOptions, parent: str, regions: Seq
         "data": data,
         "metrics": metrics,
         "calibration": calibration_report(calibration, observed, cross_fit=True),
-        "training": {**dataclasses.asdict(config), "steps": result.steps, "seconds": round(result.seconds, 2),
+        "training": {**result.settings, "steps": result.steps, "seconds": round(result.seconds, 2),
                      "first_loss": result.first_loss, "last_loss": result.last_loss, "device": str(device)},
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
@@ -450,21 +444,11 @@ def decide(settings: Settings, metrics: Mapping[str, Any]) -> tuple[Verdict, str
 
 
 # ---------------------------------------------------------------------- model side
-def _load(path: Path, device: Any) -> tuple[Any, Any, Any]:
-    """The model in fp32 on `device` (standard mixed precision: fp32 weights, bf16 autocast on CUDA), its
-    processor, and the dtype its checkpoint is stored in (the new version is stored the same way)."""
-    import json
-
-    import torch
-
-    from model.modeling_gpt4roi import GPT4RoIForCausalLM
-    from model.processing_gpt4roi import GPT4RoIProcessor
-
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    stored = config.get("dtype") or config.get("torch_dtype") or "float32"
-    stored_dtype = getattr(torch, str(stored), torch.float32)
-    model = GPT4RoIForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return model.to(device), GPT4RoIProcessor.from_pretrained(path), stored_dtype
+def _lineage(settings: Settings, parent: str, engine: Any) -> dict[str, str]:
+    """The engine and base model a new version inherits from its parent (a parent registered without them,
+    by hand or by an earlier release, is its own base)."""
+    known = registry.read_metadata(settings, parent)
+    return {"engine": str(known.get("engine") or engine.name), "base_model": str(known.get("base_model") or parent)}
 
 
 @dataclass
@@ -481,7 +465,7 @@ def _evaluate(settings: Settings, checkpoint: Path, regions: Sequence[CorrectedR
     """Ask a checkpoint about held-out regions as the worker would and compare with the final values."""
     from PIL import Image
 
-    annotator = load_annotator(checkpoint, device)
+    engine = load_engine(checkpoint, device, options=settings.engine_option_values)
     evaluation = _Evaluation()
     groups: dict[tuple[str, Any], list[CorrectedRegion]] = {}
     for region in regions:
@@ -491,12 +475,12 @@ def _evaluate(settings: Settings, checkpoint: Path, regions: Sequence[CorrectedR
             continue
         with Image.open(images[reference][0]) as opened:
             image = opened.convert("RGB")
-        answers = describe(annotator, image, plan, [r.region for r in group], False, settings.max_new_tokens)
+        answers = describe(engine, image, plan, [r.region for r in group], False, settings.max_new_tokens)
         for region, answer in zip(group, answers, strict=True):
             kept = evaluation.stats.add(predicted_fields(plan, region.region, answer, keep_drawn_label=False),
                                         region.final)
             evaluation.regions.append((observe(kept, answer["confidence"]), bool(kept) and all(kept.values())))
-    del annotator
+    del engine
     release_memory()
     return evaluation
 
@@ -511,7 +495,8 @@ def _base_eval(settings: Settings, candidate: Path, parent: Path, device: Any) -
     samples = random.Random(0).sample(samples, min(len(samples), settings.finetune_eval_max))
     scores = {}
     for key, path in (("base_candidate", candidate), ("base_parent", parent)):
-        answers = predict(load_annotator(path, device), samples, progress=False)
+        answers = predict(load_engine(path, device, options=settings.engine_option_values), samples,
+                          progress=False)
         truth = [s.conversations[1]["value"] for s in samples]
         scores[key] = sum(same_answer(a, t) for a, t in zip(answers, truth, strict=True)) / len(samples)
         release_memory()

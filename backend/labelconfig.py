@@ -1,10 +1,12 @@
 """What the backend fills in a Label Studio project, and the results it sends back.
 
-From the labeling config (`FillPlan.from_label_config`): the Image, its rectangle tool (Rectangle or
-RectangleLabels), the per-region TextAreas (generated captions) and the per-region Choices (closed-set
-scoring of their values). From a request: the regions to describe (`regions_from_context`,
-`regions_from_task`). From the worker's answers: Label Studio results in the per-region format (one id
-shared by the rectangle and its caption and choices, percent coordinates), checked with
+From the labeling config (`FillPlan.from_label_config`): the Image, its region tools (rectangles, polygons,
+ellipses, keypoints, brush masks; `backend.regions`) with the labels scored for them (their own, or those of
+a separate Labels control), the per-region TextAreas (generated captions) and Choices (closed-set scoring of
+their values), and the TextAreas and Choices about the whole image (its region is the whole image). From a
+request: the regions to describe (`regions_from_context`, `regions_from_task`). From the worker's answers:
+Label Studio results in the per-region format (one id shared by the region as drawn and its label, caption
+and choices, percent coordinates; whole-image results carry no geometry), checked with
 `LabelInterface.validate_prediction` before they leave (`build_prediction`).
 
 Pure Python on purpose: the API process uses it and must not import torch. It is one module because the
@@ -24,9 +26,20 @@ from typing import Any
 from label_studio_sdk.label_interface import LabelInterface
 
 from backend.calibration import task_score
+from backend.regions import (
+    DEFAULT_KEYPOINT_BOX,
+    SHAPE_OF_TAG,
+    SHAPE_OF_TYPE,
+    ShapeError,
+    enclosing_box,
+    geometry,
+)
 
 RECTANGLE_TAGS = ("Rectangle", "RectangleLabels")
 RECTANGLE_TYPES = ("rectangle", "rectanglelabels")
+# The id of the region that is the whole image (the one TextAreas and Choices not drawn per region are about).
+WHOLE_IMAGE_ID = "image"
+WHOLE_IMAGE = "image"
 # The data key of files imported as they are (`settings.DATA_UNDEFINED_NAME` in Label Studio).
 UNDEFINED_DATA_KEY = "$undefined$"
 # A rectangle must show at least this much of the image (normalized, per side) to be described at all.
@@ -34,7 +47,7 @@ MIN_VISIBLE = 1e-4
 
 
 class ConfigError(ValueError):
-    """The labeling config has nothing this backend can fill (no Image, no rectangle tool, bad XML)."""
+    """The labeling config has nothing this backend can fill (no Image, nothing on it to fill, bad XML)."""
 
 
 class TaskError(ValueError):
@@ -59,17 +72,82 @@ class ChoiceControl:
 
 
 @dataclass(frozen=True)
+class Tool:
+    """A region tool on the Image: its name, the result `type` it writes, the labels scored for its regions
+    and, when those belong to a separate Labels control, that control's name (the label is then a result
+    item of its own, of type `labels`)."""
+
+    name: str
+    type: str
+    labels: tuple[str, ...] = ()
+    labels_control: str | None = None
+
+    @property
+    def shape(self) -> str:
+        return SHAPE_OF_TYPE[self.type]
+
+
+# Without a labeling config (corrections of an unknown project) any region of any shape is read.
+ANY_TOOLS = tuple(Tool("", kind) for kind in SHAPE_OF_TYPE)
+
+
+@dataclass(frozen=True)
 class FillPlan:
-    """Which controls of a labeling config the backend fills for every rectangle."""
+    """Which controls of a labeling config the backend fills: for every drawn region (`tools`, `captions`,
+    `choices`) and for the whole image (`image_captions`, `image_choices`)."""
 
     image: str
     image_key: str | None
     image_constant: str | None
-    rectangle: str
-    rectangle_type: str
-    labels: tuple[str, ...]
-    captions: tuple[str, ...]
-    choices: tuple[ChoiceControl, ...]
+    tools: tuple[Tool, ...]
+    captions: tuple[str, ...] = ()
+    choices: tuple[ChoiceControl, ...] = ()
+    image_captions: tuple[str, ...] = ()
+    image_choices: tuple[ChoiceControl, ...] = ()
+
+    @property
+    def rectangle(self) -> str:
+        """The first rectangle tool's name (else the first tool's; "" without tools)."""
+        return self._first_tool().name if self.tools else ""
+
+    @property
+    def rectangle_type(self) -> str:
+        """The result type of `rectangle`."""
+        return self._first_tool().type if self.tools else ""
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The labels of the first tool that has any."""
+        return next((t.labels for t in self.tools if t.labels), ())
+
+    def _first_tool(self) -> Tool:
+        return next((t for t in self.tools if t.shape == "rectangle"), self.tools[0])
+
+    def tool_for(self, name: Any, kind: str) -> Tool | None:
+        """The tool a result item of `from_name` `name` and `type` `kind` was drawn with: the one of that
+        name, else the first of the same shape; None when the plan has no tool of that shape."""
+        shape = SHAPE_OF_TYPE.get(kind)
+        same_shape = [t for t in self.tools if t.shape == shape]
+        return next((t for t in same_shape if t.name == name), same_shape[0] if same_shape else None)
+
+    def labels_for(self, region: Region) -> tuple[str, ...]:
+        """The labels scored for a region (none for the whole image)."""
+        if region.shape == WHOLE_IMAGE:
+            return ()
+        tool = self.tool_for(region.tool, region.type)
+        return tool.labels if tool else ()
+
+    def captions_for(self, region: Region) -> tuple[str, ...]:
+        """The TextAreas filled for a region."""
+        return self.image_captions if region.shape == WHOLE_IMAGE else self.captions
+
+    def choices_for(self, region: Region) -> tuple[ChoiceControl, ...]:
+        """The Choices controls scored for a region."""
+        return self.image_choices if region.shape == WHOLE_IMAGE else self.choices
+
+    @property
+    def fills_whole_image(self) -> bool:
+        return bool(self.image_captions or self.image_choices)
 
     @classmethod
     def from_label_config(cls, label_config: str) -> FillPlan:
@@ -82,22 +160,27 @@ class FillPlan:
         is longer than `max_name_length`, or one region would be asked more than `max_controls` questions or
         scored against more than `max_region_candidates` values in all (each value is a question to the model,
         per region)."""
-        controls = [(c.name, c.candidates) for c in self.choices]
-        if self.labels:
-            controls.append((self.rectangle, self.labels))
-        for name, candidates in controls:
+        labelled = {t.labels_control or t.name: t.labels for t in self.tools if t.labels}
+        region_controls = [(c.name, c.candidates) for c in self.choices] + list(labelled.items())
+        image_controls = [(c.name, c.candidates) for c in self.image_choices]
+        for name, candidates in region_controls + image_controls:
             if len(candidates) > max_candidates:
                 raise ConfigError(f"control {_clip(name)!r} has {len(candidates)} values, more than "
                                   f"MAX_CHOICES_PER_CONTROL={max_candidates}")
-        per_region = len(self.captions) + len(controls)
+        # A region of one tool is asked about its own labels only, so the largest label set counts.
+        largest_labels = max((len(labels) for labels in labelled.values()), default=0)
+        per_region = max(len(self.captions) + len(self.choices) + (1 if labelled else 0),
+                         len(self.image_captions) + len(self.image_choices))
         if max_controls is not None and per_region > max_controls:
             raise ConfigError(f"the labeling config fills {per_region} controls per region, more than "
                               f"MAX_CONTROLS_PER_REGION={max_controls}")
-        total = sum(len(candidates) for _, candidates in controls)
+        total = max(sum(len(c.candidates) for c in self.choices) + largest_labels,
+                    sum(len(c.candidates) for c in self.image_choices))
         if max_region_candidates is not None and total > max_region_candidates:
             raise ConfigError(f"the labeling config gives each region {total} values to score, more than "
                               f"MAX_CANDIDATES_PER_REGION={max_region_candidates}")
-        names = [self.image, self.rectangle, *self.captions, *(n for n, c in controls for n in (n, *c))]
+        names = [self.image, *(t.name for t in self.tools), *self.captions, *self.image_captions,
+                 *(n for n, c in region_controls + image_controls for n in (n, *c))]
         for name in names:
             if len(name) > max_name_length:
                 raise ConfigError(f"the labeling config names {_clip(name)!r}, longer than "
@@ -109,17 +192,22 @@ class FillPlan:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> FillPlan:
-        """Inverse of `to_json`."""
+        """Inverse of `to_json` (also of the earlier rectangle-only plans that jobs queued before an upgrade
+        carry)."""
+        if "tools" in data:
+            tools = tuple(Tool(t["name"], t["type"], tuple(t.get("labels") or ()), t.get("labels_control"))
+                          for t in data["tools"])
+        else:
+            tools = (Tool(data["rectangle"], data["rectangle_type"], tuple(data["labels"])),)
         return cls(
             image=data["image"],
             image_key=data["image_key"],
             image_constant=data["image_constant"],
-            rectangle=data["rectangle"],
-            rectangle_type=data["rectangle_type"],
-            labels=tuple(data["labels"]),
+            tools=tools,
             captions=tuple(data["captions"]),
-            choices=tuple(ChoiceControl(c["name"], tuple(c["candidates"]), bool(c["multiple"]))
-                          for c in data["choices"]),
+            choices=_choice_controls(data["choices"]),
+            image_captions=tuple(data.get("image_captions") or ()),
+            image_choices=_choice_controls(data.get("image_choices") or ()),
         )
 
     def image_reference(self, task: Mapping[str, Any]) -> str:
@@ -141,7 +229,12 @@ class FillPlan:
 
 @dataclass(frozen=True)
 class Region:
-    """One rectangle to describe, in Label Studio's terms (percent of the image, top-left corner)."""
+    """One region to describe, in Label Studio's terms (percent of the image, top-left corner).
+
+    `x`, `y`, `width`, `height` (and `rotation`) are a rectangle's own geometry, or the enclosing box of any
+    other shape (`backend.regions`), whose geometry as drawn is kept in `value` to be sent back unchanged.
+    `type` is the result type it was drawn as (`rectangle`, `polygonlabels`, …; `image` for the whole image)
+    and `tool` the tool's name."""
 
     id: str
     x: float
@@ -154,11 +247,25 @@ class Region:
     image_rotation: float = 0.0
     labels: tuple[str, ...] = ()
     drawn: dict[str, Any] | None = field(default=None, compare=False)
+    type: str = "rectangle"
+    tool: str = ""
+    value: dict[str, Any] | None = None
+
+    @classmethod
+    def whole_image(cls, region_id: str = WHOLE_IMAGE_ID) -> Region:
+        """The region that is the whole image."""
+        return cls(region_id, 0.0, 0.0, 100.0, 100.0, type=WHOLE_IMAGE)
+
+    @property
+    def shape(self) -> str:
+        """`rectangle`, `polygon`, `ellipse`, `keypoint`, `brush` or `image`."""
+        return SHAPE_OF_TYPE.get(self.type, self.type)
 
     def box(self) -> tuple[float, float, float, float]:
-        """Normalized xyxy for the model: the axis-aligned hull of the (possibly rotated) rectangle, clamped
-        to the image. Boxes too small for the model are widened by the model itself
-        (`model.processing_gpt4roi.sanitize_boxes`), so there is one rule for that."""
+        """Normalized xyxy for the model: the axis-aligned hull of the region (of the possibly rotated
+        rectangle, or of the shape's enclosing box), clamped to the image. Boxes too small for the model are
+        widened by the model itself (`model.gpt4roi.processing_gpt4roi.sanitize_boxes`), so there is one rule
+        for that."""
         x1, y1, x2, y2 = self._bounds()
         return (_clamp(x1), _clamp(y1), _clamp(x2), _clamp(y2))
 
@@ -178,8 +285,12 @@ class Region:
             ys.append(y + (dx * sin + dy * cos) / sy)
         return (min(xs), min(ys), max(xs), max(ys))
 
-    def geometry(self) -> dict[str, float]:
-        """The `value` geometry keys Label Studio stores for this region."""
+    def geometry(self) -> dict[str, Any]:
+        """The `value` geometry keys Label Studio stores for this region (none for the whole image)."""
+        if self.shape == WHOLE_IMAGE:
+            return {}
+        if self.shape != "rectangle":
+            return dict(self.value or {})
         return {"x": self.x, "y": self.y, "width": self.width, "height": self.height,
                 "rotation": self.rotation}
 
@@ -197,19 +308,24 @@ class Region:
         return cls(**values)
 
 
-def regions_from_context(plan: FillPlan, context: Mapping[str, Any]) -> list[Region]:
-    """Drawn rectangles of an interactive request (`params.context.result`), kept verbatim for the echo."""
+def regions_from_context(plan: FillPlan, context: Mapping[str, Any],
+                         keypoint_box: float = DEFAULT_KEYPOINT_BOX) -> list[Region]:
+    """Drawn regions of an interactive request (`params.context.result`), kept verbatim for the echo.
+    `keypoint_box` is the side of a keypoint's box, in percent of the image's shorter side."""
     items = context.get("result")
     if items is None:
         return []
     if not isinstance(items, list):
         raise TaskError("params.context.result must be a list of regions")
-    return _rectangles(plan, items, keep_drawn=True)
+    return _regions(plan, items, keep_drawn=True, keypoint_box=keypoint_box)
 
 
-def regions_from_task(plan: FillPlan, task: Mapping[str, Any]) -> list[Region]:
-    """Rectangles of a task's newest non-cancelled annotation that has any, else of its newest prediction
-    that has any (for example a detector's boxes imported as predictions)."""
+def regions_from_task(plan: FillPlan, task: Mapping[str, Any],
+                      keypoint_box: float = DEFAULT_KEYPOINT_BOX) -> list[Region]:
+    """Regions of a task's newest non-cancelled annotation that has any, else of its newest prediction
+    that has any (for example a detector's boxes imported as predictions); and the whole image when the
+    labeling config asks about it."""
+    whole = [Region.whole_image()] if plan.fills_whole_image else []
     for key in ("annotations", "predictions"):
         entries = task.get(key) or []
         if not isinstance(entries, list):
@@ -219,50 +335,73 @@ def regions_from_task(plan: FillPlan, task: Mapping[str, Any]) -> list[Region]:
         for entry in candidates:
             result = entry.get("result")
             if isinstance(result, list):
-                regions = _rectangles(plan, result, keep_drawn=False)
+                regions = _regions(plan, result, keep_drawn=False, keypoint_box=keypoint_box,
+                                   taken={r.id for r in whole})
                 if regions:
-                    return regions
-    return []
+                    return regions + whole
+    return whole
 
 
-def _rectangles(plan: FillPlan, items: list[Any], *, keep_drawn: bool) -> list[Region]:
+def _regions(plan: FillPlan, items: list[Any], *, keep_drawn: bool, keypoint_box: float,
+             taken: set[str] | None = None) -> list[Region]:
     regions: list[Region] = []
-    seen: set[str] = set()
+    seen: set[str] = set(taken or ())
+    # A tool drawn with a separate Labels control writes its label as an item of its own, with the region's id.
+    separate_labels = {str(item.get("id")): item["value"].get("labels") for item in items
+                       if isinstance(item, Mapping) and str(item.get("type", "")).lower() == "labels"
+                       and isinstance(item.get("value"), Mapping)}
     for index, item in enumerate(items):
-        if not isinstance(item, Mapping) or str(item.get("type", "")).lower() not in RECTANGLE_TYPES:
+        if not isinstance(item, Mapping):
             continue
-        if item.get("to_name") not in (None, plan.image):
+        kind = str(item.get("type", "")).lower()
+        tool = plan.tool_for(item.get("from_name"), kind) if kind in SHAPE_OF_TYPE else None
+        if tool is None or item.get("to_name") not in (None, plan.image):
             continue
         value = item.get("value")
         if not isinstance(value, Mapping):
-            raise TaskError(f"region {index}: 'value' must be an object with x, y, width, height")
-        try:
-            x, y, w, h = (float(value[k]) for k in ("x", "y", "width", "height"))
-            rotation = float(value.get("rotation") or 0.0)
-        except (KeyError, TypeError, ValueError):
-            raise TaskError(f"region {index}: value needs numeric x, y, width and height (percent)") from None
-        if not all(math.isfinite(v) for v in (x, y, w, h, rotation)):
-            raise TaskError(f"region {index}: coordinates must be finite numbers")
-        if w <= 0 or h <= 0:
-            raise TaskError(f"region {index}: width and height must be positive, got {w} x {h}")
+            raise TaskError(f"region {index}: 'value' must be an object with the region's geometry")
+        width, height = _positive_int(item.get("original_width")), _positive_int(item.get("original_height"))
+        shape = SHAPE_OF_TYPE[kind]
+        if shape == "rectangle":
+            x, y, w, h, rotation = _rectangle(index, value)
+            drawn_value = None
+        else:
+            try:
+                size = (width, height) if width and height else None
+                x, y, w, h = enclosing_box(shape, value, size, keypoint_box)
+            except ShapeError as exc:
+                raise TaskError(f"region {index}: {exc}") from None
+            rotation, drawn_value = 0.0, geometry(shape, value)
         region_id = str(item.get("id") or f"r{index + 1}")
+        labels = value.get(kind) or value.get("labels") or separate_labels.get(str(item.get("id"))) or ()
         while region_id in seen:
             region_id += "_"
         seen.add(region_id)
-        labels = value.get("rectanglelabels") or value.get("labels") or ()
         region = Region(
             id=region_id, x=x, y=y, width=w, height=h, rotation=rotation,
-            original_width=_positive_int(item.get("original_width")),
-            original_height=_positive_int(item.get("original_height")),
+            original_width=width, original_height=height,
             image_rotation=float(item.get("image_rotation") or 0.0),
             labels=tuple(str(label) for label in labels) if isinstance(labels, list) else (),
-            drawn=dict(item) if keep_drawn else None,
+            drawn=dict(item) if keep_drawn else None, type=kind, tool=tool.name, value=drawn_value,
         )
         x1, y1, x2, y2 = region.box()
         if x2 - x1 < MIN_VISIBLE or y2 - y1 < MIN_VISIBLE:
             raise TaskError(f"region {index} lies outside the image (x={x}, y={y}, width={w}, height={h} percent)")
         regions.append(region)
     return regions
+
+
+def _rectangle(index: int, value: Mapping[str, Any]) -> tuple[float, float, float, float, float]:
+    try:
+        x, y, w, h = (float(value[k]) for k in ("x", "y", "width", "height"))
+        rotation = float(value.get("rotation") or 0.0)
+    except (KeyError, TypeError, ValueError):
+        raise TaskError(f"region {index}: value needs numeric x, y, width and height (percent)") from None
+    if not all(math.isfinite(v) for v in (x, y, w, h, rotation)):
+        raise TaskError(f"region {index}: coordinates must be finite numbers")
+    if w <= 0 or h <= 0:
+        raise TaskError(f"region {index}: width and height must be positive, got {w} x {h}")
+    return x, y, w, h, rotation
 
 
 def select_choices(distribution: Mapping[str, float], multiple: bool) -> list[str]:
@@ -292,7 +431,7 @@ def propose(plan: FillPlan, region: Region, answer: Mapping[str, Any], keep_draw
     distribution) into what is proposed: `select_choices` per control; a label only where `wants_label`."""
     choices: dict[str, tuple[list[str], float]] = {}
     distributions = answer.get("choices") or {}
-    for control in plan.choices:
+    for control in plan.choices_for(region):
         distribution = distributions.get(control.name)
         if distribution:
             picked = select_choices(distribution, control.multiple)
@@ -302,7 +441,7 @@ def propose(plan: FillPlan, region: Region, answer: Mapping[str, Any], keep_draw
     if label_distribution and wants_label(plan, region, keep_drawn_label):
         best = select_choices(label_distribution, multiple=False)[0]
         label = (best, float(label_distribution[best]))
-    return Proposal(answer.get("caption") if plan.captions else None, choices, label)
+    return Proposal(answer.get("caption") if plan.captions_for(region) else None, choices, label)
 
 
 def predicted_fields(plan: FillPlan, region: Region, answer: Mapping[str, Any],
@@ -343,57 +482,78 @@ def build_prediction(
         confidence = answer.get("confidence") or {}
         if proposal.label is not None and confidence.get("label") is not None:
             proposal = dataclasses.replace(proposal, label=(proposal.label[0], float(confidence["label"])))
-        common = {
-            "id": region.id,
-            "to_name": plan.image,
-            "original_width": region.original_width or (image_size[0] if image_size else None),
-            "original_height": region.original_height or (image_size[1] if image_size else None),
-            "image_rotation": region.image_rotation,
-        }
-        common = {k: v for k, v in common.items() if v is not None}
-        rectangle = _rectangle_item(plan, region, common, proposal.label)
-        if proposal.label is not None and "score" in rectangle:
-            scores.append(proposal.label[1])
-        result.append(rectangle)
+        if region.shape == WHOLE_IMAGE:
+            # Results about the whole image are classifications: no geometry, no image size.
+            common: dict[str, Any] = {"id": region.id, "to_name": plan.image}
+        else:
+            common = {
+                "id": region.id,
+                "to_name": plan.image,
+                "original_width": region.original_width or (image_size[0] if image_size else None),
+                "original_height": region.original_height or (image_size[1] if image_size else None),
+                "image_rotation": region.image_rotation,
+            }
+            common = {k: v for k, v in common.items() if v is not None}
+            drawn_items = _region_items(plan, region, common, proposal.label)
+            if proposal.label is not None and any("score" in item for item in drawn_items):
+                scores.append(proposal.label[1])
+            result.extend(drawn_items)
+        geometry_keys = region.geometry()
         if proposal.caption is not None:
             caption_confidence = confidence.get("caption")
-            for name in plan.captions:
+            for name in plan.captions_for(region):
                 item = {**common, "from_name": name, "type": "textarea",
-                        "value": {**region.geometry(), "text": [proposal.caption]}}
+                        "value": {**geometry_keys, "text": [proposal.caption]}}
                 if caption_confidence is not None:
                     item["score"] = round(float(caption_confidence), 6)
                 result.append(item)
             if caption_confidence is not None:
                 scores.append(float(caption_confidence))
-        for control in plan.choices:
+        for control in plan.choices_for(region):
             if control.name not in proposal.choices:
                 continue
             picked, probability = proposal.choices[control.name]
             probability = float((confidence.get("choices") or {}).get(control.name, probability))
             scores.append(probability)
             result.append({**common, "from_name": control.name, "type": "choices", "score": round(probability, 6),
-                           "value": {**region.geometry(), "choices": picked}})
+                           "value": {**geometry_keys, "choices": picked}})
     score = task_score(scores) if regions and scores else 0.0
     return {"result": result, "score": round(score, 6), "model_version": model_version}
 
 
-def _rectangle_item(plan: FillPlan, region: Region, common: dict[str, Any],
-                    label: tuple[str, float] | None) -> dict[str, Any]:
+def _region_items(plan: FillPlan, region: Region, common: dict[str, Any],
+                  label: tuple[str, float] | None) -> list[dict[str, Any]]:
+    """The region as drawn (its tool's item) and, for a tool labelled by a separate Labels control, its
+    label item; the proposed label replaces the drawn one."""
+    tool = plan.tool_for(region.tool, region.type)
     if region.drawn is not None:
         item = dict(region.drawn)
         item["value"] = dict(item.get("value") or {})
     else:
-        item = {**common, "from_name": plan.rectangle, "type": plan.rectangle_type,
-                "value": region.geometry()}
-    if label is not None and item.get("type") == "rectanglelabels":
-        item["value"]["rectanglelabels"] = [label[0]]
-        item["score"] = round(label[1], 6)
-    return item
+        kind = tool.type if tool else region.type
+        item = {**common, "from_name": tool.name if tool else region.tool, "type": kind, "value": region.geometry()}
+        if kind.endswith("labels") and region.labels:
+            item["value"][kind] = list(region.labels)
+    labels_control = tool.labels_control if tool else None
+    if labels_control is None:
+        kind = str(item.get("type", "")).lower()
+        if label is not None and kind.endswith("labels") and kind in SHAPE_OF_TYPE:
+            item["value"][kind] = [label[0]]
+            item["score"] = round(label[1], 6)
+        return [item]
+    picked = [label[0]] if label is not None else list(region.labels)
+    if not picked:
+        return [item]
+    labels_item = {**common, "from_name": labels_control, "type": "labels",
+                   "value": {**region.geometry(), "labels": picked}}
+    if label is not None:
+        labels_item["score"] = round(label[1], 6)
+    return [item, labels_item]
 
 
 def wants_label(plan: FillPlan, region: Region, keep_drawn_label: bool) -> bool:
     """Whether the model should score a label for this region."""
-    if plan.rectangle_type != "rectanglelabels" or not plan.labels:
+    if not plan.labels_for(region):
         return False
     return not (keep_drawn_label and region.drawn is not None and region.labels)
 
@@ -421,29 +581,66 @@ def _plan_cached(label_config: str) -> FillPlan:
     images = [obj for obj in interface.objects if obj.tag == "Image"]
     if not images:
         raise ConfigError("the labeling config has no <Image> tag; this backend describes image regions")
-    controls = list(interface.controls)
+    reasons: list[str] = []
     for image in images:
-        rectangles = [c for c in controls if c.tag in RECTANGLE_TAGS and image.name in c.to_name]
-        if not rectangles:
+        plan = _plan_of_image(image, list(interface.controls), reasons)
+        if plan is not None:
+            return plan
+    raise ConfigError("; ".join(dict.fromkeys(reasons)))
+
+
+def _plan_of_image(image: Any, controls: list[Any], reasons: list[str]) -> FillPlan | None:
+    value = str(image.value or "")
+    if image.attr.get("valueList") is not None or not value:
+        # valueList: a multi-page document shown one page at a time; a region belongs to one page.
+        reasons.append(f"the <Image> {image.name!r} shows a list of pages (valueList), not one image; this "
+                       "backend describes regions of single images")
+        return None
+    on_image = [c for c in controls if image.name in c.to_name]
+    separate = next((c for c in on_image if c.tag == "Labels"), None)
+    tools = []
+    for control in on_image:
+        if control.tag not in SHAPE_OF_TAG:
             continue
-        rect = rectangles[0]
-        per_region = [c for c in controls
-                      if image.name in c.to_name and str(c.attr.get("perRegion", "")).lower() == "true"]
-        value = str(image.value or "")
-        return FillPlan(
-            image=image.name,
-            image_key=value[1:] if value.startswith("$") else None,
-            image_constant=None if value.startswith("$") else value,
-            rectangle=rect.name,
-            rectangle_type=rect.tag.lower(),
-            labels=tuple(getattr(rect, "labels", None) or ()),
-            captions=tuple(c.name for c in per_region if c.tag == "TextArea"),
-            choices=tuple(ChoiceControl(c.name, tuple(c.labels), c.attr.get("choice") == "multiple")
-                          for c in per_region if c.tag == "Choices" and c.labels),
-        )
-    raise ConfigError(
-        "the labeling config has no <Rectangle> or <RectangleLabels> tool on an <Image>; "
-        "the backend needs boxes to describe")
+        if control.tag.endswith("Labels"):
+            tools.append(Tool(control.name, control.tag.lower(), tuple(getattr(control, "labels", None) or ())))
+        else:
+            tools.append(Tool(control.name, control.tag.lower(), tuple(separate.labels) if separate else (),
+                              separate.name if separate else None))
+    per_region = [c for c in on_image if str(c.attr.get("perRegion", "")).lower() == "true"]
+    whole = [c for c in on_image if str(c.attr.get("perRegion", "")).lower() != "true"]
+    plan = FillPlan(
+        image=image.name,
+        image_key=value[1:] if value.startswith("$") else None,
+        image_constant=None if value.startswith("$") else value,
+        tools=tuple(tools),
+        captions=tuple(c.name for c in per_region if c.tag == "TextArea") if tools else (),
+        choices=_choices_of(per_region) if tools else (),
+        image_captions=tuple(c.name for c in whole if c.tag == "TextArea"),
+        image_choices=_choices_of(whole),
+    )
+    if not tools and not plan.fills_whole_image:
+        reasons.append(
+            f"the labeling config has no region tool (Rectangle, Polygon, Ellipse, KeyPoint, Brush or their "
+            f"Labels variants) and no TextArea or Choices on the <Image> {image.name!r}: nothing to fill")
+        return None
+    if not (plan.captions or plan.choices or plan.labels or plan.fills_whole_image):
+        dynamic = [c.name for c in on_image if c.tag in SHAPE_OF_TAG and c.attr.get("value", "").startswith("$")]
+        why = (f"the labels of {', '.join(map(repr, dynamic))} come from the task data, which the backend does "
+               "not score" if dynamic else "its region tools have no labels")
+        reasons.append(f"nothing to fill on the <Image> {image.name!r}: {why}, and there is no TextArea or "
+                       "Choices to fill")
+        return None
+    return plan
+
+
+def _choices_of(controls: list[Any]) -> tuple[ChoiceControl, ...]:
+    return tuple(ChoiceControl(c.name, tuple(c.labels), c.attr.get("choice") == "multiple")
+                 for c in controls if c.tag == "Choices" and c.labels)
+
+
+def _choice_controls(data: Sequence[Mapping[str, Any]]) -> tuple[ChoiceControl, ...]:
+    return tuple(ChoiceControl(c["name"], tuple(c["candidates"]), bool(c["multiple"])) for c in data)
 
 
 def _clip(text: str, length: int = 40) -> str:

@@ -117,12 +117,14 @@ class GPT4RoIBackend:
         return {"model_version": self.model_version}
 
     def versions(self) -> dict[str, Any]:
-        """Every registered version and the current one."""
+        """Every registered version and the current one, with the engine that serves each."""
         current = self.model_version
-        versions = registry.list_versions(self.settings)
+        infos = registry.version_infos(self.settings)
+        versions = [info.name for info in infos]
         if current not in versions:
             versions.append(current)
-        return {"versions": versions, "current_version": current}
+        return {"versions": versions, "current_version": current,
+                "engines": {info.name: info.engine for info in infos}}
 
     # ------------------------------------------------------------------ predict
     def predict(self, tasks: Sequence[Any], context: Mapping[str, Any] | None = None, *,
@@ -168,7 +170,7 @@ class GPT4RoIBackend:
 
     def _regions(self, regions: list[Region], where: str) -> list[Region]:
         if len(regions) > self.settings.max_regions_per_task:
-            raise RequestError(f"{where}: {len(regions)} rectangles, more than MAX_REGIONS_PER_TASK="
+            raise RequestError(f"{where}: {len(regions)} regions, more than MAX_REGIONS_PER_TASK="
                                f"{self.settings.max_regions_per_task}", status=413)
         return regions
 
@@ -198,7 +200,8 @@ class GPT4RoIBackend:
     def _interactive(self, task: Mapping[str, Any], context: Mapping[str, Any], plan: FillPlan, config: str,
                      version: str, project: str | None, max_new_tokens: int) -> dict[str, Any]:
         try:
-            regions = self._regions(regions_from_context(plan, context), "the drawn regions")
+            drawn = regions_from_context(plan, context, self.settings.keypoint_box_size)
+            regions = self._regions(drawn, "the drawn regions")
         except TaskError as exc:
             raise RequestError(str(exc)) from None
         if not regions:
@@ -229,7 +232,8 @@ class GPT4RoIBackend:
         jobs: list[_TaskJob] = []
         for index, task in enumerate(tasks):
             try:
-                regions = self._regions(regions_from_task(plan, task), f"tasks[{index}]")
+                found = regions_from_task(plan, task, self.settings.keypoint_box_size)
+                regions = self._regions(found, f"tasks[{index}]")
             except TaskError as exc:
                 raise RequestError(f"tasks[{index}]: {exc}") from None
             if not regions:

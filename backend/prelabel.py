@@ -98,7 +98,7 @@ def run_prelabel(settings: Settings, project: int, *, wait: bool = True, timeout
             summary.already_predicted += 1
             continue
         try:
-            regions = regions_from_task(plan, task)
+            regions = regions_from_task(plan, task, settings.keypoint_box_size)
             image = plan.image_reference(task)
         except TaskError as exc:
             summary.failed.append(f"task {task.get('id')}: {exc}")

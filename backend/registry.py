@@ -15,9 +15,10 @@ checkpoint (it has `config.json`), the folder's name. Reading it is one small qu
 `/setup` from it without touching the model, and workers read it before every job: a move made on any
 machine reaches every worker before its next job.
 
-Fine-tuned versions are named `v<NNNN>-<UTC time>` (for example `v0003-20261126T041500`): the number grows
-by one per published version, so names sort in creation order and never repeat. A version is published by
-renaming its finished staging folder, so a worker never sees half a checkpoint.
+Fine-tuned versions are named `v<NNNN>-<UTC time>-<engine>` (for example `v0003-20261126T041500-florence-2`,
+so the version Label Studio shows says which model made it): the number grows by one per published version,
+so names sort in creation order and never repeat. A version is published by renaming its finished staging
+folder, so a worker never sees half a checkpoint.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 
 from backend.settings import Settings
 from backend.store import Connection, Database
+from model.engine import EngineError, engine_of_checkpoint
 
 CURRENT_FILE = "current"
 # Moves of the pointer recorded by earlier releases, which kept it in a file; read, never written.
@@ -42,7 +44,7 @@ HISTORY_FILE = "history.jsonl"
 POINTER = "current"
 METADATA_FILE = "version.json"
 STAGING_PREFIX = ".staging-"
-VERSION_NAME = re.compile(r"^v(\d{4,})-(\d{8}T\d{6})$")
+VERSION_NAME = re.compile(r"^v(\d{4,})-(\d{8}T\d{6})(?:-[a-z0-9][a-z0-9.-]*)?$")
 
 
 class RegistryError(LookupError):
@@ -66,6 +68,17 @@ class VersionInfo:
     def parent(self) -> str | None:
         """The version it was fine-tuned from."""
         return self.metadata.get("parent")
+
+    @property
+    def engine(self) -> str:
+        """The engine that serves it: as its `version.json` says, else as its `config.json` implies."""
+        named = self.metadata.get("engine")
+        if named:
+            return str(named)
+        try:
+            return engine_of_checkpoint(self.path)
+        except EngineError:
+            return "unknown"
 
     @property
     def created_at(self) -> str | None:
@@ -194,8 +207,8 @@ def history(settings: Settings) -> list[dict[str, Any]]:
     return moves
 
 
-def next_version_name(settings: Settings, now: dt.datetime | None = None) -> str:
-    """A new name `v<NNNN>-<UTC time>`, numbered after every existing (or staged) version."""
+def next_version_name(settings: Settings, now: dt.datetime | None = None, engine: str | None = None) -> str:
+    """A new name `v<NNNN>-<UTC time>[-<engine>]`, numbered after every existing (or staged) version."""
     root = Path(settings.model_dir)
     highest = 0
     if root.is_dir():
@@ -204,7 +217,8 @@ def next_version_name(settings: Settings, now: dt.datetime | None = None) -> str
             if match:
                 highest = max(highest, int(match.group(1)))
     stamp = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).strftime("%Y%m%dT%H%M%S")
-    return f"v{highest + 1:04d}-{stamp}"
+    suffix = re.sub(r"[^a-z0-9.-]+", "-", (engine or "").lower()).strip("-.")
+    return f"v{highest + 1:04d}-{stamp}" + (f"-{suffix}" if suffix else "")
 
 
 def staging_dir(settings: Settings, version: str) -> Path:
@@ -254,9 +268,9 @@ def discard_staging(settings: Settings) -> list[str]:
 
 
 def import_checkpoint(settings: Settings, source: Path, version: str, *, symlink: bool = False,
-                      make_current: bool = True) -> Path:
+                      make_current: bool = True, metadata: dict[str, Any] | None = None) -> Path:
     """Register an existing checkpoint folder as `version` (copied, or linked with `symlink`), for example
-    the first model of a new registry."""
+    the first model of a new registry; a copy gets `metadata` (its engine, its base model) as `version.json`."""
     _check_name(version)
     source = Path(source).resolve()
     if not (source / "config.json").is_file():
@@ -270,7 +284,10 @@ def import_checkpoint(settings: Settings, source: Path, version: str, *, symlink
     if symlink:
         target.symlink_to(source, target_is_directory=True)
     else:
-        shutil.copytree(source, target)
+        staging = staging_dir(settings, version)
+        shutil.rmtree(staging)
+        shutil.copytree(source, staging, ignore=shutil.ignore_patterns(".cache", METADATA_FILE))
+        publish(settings, staging, version, {"imported_from": str(source), **(metadata or {})})
     if make_current:
         set_current(settings, version, reason="import")
     return target

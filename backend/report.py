@@ -68,6 +68,7 @@ def versions_table(settings: Settings) -> str:
         promoted = meta.get("promoted")
         rows.append([
             ("* " if info.current else "  ") + info.name,
+            info.engine,
             created,
             info.parent or "-",
             "-" if promoted is None else ("yes" if promoted else "no"),
@@ -75,7 +76,7 @@ def versions_table(settings: Settings) -> str:
             "-" if not data else f"{data.get('new_regions', 0)} new, {data.get('replay_regions', 0)} replay, "
                                  f"{data.get('eval_regions', 0)} held out",
         ])
-    return format_table(["version", "created (UTC)", "parent", "promoted", "held-out accuracy", "data"], rows)
+    return format_table(["version", "engine", "created (UTC)", "parent", "promoted", "held-out accuracy", "data"], rows)
 
 
 def print_versions(settings: Settings, out: TextIO = sys.stdout) -> int:

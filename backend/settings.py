@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, get_type_hints
 from urllib.parse import urlsplit
 
+from model.engine import ENGINES
+
 _TRUE = {"1", "true", "yes", "on"}
 # Stands for DATA_DIR/models until __post_init__ replaces it: a relative default would follow the working
 # directory, not DATA_DIR, and pair a fresh DATA_DIR with another one's models.
@@ -177,10 +179,10 @@ class Settings:
         10_000, "MAX_TASKS_PER_REQUEST",
         "Most tasks one /predict may carry (Retrieve Predictions sends the whole selection).")
     max_regions_per_task: int = _setting(
-        256, "MAX_REGIONS_PER_TASK", "Most rectangles described in one task or one drawn-box request.")
+        256, "MAX_REGIONS_PER_TASK", "Most regions described in one task or one drawn-region request.")
     max_choices_per_control: int = _setting(
         256, "MAX_CHOICES_PER_CONTROL",
-        "Most values one Choices or RectangleLabels control of a labeling config may have.")
+        "Most values one Choices or labels control of a labeling config may have.")
     max_name_length: int = _setting(
         256, "MAX_NAME_LENGTH", "Longest control name or candidate value in a labeling config, in characters.")
     max_label_config_bytes: int = _setting(
@@ -199,9 +201,21 @@ class Settings:
         86_400, "QUEUED_JOB_TTL", "Seconds a prediction job may wait in its queue before it is dropped.")
 
     # Model
-    annotator_class: str = _setting(
-        "model.inference.RegionAnnotator", "ANNOTATOR_CLASS",
-        "Dotted path of the class the worker loads with `from_pretrained(path, device=…)`.")
+    engine: str = _setting(
+        "gpt4roi", "ENGINE",
+        "The model family MODEL_DIR starts with when it holds no version yet: `gpt4roi` or `florence-2` (or the "
+        "dotted path of an `model.engine.Engine` of one's own, which then serves every version). A version "
+        "is always served by the engine that made it, which its `version.json` names.")
+    base_model: str = _setting(
+        "", "BASE_MODEL",
+        "The first version when MODEL_DIR holds none: a hub id or a local checkpoint folder. Empty: the "
+        "engine's default (`gpt4roi`: the CPU demo model; `florence-2`: florence-community/Florence-2-base-ft, "
+        "downloaded on first start).")
+    engine_options: str = _setting(
+        "", "ENGINE_OPTIONS",
+        "Engines' own settings, `<engine>.<option>=value` pairs separated by commas (e.g. "
+        "`qwen3-vl.region=drawn`; the README's engine table lists them): each version is loaded with its "
+        "engine's.")
     device: str = _setting(
         "auto", "DEVICE", "Torch device of the worker: `auto` (CUDA when present), `cpu`, `cuda:0`…")
     dtype: str = _setting(
@@ -211,6 +225,10 @@ class Settings:
         True, "INTERACTIVE_KEEP_DRAWN_LABEL",
         "Keep the label an annotator gave a drawn box; when false, or when the box has no label, the "
         "model's label is proposed.")
+    keypoint_box_size: float = _setting(
+        10.0, "KEYPOINT_BOX_SIZE",
+        "Side of the box the model sees around a keypoint, in percent of the image's shorter side (a keypoint "
+        "has no extent of its own).")
 
     # What the store keeps
     event_retention_days: float = _setting(
@@ -287,6 +305,9 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read every field from `environ` (default `os.environ`); `overrides` win over both."""
         environ = os.environ if environ is None else environ
+        if environ.get("ANNOTATOR_CLASS"):
+            raise SettingsError("ANNOTATOR_CLASS was replaced by ENGINE: set ENGINE to the dotted path of a "
+                                "model.engine.Engine subclass (or to gpt4roi, florence-2, qwen3-vl)")
         hints = get_type_hints(cls)
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
@@ -310,7 +331,7 @@ class Settings:
         if self.batch_wait_ms < 0:
             raise SettingsError(f"BATCH_WAIT_MS must not be negative, got {self.batch_wait_ms}")
         for name in ("interactive_timeout", "batch_deadline", "redis_socket_timeout", "image_fetch_timeout",
-                     "label_studio_timeout"):
+                     "label_studio_timeout", "keypoint_box_size"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env_of(name)} must be positive, got {getattr(self, name)}")
         if self.job_retries < 0 or self.finetune_every_n < 0:
@@ -329,6 +350,13 @@ class Settings:
             raise SettingsError("IMAGE_FORMATS must name at least one image format")
         if self.dtype not in {"auto", "float32", "float16", "bfloat16"}:
             raise SettingsError(f"DTYPE must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if any("=" not in part or "." not in part.split("=", 1)[0]
+               for part in self.engine_options.split(",") if part.strip()):
+            raise SettingsError(f"ENGINE_OPTIONS must be <engine>.<option>=value pairs separated by commas, got "
+                                f"{self.engine_options!r}")
+        if self.engine not in ENGINES and "." not in self.engine:
+            raise SettingsError(f"ENGINE must be one of {', '.join(sorted(ENGINES))} (or the dotted path of an "
+                                f"Engine class), got {self.engine!r}")
 
     def __repr__(self) -> str:
         shown = []
@@ -336,6 +364,12 @@ class Settings:
             value = getattr(self, f.name)
             shown.append(f"{f.name}={'***' if f.metadata['secret'] and value else value!r}")
         return f"Settings({', '.join(shown)})"
+
+    @property
+    def engine_option_values(self) -> dict[str, str]:
+        """ENGINE_OPTIONS as a mapping."""
+        pairs = [part.strip() for part in self.engine_options.split(",") if part.strip()]
+        return {key.strip(): value.strip() for key, value in (pair.split("=", 1) for pair in pairs)}
 
     @property
     def basic_auth_enabled(self) -> bool:

@@ -7,7 +7,7 @@ files, and the held-out split.
   became which file. A copy is kept IMAGE_CACHE_RETENTION_DAYS after its last fetch: each call first forgets
   older rows and removes older files, and a fine-tune that still needs such an image fetches it again, under
   the fetch policy and permissions of that day.
-- `training_records`: one record per question the corrections answer (`model.data_format`).
+- `training_examples`: one example per field the corrections answer (`model.engine.Example`).
 - `split_held_out`: a fixed share of tasks, chosen by a hash of the task id, is kept for evaluation.
 """
 
@@ -19,12 +19,12 @@ import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from backend.annotations import CorrectedRegion, int_or_none
 from backend.images import ImageError, ImageLoader, decode_image
 from backend.settings import Settings
 from backend.store import Database
+from model.engine import LABEL, Example
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +115,11 @@ def _cached(database: Database, reference: str) -> LocalImage | None:
     return Path(row["path"]), int(row["width"]), int(row["height"])
 
 
-def training_records(regions: Sequence[CorrectedRegion], images: Mapping[str, LocalImage]) -> list[Any]:
-    """The regions as training records (`model.data_format.RegionSample`), one question per field:
-    the caption → `caption_question()`, each Choices control → `attribute_question(<control name>)` (one
-    record per chosen value), the RectangleLabels label → `attribute_question("category")`. Regions whose
-    image is missing from `images` are left out."""
-    from model.data_format import RegionSample
-    from model.prompts import attribute_question, caption_question
-
-    records: list[RegionSample] = []
+def training_examples(regions: Sequence[CorrectedRegion], images: Mapping[str, LocalImage]) -> list[Example]:
+    """The regions as training examples (`model.engine.Example`), one per field the corrections answer: the
+    caption, each Choices control's chosen values (one example per value), the label (attribute `LABEL`).
+    Regions whose image is missing from `images` are left out."""
+    examples: list[Example] = []
     for item in regions:
         local = images.get(item.image)
         if local is None:
@@ -131,24 +127,20 @@ def training_records(regions: Sequence[CorrectedRegion], images: Mapping[str, Lo
         path, width, height = local
         x1, y1, x2, y2 = item.box
         box = (x1 * width, y1 * height, x2 * width, y2 * height)
-        base_meta = {"source": "correction", "annotation_id": item.annotation_id, "task_id": item.task_id,
-                     "region_id": item.region_id, "seq": item.seq}
-        questions: list[tuple[str, str, str, dict[str, Any]]] = []
+        meta = {"source": "correction", "annotation_id": item.annotation_id, "task_id": item.task_id,
+                "region_id": item.region_id, "seq": item.seq}
+        fields: list[tuple[str, str | None, str]] = []
         if item.caption:
-            questions.append(("caption", caption_question(), item.caption, {"task": "caption"}))
+            fields.append(("caption", None, item.caption))
         for control, values in sorted(item.choices.items()):
-            for value in values:
-                questions.append((f"{control}-{value}", attribute_question(control), value,
-                                  {"task": "attribute", "attribute": control}))
+            fields += [(f"{control}-{value}", control, value) for value in values]
         if item.label:
-            questions.append(("category", attribute_question("category"), item.label,
-                              {"task": "attribute", "attribute": "category"}))
-        for key, question, answer, meta in questions:
-            records.append(RegionSample(
-                id=f"ann{item.annotation_id}-{item.region_id}-{key}", image=str(path), width=width, height=height,
-                boxes=[box], conversations=[{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
-                meta={**base_meta, **meta}))
-    return records
+            fields.append((LABEL, LABEL, item.label))
+        for key, attribute, answer in fields:
+            examples.append(Example(id=f"ann{item.annotation_id}-{item.region_id}-{key}", image=str(path),
+                                    width=width, height=height, box=box, attribute=attribute, answer=answer,
+                                    meta=meta))
+    return examples
 
 
 def is_held_out(task_id: str | None, fraction: float) -> bool:

@@ -38,13 +38,14 @@ from rq.worker import WorkerStatus
 from backend import registry
 from backend.calibration import Calibration
 from backend.corrections import CorrectionsStore
-from backend.describe import Description, describe_many, load_annotator, release_memory, resolve_device
+from backend.describe import Description, describe_many, load_engine, release_memory, resolve_device
 from backend.images import ImageError, ImageLoader
 from backend.jobs import JOB_FUNCTION, JobQueue, connect, restricted_job_class
 from backend.labelconfig import PredictionInvalid
 from backend.labelstudio import LabelStudioClient
 from backend.payloads import PayloadError, parse_payload, prediction_from_output
 from backend.settings import Settings
+from model.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class Predictor:
         self.settings = settings
         self.queue = queue
         self.images = ImageCache(ImageLoader(settings), settings.image_cache_size)
-        self.annotator: Any = None
+        self.engine: Engine | None = None
         self.calibration = Calibration()
         self.version: str | None = None
         self._label_studio: LabelStudioClient | None = None
@@ -95,10 +96,12 @@ class Predictor:
         if version != self.version:
             path = registry.checkpoint_path(self.settings, version)
             started = time.perf_counter()
-            self.annotator = None
+            self.engine = None
             release_memory()
-            self.annotator = load_annotator(path, resolve_device(self.settings.device), self.settings.dtype,
-                                            self.settings.annotator_class)
+            # A registered engine name only chooses the first version; a dotted path serves every version.
+            own = self.settings.engine if "." in self.settings.engine else None
+            self.engine = load_engine(path, resolve_device(self.settings.device), self.settings.dtype, own,
+                                      self.settings.engine_option_values)
             self.calibration = Calibration.load(path)
             log.info("model %s loaded from %s in %.1f s", version, path, time.perf_counter() - started)
             self.version = version
@@ -132,7 +135,7 @@ class Predictor:
                 (index, Description(image, plan, regions, keep_drawn), fetch_ms))
         for max_new_tokens, group in ready.items():
             model_started = time.perf_counter()
-            answers = describe_many(self.annotator, [item for _, item, _ in group], max_new_tokens, self.calibration)
+            answers = describe_many(self.engine, [item for _, item, _ in group], max_new_tokens, self.calibration)
             done = time.perf_counter()
             batch = {"jobs": len(group), "regions": sum(len(item.regions) for _, item, _ in group)}
             for (index, item, fetch_ms), regions in zip(group, answers, strict=True):

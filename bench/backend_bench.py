@@ -59,11 +59,11 @@ def make_checkpoint(root: Path, preset: str) -> Path:
     """A random-weights checkpoint of `preset`, registered as the current version under `root`."""
     import torch
 
-    from model.configuration_gpt4roi import GPT4RoIConfig
     from model.demo.synthetic import corpus_texts
-    from model.modeling_gpt4roi import GPT4RoIForCausalLM
-    from model.processing_gpt4roi import GPT4RoIProcessor
-    from model.tokenization_gpt4roi import train_sentencepiece
+    from model.gpt4roi.configuration_gpt4roi import GPT4RoIConfig
+    from model.gpt4roi.modeling_gpt4roi import GPT4RoIForCausalLM
+    from model.gpt4roi.processing_gpt4roi import GPT4RoIProcessor
+    from model.gpt4roi.tokenization_gpt4roi import train_sentencepiece
 
     torch.manual_seed(0)
     tokenizer = train_sentencepiece(corpus_texts(), vocab_size=400)
@@ -224,7 +224,7 @@ def measure_interactive(client: httpx.Client, jobs: JobTimes, predictor: Any, im
                             drawn={"id": "r"})
             started = time.perf_counter()
             image = predictor.images.get(f"{image_base}/img/{index}.png", None)
-            describe(predictor.annotator, image, plan, [region], True, max_new_tokens)
+            describe(predictor.engine, image, plan, [region], True, max_new_tokens)
             sink.append((time.perf_counter() - started) * 1000)
     e2e_first, e2e_second, overheads = [], [], []
     for index in range(first_image, first_image + rounds):

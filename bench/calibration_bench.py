@@ -32,11 +32,11 @@ from backend.calibration import Observation, calibration_report, fit, observe
 from backend.describe import describe
 from backend.labelconfig import FillPlan, Region, predicted_fields
 from model.demo.recipe import ensure_demo_checkpoint
-from model.inference import RegionAnnotator
+from model.gpt4roi.engine import GPT4RoIEngine
 from tests.support.hitl import CHOICE_CONTROLS, DEMO_CONFIG, SceneTask, make_tasks
 
 
-def judged(annotator: Any, plan: FillPlan, task: SceneTask, root: Path) -> list[tuple[list[Observation], bool]]:
+def judged(engine: Any, plan: FillPlan, task: SceneTask, root: Path) -> list[tuple[list[Observation], bool]]:
     """Per object of a scene: its fields' observations (raw confidence, kept) and whether all were kept."""
     with Image.open(task.image_path(root)) as opened:
         image = opened.convert("RGB")
@@ -46,7 +46,7 @@ def judged(annotator: Any, plan: FillPlan, task: SceneTask, root: Path) -> list[
         regions.append(Region(task.region_id(index), 100 * x1 / task.width, 100 * y1 / task.height,
                               100 * (x2 - x1) / task.width, 100 * (y2 - y1) / task.height,
                               original_width=task.width, original_height=task.height))
-    answers = describe(annotator, image, plan, regions, keep_drawn_label=False, max_new_tokens=32)
+    answers = describe(engine, image, plan, regions, keep_drawn_label=False, max_new_tokens=32)
     out = []
     for obj, region, answer in zip(task.objects, regions, answers, strict=True):
         final = {"caption": obj.caption, "label": obj.shape,
@@ -66,13 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
 
     checkpoint = ensure_demo_checkpoint()
-    annotator = RegionAnnotator.from_pretrained(checkpoint)
+    engine = GPT4RoIEngine.from_pretrained(checkpoint)
     plan = FillPlan.from_label_config(DEMO_CONFIG)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         root = Path(workdir)
         tasks = make_tasks(root, "held-out", 1, args.scenes, seed=args.seed)
-        judged_tasks = [judged(annotator, plan, task, root) for task in tasks]
+        judged_tasks = [judged(engine, plan, task, root) for task in tasks]
     seconds = time.perf_counter() - started
     # Scenes come in pairs (one sure to hold a cross, one drawn freely), so each half takes whole pairs and
     # both halves see the same mix: alternate scenes would fit on crosses and measure on fewer of them.

@@ -2,6 +2,8 @@
 
     python bench/gpu_bench.py [--preset gpt4roi-7b] [--device cuda] [--batches 1,8,32,64] [--new-tokens 32]
                               [--jobs 64] [--json results.json]
+    python bench/gpu_bench.py --engine florence-2 [--size base,large] …   (bench/engine_gpu.py)
+    python bench/gpu_bench.py --engine qwen3-vl [--size 2b,8b] …
 
 Builds a model of `--preset`'s shape with random weights directly on the device (bf16 on CUDA; no 7B
 initialisation on the CPU) and prints:
@@ -41,13 +43,15 @@ import torch
 
 from backend.describe import Description, describe, describe_many
 from backend.labelconfig import FillPlan, Region
-from model.configuration_gpt4roi import GPT4RoIConfig
+from bench import engine_gpu
 from model.demo.synthetic import corpus_texts, generate_dataset, make_image
-from model.inference import RegionAnnotator, RegionQuery
-from model.modeling_gpt4roi import GPT4RoIForCausalLM
-from model.processing_gpt4roi import GPT4RoIProcessor
-from model.prompts import attribute_question, caption_question
-from model.tokenization_gpt4roi import train_sentencepiece
+from model.gpt4roi.configuration_gpt4roi import GPT4RoIConfig
+from model.gpt4roi.engine import GPT4RoIEngine
+from model.gpt4roi.inference import RegionAnnotator, RegionQuery
+from model.gpt4roi.modeling_gpt4roi import GPT4RoIForCausalLM
+from model.gpt4roi.processing_gpt4roi import GPT4RoIProcessor
+from model.gpt4roi.prompts import attribute_question, caption_question
+from model.gpt4roi.tokenization_gpt4roi import train_sentencepiece
 
 REPO = Path(__file__).resolve().parents[1]
 INTERACTIVE_CONFIG = REPO / "labelstudio_config" / "interactive.xml"
@@ -174,7 +178,7 @@ def interactive(annotator: RegionAnnotator, device: torch.device, new_tokens: in
         for sink in (first, second):
             synchronize(device)
             started = time.perf_counter()
-            describe(annotator, image, plan, [region], True, new_tokens)
+            describe(GPT4RoIEngine(annotator), image, plan, [region], True, new_tokens)
             synchronize(device)
             sink.append((time.perf_counter() - started) * 1000)
     # The first image also pays for warm-up; the medians leave it out.
@@ -198,18 +202,19 @@ def decode_bound(annotator: RegionAnnotator, device: torch.device, new_tokens: i
 
 def across_jobs(annotator: RegionAnnotator, device: torch.device, jobs: int, new_tokens: int) -> dict[str, float]:
     """`jobs` single-box jobs, each on its own image: one batch (`describe_many`) vs one at a time."""
+    engine = GPT4RoIEngine(annotator)
     plan = FillPlan.from_label_config(INTERACTIVE_CONFIG.read_text())
     items = [Description(make_image(seed=500 + i, width=640, height=480)[0], plan,
                          [Region(f"r{i}", 10.0 + i % 5 * 10, 15.0, 30.0, 35.0, labels=("circle",))], True)
              for i in range(jobs)]
 
     def together() -> Any:
-        annotator._cache.clear()  # every run encodes its images, as a worker meeting new images does
-        return describe_many(annotator, items, new_tokens)
+        engine.forget_images()  # every run encodes its images, as a worker meeting new images does
+        return describe_many(engine, items, new_tokens)
 
     def alone() -> Any:
-        annotator._cache.clear()
-        return [describe(annotator, item.image, item.plan, item.regions, True, new_tokens) for item in items]
+        engine.forget_images()
+        return [describe(engine, item.image, item.plan, item.regions, True, new_tokens) for item in items]
 
     batched_s, _ = timed(device, together, repeats=2)
     single_s, _ = timed(device, alone, repeats=1)
@@ -220,7 +225,7 @@ def across_jobs(annotator: RegionAnnotator, device: torch.device, jobs: int, new
 def finetune_step(annotator: RegionAnnotator, device: torch.device, steps: int = 3) -> dict[str, Any]:
     """LoRA fine-tune steps as `backend/finetune.py` configures them (this changes the model: run it last)."""
     from model.data_format import read_jsonl
-    from model.training import LORA_TARGETS, TrainingConfig, train
+    from model.gpt4roi.training import LORA_TARGETS, TrainingConfig, train
 
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as folder:
         samples = read_jsonl(generate_dataset(folder, n_images=4 * steps, seed=3, split_name="bench",
@@ -246,12 +251,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=64, help="single-box jobs for the across-job comparison")
     parser.add_argument("--bandwidth-mb", type=int, default=2048, help="size of the bandwidth probe copy")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--engine", default="gpt4roi", choices=["gpt4roi", *engine_gpu.SIZES],
+                        help="the engine to measure (the options above are GPT4RoI's, but --device, --batches, "
+                             "--new-tokens and --json)")
+    parser.add_argument("--size", help="the other engines' sizes, comma-separated (default: all but tiny)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device here; pass --device cpu (with --preset tiny)")
+        raise SystemExit("--device cuda: no CUDA device here; pass --device cpu (with --preset or --size tiny)")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     batches = [int(b) for b in args.batches.split(",")]
+    if args.engine != "gpt4roi":
+        sizes = args.size.split(",") if args.size else [s for s in engine_gpu.SIZES[args.engine] if s != "tiny"]
+        unknown = set(sizes) - set(engine_gpu.SIZES[args.engine])
+        if unknown:
+            parser.error(f"--size {','.join(sorted(unknown))}: {args.engine} has "
+                         f"{', '.join(engine_gpu.SIZES[args.engine])}")
+        measured = []
+        for size in sizes:
+            measured.append(engine_gpu.figures(args.engine, size, device, batches, args.new_tokens,
+                                               lambda: synchronize(device)))
+            engine_gpu.report(measured[-1])
+        if args.json:
+            args.json.write_text(json.dumps(measured, indent=2) + "\n")
+        return 0
 
     started = time.perf_counter()
     annotator = build(args.preset, device, dtype)

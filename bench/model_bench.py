@@ -2,6 +2,8 @@
 against the batched path (image encoded once, prompts batched, the text before the image run once).
 
     python bench/model_bench.py [--preset tiny|demo] [--regions 16] [--repeats 3]
+    python bench/model_bench.py --engine florence-2 [--size base|large] …   (bench/florence2_bench.py)
+    python bench/model_bench.py --engine qwen3-vl [--size 2b|8b] [--region text|drawn] …   (bench/qwen3vl_bench.py)
 
 Both paths produce the same greedy answers (checked); the figures are medians of `--repeats` runs in
 this one process, and the ratio is what to compare across machines.
@@ -10,19 +12,20 @@ this one process, and the ratio is what to compare across machines.
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import time
 
 import torch
 
-from model.configuration_gpt4roi import GPT4RoIConfig
 from model.demo.synthetic import corpus_texts, make_image
-from model.generation import GenerationConfig, generate_answers, generation_prompt
-from model.inference import RegionAnnotator, RegionQuery
-from model.modeling_gpt4roi import GPT4RoIForCausalLM
-from model.processing_gpt4roi import GPT4RoIProcessor
-from model.prompts import caption_question
-from model.tokenization_gpt4roi import train_sentencepiece
+from model.gpt4roi.configuration_gpt4roi import GPT4RoIConfig
+from model.gpt4roi.generation import GenerationConfig, generate_answers, generation_prompt
+from model.gpt4roi.inference import RegionAnnotator, RegionQuery
+from model.gpt4roi.modeling_gpt4roi import GPT4RoIForCausalLM
+from model.gpt4roi.processing_gpt4roi import GPT4RoIProcessor
+from model.gpt4roi.prompts import caption_question
+from model.gpt4roi.tokenization_gpt4roi import train_sentencepiece
 
 
 def one_at_a_time(annotator: RegionAnnotator, queries: list[RegionQuery], max_new_tokens: int) -> list[str]:
@@ -49,13 +52,21 @@ def timed(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
+ENGINE_BENCHES = {"florence-2": "bench.florence2_bench", "qwen3-vl": "bench.qwen3vl_bench"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    chooser = argparse.ArgumentParser(add_help=False)
+    chooser.add_argument("--engine", default="gpt4roi", choices=["gpt4roi", *ENGINE_BENCHES])
+    chosen, rest = chooser.parse_known_args(argv)
+    if chosen.engine != "gpt4roi":
+        return importlib.import_module(ENGINE_BENCHES[chosen.engine]).main(rest)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[chooser])
     parser.add_argument("--preset", default="tiny", choices=["tiny", "demo"])
     parser.add_argument("--regions", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(rest)
     torch.manual_seed(0)
     tokenizer = train_sentencepiece(corpus_texts(), vocab_size=400)
     config = GPT4RoIConfig.from_preset(args.preset, vocab_size=len(tokenizer))
@@ -69,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     queries = [RegionQuery(image, (box,), caption_question()) for box in boxes]
 
     def batched() -> list[str]:
-        annotator._cache.clear()  # count the one image encoding in every run
+        annotator.forget_images()  # count the one image encoding in every run
         return annotator.answer(queries, max_new_tokens=args.max_new_tokens)
 
     one_at_a_time(annotator, queries[:2], args.max_new_tokens)  # warm-up

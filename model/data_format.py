@@ -25,7 +25,7 @@ Fields:
     human turns in order) refers to ``boxes[k-1]``; the number of ``<bbox>`` tokens equals ``len(boxes)``.
 ``conversations``
     Turns ``{"from": "human" | "gpt", "value": text}``, alternating, starting with a human turn and ending
-    with a gpt turn. Regions are mentioned as ``region{k} <bbox>`` (see :mod:`model.prompts`). Answers are
+    with a gpt turn. Regions are mentioned as ``region{k} <bbox>`` (see :mod:`model.gpt4roi.prompts`). Answers are
     non-empty and contain no ``<bbox>``. No turn contains ``<image>`` or the stop string ``###``: the
     processor adds the ``The <image> provides an overview of the picture.`` prefix to the first human turn
     and the ``###`` separators itself.
@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.prompts import BBOX_TOKEN, IMAGE_TOKEN, STOP_STRING, build_conversation, count_bbox_tokens
+from model.gpt4roi.prompts import BBOX_TOKEN, IMAGE_TOKEN, STOP_STRING, build_conversation, count_bbox_tokens
 
 __all__ = [
     "DatasetFormatError",

@@ -1,9 +1,9 @@
-"""Evaluate a GPT4RoI checkpoint on a region dataset (the JSONL format of `model.data_format`).
+"""Evaluate a checkpoint of any engine on a region dataset (the JSONL format of `model.data_format`).
 
-    python -m model.evaluate --checkpoint DIR --data FILE.jsonl [--out report.json] [--limit N]
+    python -m model.evaluate --checkpoint DIR --data FILE.jsonl [--engine NAME] [--option K=V] [--out FILE]
 
-Every record is answered by greedy generation, as the backend's captions are. Caption records get BLEU-4,
-METEOR, ROUGE-L and CIDEr. Other records get exact-match accuracy per attribute or relation (after
+Every record is answered by greedy generation (`Engine.generate`), as the backend's captions are. Caption
+records get BLEU-4, METEOR, ROUGE-L and CIDEr. Other records get exact-match accuracy per attribute or relation (after
 `model.metrics.normalize_answer`), and a confusion table per attribute. A dataset that knows more about its
 captions (the demo's synthetic shapes) adds its own figures with `caption_figures`.
 """
@@ -18,13 +18,11 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from PIL import Image
 from tqdm.auto import tqdm
 
 from .data_format import RegionSample, read_jsonl
-from .inference import RegionAnnotator, RegionQuery
+from .engine import ENGINES, Engine, EngineError, load_engine
 from .metrics import caption_metrics, closed_set_accuracy, confusion_table, format_table
-from .processing_gpt4roi import normalize_boxes
 
 
 def record_kind(sample: RegionSample) -> str:
@@ -35,9 +33,9 @@ def record_kind(sample: RegionSample) -> str:
     return str(meta.get("attribute") or meta.get("relation") or meta.get("task") or "other")
 
 
-def predict(annotator: RegionAnnotator, samples: Sequence[RegionSample], batch_images: int = 8,
+def predict(engine: Engine, samples: Sequence[RegionSample], batch_images: int = 8,
             progress: bool = True) -> list[str]:
-    """Greedy answers to each record's (single) question, images opened a few at a time."""
+    """Greedy answers to each record's (single) question, the records of a few images per call."""
     order: dict[str, list[int]] = defaultdict(list)
     for i, sample in enumerate(samples):
         order[str(sample.image)].append(i)
@@ -45,15 +43,8 @@ def predict(annotator: RegionAnnotator, samples: Sequence[RegionSample], batch_i
     paths = list(order)
     bar = tqdm(total=len(samples), desc="evaluate", unit="question", disable=not progress)
     for start in range(0, len(paths), batch_images):
-        queries, rows = [], []
-        for path in paths[start: start + batch_images]:
-            image = Image.open(path).convert("RGB")
-            for i in order[path]:
-                sample = samples[i]
-                boxes = tuple(map(tuple, normalize_boxes(sample.boxes, sample.width, sample.height).tolist()))
-                queries.append(RegionQuery(image, boxes, sample.conversations[0]["value"]))
-                rows.append(i)
-        for row, answer in zip(rows, annotator.answer(queries), strict=True):
+        rows = [i for path in paths[start: start + batch_images] for i in order[path]]
+        for row, answer in zip(rows, engine.generate([samples[i] for i in rows]), strict=True):
             answers[row] = answer
         bar.update(len(rows))
     bar.close()
@@ -97,20 +88,32 @@ def print_report(result: dict, file=sys.stdout) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, required=True, help="model directory (save_pretrained)")
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="model directory (save_pretrained), or a hub id with --engine")
     parser.add_argument("--data", type=Path, required=True, help="JSONL dataset")
     parser.add_argument("--out", type=Path, help="write the report as JSON here")
     parser.add_argument("--limit", type=int, help="evaluate only the first N records")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                        help="an engine option (as in ENGINE_OPTIONS); repeat for several")
+    parser.add_argument("--engine", help=f"engine to load the checkpoint with ({', '.join(sorted(ENGINES))}); "
+                                         "default: the one its config.json names")
     args = parser.parse_args(argv)
-    if not (args.checkpoint / "config.json").is_file():
-        parser.error(f"--checkpoint {args.checkpoint} has no config.json: not a model directory")
+    if not (args.checkpoint / "config.json").is_file() and not args.engine:
+        parser.error(f"--checkpoint {args.checkpoint} has no config.json: not a model directory (a hub id needs "
+                     "--engine)")
     if not args.data.is_file():
         parser.error(f"--data {args.data} does not exist")
     samples = read_jsonl(args.data)[: args.limit]
-    annotator = RegionAnnotator.from_pretrained(args.checkpoint, device=args.device)
+    try:
+        if any("=" not in option for option in args.option):
+            raise EngineError(f"--option takes NAME=VALUE, got {args.option}")
+        options = dict(option.split("=", 1) for option in args.option)
+        engine = load_engine(args.checkpoint, device=args.device, engine=args.engine, options=options)
+    except EngineError as exc:
+        parser.error(str(exc))
     started = time.perf_counter()
-    result = report(samples, predict(annotator, samples))
+    result = report(samples, predict(engine, samples))
     result["seconds"] = round(time.perf_counter() - started, 1)
     print_report(result)
     if args.out:

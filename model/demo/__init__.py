@@ -5,7 +5,7 @@ It builds on the `model` library and is never imported by it:
 
 - `synthetic`: scenes of shapes with per-object ground truth, and region records about them;
 - `region_pretraining`, `region_warmup`: the training stages a model built from scratch needs before
-  spatial instruction tuning (`model.training`);
+  spatial instruction tuning (`model.gpt4roi.training`);
 - `recipe`: the recipe (`DemoRecipe`), its checkpoint (shipped in `checkpoint/`, or trained into the cache)
   and `python -m model.demo`;
 - `report`: what the held-out report says about captions beyond the COCO scores.

@@ -11,7 +11,7 @@ split and saves the checkpoint with its report:
    starts from: vision tower and region module learn to tell the objects' attributes and layout;
 2. a region-reading warm-up (`model.demo.region_warmup`): the language model learns the region
    questions on their question turns alone, where two-region comparisons are learnable in a CPU budget;
-3. spatial instruction tuning (`model.training`) of everything but the vision tower on the region
+3. spatial instruction tuning (`model.gpt4roi.training`) of everything but the vision tower on the region
    conversations, as GPT4RoI's stage 2.
 
 The repository ships the checkpoint this recipe trains (`model/demo/checkpoint/`), so a first start needs
@@ -129,14 +129,15 @@ def ensure_demo_checkpoint(directory: Path | None = None, recipe: DemoRecipe | N
 
 def build_demo(out_dir: Path, recipe: DemoRecipe | None = None, progress: bool = True) -> Path:
     """Generate data, train tokenizer and model, evaluate, and write everything to `out_dir`."""
-    from model.configuration_gpt4roi import GPT4RoIConfig
     from model.data_format import read_jsonl
     from model.evaluate import predict, print_report, report
-    from model.inference import RegionAnnotator
-    from model.modeling_gpt4roi import GPT4RoIForCausalLM
-    from model.processing_gpt4roi import GPT4RoIProcessor
-    from model.tokenization_gpt4roi import train_sentencepiece
-    from model.training import TrainingConfig, save_checkpoint, train
+    from model.gpt4roi.configuration_gpt4roi import GPT4RoIConfig
+    from model.gpt4roi.engine import GPT4RoIEngine
+    from model.gpt4roi.inference import RegionAnnotator
+    from model.gpt4roi.modeling_gpt4roi import GPT4RoIForCausalLM
+    from model.gpt4roi.processing_gpt4roi import GPT4RoIProcessor
+    from model.gpt4roi.tokenization_gpt4roi import train_sentencepiece
+    from model.gpt4roi.training import TrainingConfig, save_checkpoint, train
 
     from .region_pretraining import RegionPretrainingConfig, pretrain_regions
     from .region_warmup import RegionWarmupConfig, warm_up_region_reading
@@ -182,8 +183,8 @@ def build_demo(out_dir: Path, recipe: DemoRecipe | None = None, progress: bool =
             f"loss {result.first_loss:.3f} → {result.last_loss:.3f}")
 
         heldout = read_jsonl(heldout_path)
-        annotator = RegionAnnotator(model, processor)
-        evaluation = report(heldout, predict(annotator, heldout, progress=progress), caption_figures)
+        engine = GPT4RoIEngine(RegionAnnotator(model, processor))
+        evaluation = report(heldout, predict(engine, heldout, progress=progress), caption_figures)
         evaluation["confusion"] = {k: v.to_text() for k, v in evaluation["confusion"].items()}
         print_report(evaluation, file=sys.stdout if progress else open(os.devnull, "w"))  # noqa: SIM115
 

@@ -28,9 +28,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from model.data_format import RegionSample
-from model.modeling_gpt4roi import GPT4RoIForCausalLM
-from model.processing_gpt4roi import GPT4RoIProcessor, normalize_boxes
-from model.training import CosineAdamW, PixelCache
+from model.gpt4roi.modeling_gpt4roi import GPT4RoIForCausalLM
+from model.gpt4roi.processing_gpt4roi import GPT4RoIProcessor, normalize_boxes
+from model.gpt4roi.training import CosineAdamW, PixelCache
 
 RELATIONS = ("left_of", "above", "larger")
 

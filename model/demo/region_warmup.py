@@ -24,9 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from model.data_format import RegionSample
-from model.modeling_gpt4roi import GPT4RoIForCausalLM
-from model.processing_gpt4roi import IGNORE_INDEX, GPT4RoIProcessor, normalize_boxes, pad_sequences
-from model.training import CosineAdamW, PixelCache
+from model.gpt4roi.modeling_gpt4roi import GPT4RoIForCausalLM
+from model.gpt4roi.processing_gpt4roi import IGNORE_INDEX, GPT4RoIProcessor, normalize_boxes, pad_sequences
+from model.gpt4roi.training import CosineAdamW, PixelCache
 
 
 @dataclass

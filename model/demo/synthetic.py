@@ -16,7 +16,7 @@ right answer that a small model can read off a ~96 px image:
   box lies more than half inside another.
 
 Each image yields single-turn records in the format of :mod:`model.data_format`, with the question
-templates of :mod:`model.prompts`; region numbering starts at ``region1`` in every record:
+templates of :mod:`model.gpt4roi.prompts`; region numbering starts at ``region1`` in every record:
 
 * ``caption``: ``"a {size} {color} {texture} {shape}"``, e.g. ``"a large red striped circle"``;
 * ``attribute``: color, shape, size, texture and category (the category is the shape's name);
@@ -50,7 +50,7 @@ import numpy as np
 from PIL import Image
 
 from model.data_format import RegionSample, write_jsonl
-from model.prompts import (
+from model.gpt4roi.prompts import (
     IMAGE_PREFIX,
     RELATIONS,
     SYSTEM_PROMPT,
@@ -676,7 +676,7 @@ def region_records(
     """The questions about one scene.
 
     Per object: a caption question and one question per attribute of :data:`QUESTION_ATTRIBUTES`
-    (``tasks`` containing ``"caption"``/``"attribute"``). Per relation of :data:`model.prompts.RELATIONS`:
+    (``tasks`` containing ``"caption"``/``"attribute"``). Per relation of :data:`model.gpt4roi.prompts.RELATIONS`:
     up to ``pairs_per_relation`` pairs with a clear answer, each asked in a random order, so that yes/no and
     region1/region2 answers are balanced. The object indices name region1, region2, ... in order.
     """

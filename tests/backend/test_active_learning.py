@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from backend.describe import Description, describe_many, load_annotator
+from backend.describe import Description, describe_many, load_engine
 from backend.labelconfig import FillPlan, build_prediction, regions_from_task
 from tests.support.hitl import DEMO_CONFIG, NEW_SHAPE, choose_scenes, make_tasks, task_json
 
@@ -27,13 +27,13 @@ def test_the_lowest_task_scores_are_the_scenes_holding_a_shape_the_model_never_s
 
     from model.demo import ensure_demo_checkpoint
 
-    annotator = load_annotator(ensure_demo_checkpoint(progress=False), torch.device("cpu"))
+    engine = load_engine(ensure_demo_checkpoint(progress=False), torch.device("cpu"))
     plan = FillPlan.from_label_config(DEMO_CONFIG)
     tasks = make_tasks(tmp_path, "pool", 1, POOL, seed=61, cross_every=EVERY)
     items = [Description(Image.open(t.image_path(tmp_path)).convert("RGB"), plan,
                          regions_from_task(plan, task_json(t)), True) for t in tasks]
     predictions = [build_prediction(item.plan, item.regions, answers, "demo")
-                   for item, answers in zip(items, describe_many(annotator, items, 24), strict=True)]
+                   for item, answers in zip(items, describe_many(engine, items, 24), strict=True)]
     holds_cross = [any(o.shape == NEW_SHAPE for o in t.objects) for t in tasks]
     assert sum(holds_cross) == POOL // EVERY
 

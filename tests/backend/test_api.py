@@ -46,7 +46,8 @@ class TestConnect:
         assert response.status_code == 422 and "no <Image>" in response.json()["detail"]
 
     def test_versions(self, api):
-        assert api.client.get("/versions").json() == {"versions": [MODEL_VERSION], "current_version": MODEL_VERSION}
+        assert api.client.get("/versions").json() == {"versions": [MODEL_VERSION], "current_version": MODEL_VERSION,
+                                                      "engines": {MODEL_VERSION: "gpt4roi"}}
 
     def test_api_process_never_imports_torch(self, base_env):
         script = (
@@ -210,7 +211,7 @@ BAD_REQUESTS = [
     ({"tasks": [{"id": 1, "data": {}}], "label_config": "<View><Text name='t' value='$t'/></View>"}, 422,
      "no <Image>"),
     ({"tasks": [{"id": 1, "data": {}}], "label_config": "<View><Image name='i' value='$i'/></View>"}, 422,
-     "no <Rectangle>"),
+     "no region tool"),
     ({"tasks": [{"id": 1, "data": {}}], "label_config": "<View"}, 422, "cannot be parsed"),
     ({"tasks": [{"id": 1, "data": {}}], "label_config": CAPTURED_CONFIG, "params": "x"}, 400, "'params'"),
     ({"tasks": [{"id": 1, "data": {}}], "label_config": CAPTURED_CONFIG, "params": {"context": [1]}}, 400,

@@ -20,7 +20,7 @@ from rq.job import Job, JobStatus
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
-from backend.describe import Description, describe, describe_many, load_annotator
+from backend.describe import Description, describe, describe_many, load_engine
 from backend.jobs import JobQueue, connect
 from backend.labelconfig import FillPlan, Region
 from backend.payloads import make_payload
@@ -111,13 +111,13 @@ def outcome(queue: JobQueue, job_id: str) -> tuple[Job, Result | None]:
 
 # ---------------------------------------------------------------------- in this process
 def test_several_images_described_together_answer_as_each_alone(tiny_checkpoint: Path):
-    annotator = load_annotator(tiny_checkpoint, "cpu")
+    engine = load_engine(tiny_checkpoint, "cpu")
     items = [Description(scene(colour=colour), PLAN, regions(1 + i % 3, i), keep_drawn_label=i % 2 == 0)
              for i, colour in enumerate(COLOURS)]
-    together = describe_many(annotator, items, max_new_tokens=6)
+    together = describe_many(engine, items, max_new_tokens=6)
     assert len(together) == len(items)
     for item, answers in zip(items, together, strict=True):
-        same_answers(answers, describe(annotator, item.image, item.plan, item.regions, item.keep_drawn_label, 6))
+        same_answers(answers, describe(engine, item.image, item.plan, item.regions, item.keep_drawn_label, 6))
 
 
 def test_a_payload_that_cannot_be_used_gets_its_own_error_and_the_others_their_answers(lone_predictor, images,

@@ -30,9 +30,8 @@ from backend.payloads import make_payload
 from backend.runs import FinetuneRuns, RunStatus
 from backend.settings import Settings
 from backend.store import DB_FILE, SQLiteDatabase
-from backend.training_data import IMAGE_CACHE_DIR, is_held_out, local_images, split_held_out, training_records
-from model.data_format import read_jsonl, write_jsonl
-from model.prompts import attribute_question, caption_question
+from backend.training_data import IMAGE_CACHE_DIR, is_held_out, local_images, split_held_out, training_examples
+from model.engine import LABEL
 from tests.support import REPO, capture, free_port
 from tests.support.hitl import DEMO_CONFIG, annotation_event, make_tasks, task_json
 from tests.support.redis_server import KEY_PREFIX, REDIS_URL
@@ -231,7 +230,7 @@ def test_malformed_proposals_are_refused_with_a_reason(settings):
 
 
 # ---------------------------------------------------------------------- export for training
-def test_corrections_export_to_training_records_with_cached_images(settings, tmp_path):
+def test_corrections_become_training_examples_with_cached_images(settings, tmp_path):
     tasks = make_tasks(tmp_path / "images", "b", 1, 2, seed=5)
     for i, task in enumerate(tasks):
         store_of(settings).record_event(annotation_event(task, 20 + i, DEMO_CONFIG))
@@ -249,26 +248,24 @@ def test_corrections_export_to_training_records_with_cached_images(settings, tmp
     again, failed = local_images(settings, [(r.image, r.task_id) for r in regions])
     assert again == images and failed == {}
 
-    records = training_records(regions, images)
-    questions = {caption_question(), *(attribute_question(a) for a in ("color", "size", "texture", "category"))}
-    assert len(records) == len(questions) * len(regions)
-    by_region: dict[str, dict[str, str]] = {}
-    for record in records:
-        by_region.setdefault(record.meta["region_id"], {})[record.conversations[0]["value"]] = \
-            record.conversations[1]["value"]
+    examples = training_examples(regions, images)
+    fields = (None, "color", "size", "texture", LABEL)
+    assert len(examples) == len(fields) * len(regions)
+    by_region: dict[str, dict[str | None, str]] = {}
+    for example in examples:
+        by_region.setdefault(example.meta["region_id"], {})[example.attribute] = example.answer
     for task in tasks:
         for index, obj in enumerate(task.objects):
             answers = by_region[task.region_id(index)]
-            assert set(answers) == questions
-            assert answers[caption_question()] == obj.caption
-            assert answers[attribute_question("category")] == obj.shape
-            assert answers[attribute_question("texture")] == obj.texture
-    for record in records:
-        task = next(t for t in tasks if t.task_id == int(record.meta["task_id"]))
-        obj = task.objects[int(record.meta["region_id"].rsplit("r", 1)[1]) - 1]
-        assert record.boxes[0] == pytest.approx(obj.box, abs=1e-6)
-    written = write_jsonl(records, tmp_path / "export" / "corrections.jsonl")
-    assert [r.id for r in read_jsonl(written)] == [r.id for r in records]
+            assert set(answers) == set(fields)
+            assert answers[None] == obj.caption
+            assert answers[LABEL] == obj.shape
+            assert answers["texture"] == obj.texture
+    for example in examples:
+        task = next(t for t in tasks if t.task_id == int(example.meta["task_id"]))
+        obj = task.objects[int(example.meta["region_id"].rsplit("r", 1)[1]) - 1]
+        assert example.box == pytest.approx(obj.box, abs=1e-6)
+        assert example.image == str(images[task.reference][0])
 
 
 def test_an_unreachable_image_is_reported_not_raised(settings, tmp_path):
@@ -528,3 +525,68 @@ def test_a_bulk_event_naming_one_annotation_twice_keeps_the_newer(settings, orde
     summary = store_of(settings).record_event(bulk)
     assert summary["samples"] == (2 if order == "older first" else 1)
     assert [r.caption for r in store_of(settings).regions()] == ["the newer word"]
+
+
+# ---------------------------------------------------------------------- corrections of other shapes
+OCR_CONFIG = (
+    '<View><Image name="image" value="$ocr"/>'
+    '<Labels name="label" toName="image"><Label value="Text"/><Label value="Handwriting"/></Labels>'
+    '<Rectangle name="bbox" toName="image"/><Polygon name="poly" toName="image"/>'
+    '<KeyPointLabels name="kp" toName="image"><Label value="Corner"/></KeyPointLabels>'
+    '<TextArea name="transcription" toName="image" perRegion="true"/>'
+    '<Choices name="quality" toName="image"><Choice value="sharp"/><Choice value="blurry"/></Choices></View>')
+
+
+def shapes_event(annotation_id: int) -> dict[str, Any]:
+    """An annotation of the OCR-like config: a polygon labelled by the separate Labels control with its
+    transcription, a keypoint, and the whole image's Choices."""
+    common = {"to_name": "image", "original_width": 200, "original_height": 100, "image_rotation": 0}
+    points = {"points": [[10, 20], [40, 20], [30, 60]], "closed": True}
+    result = [
+        {**common, "id": "poly1", "from_name": "poly", "type": "polygon", "value": points},
+        {**common, "id": "poly1", "from_name": "label", "type": "labels", "value": {**points, "labels": ["Text"]}},
+        {**common, "id": "poly1", "from_name": "transcription", "type": "textarea",
+         "value": {**points, "text": ["STOP"]}},
+        {**common, "id": "kp1", "from_name": "kp", "type": "keypointlabels",
+         "value": {"x": 50, "y": 50, "width": 0.5, "keypointlabels": ["Corner"]}},
+        {"id": "cls9", "from_name": "quality", "to_name": "image", "type": "choices",
+         "value": {"choices": ["blurry"]}},
+    ]
+    return {"action": "ANNOTATION_CREATED",
+            "project": {"id": 3, "label_config": OCR_CONFIG},
+            "task": {"id": 77, "data": {"ocr": "http://127.0.0.1:8081/sign.png"}},
+            "annotation": {"id": annotation_id, "task": 77, "result": result, "was_cancelled": False}}
+
+
+def test_polygon_keypoint_and_whole_image_corrections_are_stored_with_their_enclosing_box(settings):
+    summary = store_of(settings).record_event(shapes_event(41))
+
+    assert summary == {"action": "ANNOTATION_CREATED", "samples": 3}
+    regions = {r.region_id: r for r in store_of(settings).regions()}
+    polygon, keypoint, whole = regions["poly1"], regions["kp1"], regions["image"]
+    assert polygon.box == pytest.approx((0.10, 0.20, 0.40, 0.60))
+    assert (polygon.caption, polygon.label) == ("STOP", "Text")
+    assert polygon.region.type == "polygon" and polygon.region.geometry()["points"][2] == [30, 60]
+    # The keypoint's box: 10% of the shorter side (100 px) around the point, on a 200 x 100 image.
+    assert keypoint.box == pytest.approx((0.475, 0.45, 0.525, 0.55))
+    assert keypoint.label == "Corner"
+    assert whole.box == (0.0, 0.0, 1.0, 1.0) and whole.choices == {"quality": ["blurry"]}
+
+
+def test_rectangles_of_a_separately_labelled_tool_keep_their_label(settings):
+    body = shapes_event(42)
+    rect = {"x": 5, "y": 5, "width": 20, "height": 10, "rotation": 0}
+    body["annotation"]["result"] = [
+        {"id": "b1", "from_name": "bbox", "to_name": "image", "type": "rectangle", "value": rect},
+        {"id": "b1", "from_name": "label", "to_name": "image", "type": "labels",
+         "value": {**rect, "labels": ["Handwriting"]}},
+    ]
+    assert store_of(settings).record_event(body)["samples"] == 1
+    [region] = store_of(settings).regions()
+    assert region.label == "Handwriting" and region.box == pytest.approx((0.05, 0.05, 0.25, 0.15))
+
+
+def test_shapes_are_read_without_a_labeling_config_too():
+    fields = parse_annotation_regions(shapes_event(43)["annotation"]["result"], None)
+    assert fields["poly1"]["region"].box() == pytest.approx((0.10, 0.20, 0.40, 0.60))
+    assert fields["kp1"]["region"].labels == ("Corner",)

@@ -21,7 +21,7 @@ import redis
 from backend import finetune, registry
 from backend.acceptance import AcceptanceStats
 from backend.corrections import CorrectionsStore
-from backend.describe import describe, load_annotator
+from backend.describe import describe, load_engine
 from backend.finetune import FinetuneOptions, Verdict, decide, finetune_lock, lock_holder, run_finetune
 from backend.labelconfig import FillPlan
 from backend.runs import FinetuneRuns, RunStatus
@@ -114,6 +114,8 @@ def test_a_first_run_trains_publishes_and_waits_for_review_then_the_next_promote
     assert registry.current_version(settings) == BASE and registry.list_versions(settings) == [BASE, name]
     meta = registry.read_metadata(settings, name)
     assert meta["parent"] == BASE and meta["promoted"] is False and meta["verdict"] == "awaiting review"
+    # A version names the engine that made it and the base model it descends from.
+    assert meta["engine"] == "gpt4roi" and meta["base_model"] == BASE
     held = [r for r in regions if is_held_out(r.task_id, 0.3)]
     assert meta["data"]["fresh_eval_regions"] == len(held) > 0 and meta["data"]["eval_regions"] == 0
     assert meta["data"]["new_regions"] == len(regions) - len(held)
@@ -134,9 +136,9 @@ def test_a_first_run_trains_publishes_and_waits_for_review_then_the_next_promote
     # The published checkpoint is what the worker loads, and training changed it.
     from safetensors.torch import load_file
 
-    from model.inference import RegionAnnotator
+    from model.engine import load_engine
 
-    RegionAnnotator.from_pretrained(folder)
+    assert load_engine(folder).name == "gpt4roi"
     tuned, base = load_file(folder / "model.safetensors"), load_file(registry.checkpoint_path(settings, BASE)
                                                                      / "model.safetensors")
     changed = [k for k in base if not (tuned[k] == base[k]).all()]
@@ -159,6 +161,8 @@ def test_a_first_run_trains_publishes_and_waits_for_review_then_the_next_promote
     meta = registry.read_metadata(settings, second.candidate)
     assert meta["data"]["eval_regions"] == len(held) and meta["metrics"]["candidate"]["regions"] == len(held)
     assert registry.current_version(settings) == second.candidate
+    # A fine-tune of a fine-tune inherits the lineage.
+    assert (meta["parent"], meta["engine"], meta["base_model"]) == (name, "gpt4roi", BASE)
 
 
 def test_a_rollback_during_a_run_is_not_undone_by_its_promotion(env, tmp_path, monkeypatch):
@@ -185,11 +189,11 @@ def test_a_candidate_worse_than_the_current_version_is_not_promoted(env, tmp_pat
     settings = settings_of(env, finetune_eval_fraction=0.5, finetune_keep_rejected=True)
     tasks = make_tasks(tmp_path / "images", "b", 1, 6, seed=12)
     plan = FillPlan.from_label_config(DEMO_CONFIG)
-    annotator = load_annotator(registry.checkpoint_path(settings, BASE), "cpu")
+    engine = load_engine(registry.checkpoint_path(settings, BASE), "cpu")
     for i, task in enumerate(tasks):
         event = annotation_event(task, 200 + i, DEMO_CONFIG)
         if is_held_out(str(task.task_id), 0.5):
-            event["annotation"]["result"] = accepted_as_proposed(annotator, settings, plan, task, tmp_path / "images")
+            event["annotation"]["result"] = accepted_as_proposed(engine, settings, plan, task, tmp_path / "images")
         CorrectionsStore.for_settings(settings).record_event(event)
     assert any(is_held_out(str(t.task_id), 0.5) for t in tasks)
     assert run_finetune(settings, FinetuneOptions()).status is Verdict.AWAITING_REVIEW
@@ -206,7 +210,7 @@ def test_a_candidate_worse_than_the_current_version_is_not_promoted(env, tmp_pat
     assert FinetuneRuns.for_settings(settings).watermark() > 0
 
 
-def accepted_as_proposed(annotator: Any, settings: Settings, plan: FillPlan, task: SceneTask,
+def accepted_as_proposed(engine: Any, settings: Settings, plan: FillPlan, task: SceneTask,
                          images: Path) -> list[dict[str, Any]]:
     """An annotation result holding exactly what the worker proposes for the task's boxes."""
     from PIL import Image
@@ -217,7 +221,7 @@ def accepted_as_proposed(annotator: Any, settings: Settings, plan: FillPlan, tas
     regions = regions_from_task(plan, task_json(task))
     with Image.open(task.image_path(images)) as opened:
         image = opened.convert("RGB")
-    answers = describe(annotator, image, plan, regions, False, settings.max_new_tokens)
+    answers = describe(engine, image, plan, regions, False, settings.max_new_tokens)
     return build_prediction(plan, regions, answers, BASE, image_size=image.size)["result"]
 
 

@@ -24,7 +24,7 @@ from backend.labelconfig import (
     validate_prediction,
     wants_label,
 )
-from model.processing_gpt4roi import MIN_BOX_SIZE, sanitize_boxes
+from model.gpt4roi.processing_gpt4roi import MIN_BOX_SIZE, sanitize_boxes
 from tests.support import capture, config_xml
 
 CAPTURED_CONFIG = capture("04")["request"]["json"]["label_config"]
@@ -79,8 +79,12 @@ class TestFillPlan:
     @pytest.mark.parametrize("xml, reason", [
         ('<View><Text name="t" value="$text"/><Choices name="c" toName="t"><Choice value="a"/></Choices></View>',
          "no <Image>"),
-        ('<View><Image name="img" value="$image"/><Choices name="c" toName="img"><Choice value="a"/></Choices>'
-         '</View>', "no <Rectangle>"),
+        ('<View><Image name="img" value="$image"/><Text name="t" value="$t"/>'
+         '<Choices name="c" toName="t"><Choice value="a"/></Choices></View>', "no region tool"),
+        ('<View><Image name="img" valueList="$pages"/><RectangleLabels name="r" toName="img">'
+         '<Label value="a"/></RectangleLabels></View>', "list of pages"),
+        ('<View><Image name="img" value="$image"/><PolygonLabels name="p" toName="img" value="$objects"/></View>',
+         "come from the task data"),
         ("<View><Image name='img' value='$image'>", "cannot be parsed"),
         ("", "empty"),
     ])
@@ -331,3 +335,122 @@ def test_any_region_gives_a_valid_prediction_with_a_box_inside_the_image(x, y, w
         sx1, sy1, sx2, sy2 = sanitize_boxes([box])[0].tolist()
         assert sx2 - sx1 >= MIN_BOX_SIZE - 1e-6 and sy2 - sy1 >= MIN_BOX_SIZE - 1e-6
     assert math.isclose(sum(answer["choices"]["attrs"].values()), 1.0)
+
+
+# ---------------------------------------------------------------------- shapes other than rectangles
+SHAPES_CONFIG = (
+    '<View><Image name="image" value="$image"/>'
+    '<Labels name="label" toName="image"><Label value="Text"/><Label value="Handwriting"/></Labels>'
+    '<Rectangle name="bbox" toName="image"/><Polygon name="poly" toName="image"/>'
+    '<EllipseLabels name="ell" toName="image"><Label value="Face"/><Label value="Eye"/></EllipseLabels>'
+    '<KeyPointLabels name="kp" toName="image"><Label value="Nose"/><Label value="Ear"/></KeyPointLabels>'
+    '<BrushLabels name="brush" toName="image"><Label value="Sky"/><Label value="Road"/></BrushLabels>'
+    '<TextArea name="transcription" toName="image" perRegion="true"/>'
+    '<Choices name="legible" toName="image" perRegion="true"><Choice value="yes"/><Choice value="no"/></Choices>'
+    '<TextArea name="summary" toName="image"/>'
+    '<Choices name="scene" toName="image" choice="multiple"><Choice value="street"/><Choice value="shop"/>'
+    '<Choice value="road"/></Choices></View>')
+
+
+def shape_items() -> list[dict]:
+    import numpy as np
+    from label_studio_sdk.converter.brush import mask2rle
+
+    mask = np.zeros((50, 80), dtype=np.uint8)
+    mask[10:30, 20:60] = 255
+    common = {"to_name": "image", "original_width": 80, "original_height": 50, "image_rotation": 0}
+    return [
+        {**common, "id": "p", "from_name": "poly", "type": "polygon",
+         "value": {"points": [[10, 10], [50, 20], [30, 70]]}},
+        {**common, "id": "e", "from_name": "ell", "type": "ellipselabels",
+         "value": {"x": 50, "y": 50, "radiusX": 10, "radiusY": 20, "rotation": 0, "ellipselabels": ["Eye"]}},
+        {**common, "id": "k", "from_name": "kp", "type": "keypointlabels",
+         "value": {"x": 40, "y": 60, "width": 1, "keypointlabels": ["Nose"]}},
+        {**common, "id": "b", "from_name": "brush", "type": "brushlabels",
+         "value": {"format": "rle", "rle": mask2rle(mask), "brushlabels": ["Sky"]}},
+    ]
+
+
+def shape_answers(plan: FillPlan, regions: list[Region]) -> list[dict]:
+    out = []
+    for region in regions:
+        choices = {c.name: {v: 1 / len(c.candidates) + (0.1 if i == 0 else -0.1 / (len(c.candidates) - 1))
+                            for i, v in enumerate(c.candidates)} for c in plan.choices_for(region)}
+        labels = plan.labels_for(region)
+        label = {v: (0.9 if i == 1 else 0.1 / (len(labels) - 1)) for i, v in enumerate(labels)} if labels else None
+        out.append({"id": region.id, "caption": f"about {region.id}", "choices": choices, "label": label})
+    return out
+
+
+class TestShapes:
+    def test_plan_has_every_tool_with_its_labels_and_the_whole_image_controls(self):
+        plan = FillPlan.from_label_config(SHAPES_CONFIG)
+        tools = {t.name: (t.type, t.labels, t.labels_control) for t in plan.tools}
+        assert tools["poly"] == ("polygon", ("Text", "Handwriting"), "label")
+        assert tools["ell"] == ("ellipselabels", ("Face", "Eye"), None)
+        assert (plan.captions, plan.image_captions) == (("transcription",), ("summary",))
+        assert [c.name for c in plan.choices] == ["legible"] and [c.name for c in plan.image_choices] == ["scene"]
+        assert FillPlan.from_json(plan.to_json()) == plan
+
+    def test_a_rectangle_only_plan_of_an_earlier_payload_is_read(self):
+        plan = FillPlan.from_label_config(CAPTURED_CONFIG)
+        old = {"image": "image", "image_key": "image", "image_constant": None, "rectangle": "bbox",
+               "rectangle_type": "rectanglelabels", "labels": list(plan.labels), "captions": ["caption"],
+               "choices": [{"name": c.name, "candidates": list(c.candidates), "multiple": c.multiple}
+                           for c in plan.choices]}
+        assert FillPlan.from_json(old) == plan
+
+    def test_drawn_shapes_are_echoed_as_drawn_with_their_results(self):
+        plan = FillPlan.from_label_config(SHAPES_CONFIG)
+        items = shape_items()
+        regions = regions_from_context(plan, {"result": items})
+        assert [r.type for r in regions] == ["polygon", "ellipselabels", "keypointlabels", "brushlabels"]
+        assert regions[0].box() == pytest.approx((0.1, 0.1, 0.5, 0.7))
+        assert regions[3].box() == pytest.approx((0.25, 0.2, 0.75, 0.6))
+        prediction = build_prediction(plan, regions, shape_answers(plan, regions), "v1")
+        validate_prediction(SHAPES_CONFIG, prediction)
+        by_id: dict[str, list[dict]] = {}
+        for item in prediction["result"]:
+            by_id.setdefault(item["id"], []).append(item)
+        for drawn in items:
+            echoed = by_id[drawn["id"]]
+            assert echoed[0]["value"] == drawn["value"] and echoed[0]["type"] == drawn["type"]
+            assert {i["from_name"] for i in echoed[1:]} >= {"transcription", "legible"}
+        # The polygon had no label: the model's goes to the separate Labels control, with the polygon's points.
+        (label_item,) = [i for i in by_id["p"] if i["type"] == "labels"]
+        assert label_item["value"] == {**items[0]["value"], "labels": ["Handwriting"]}
+        (caption,) = [i for i in by_id["p"] if i["from_name"] == "transcription"]
+        assert caption["value"]["points"] == items[0]["value"]["points"]
+
+    def test_batch_regions_get_their_tool_type_and_the_whole_image_is_added(self):
+        plan = FillPlan.from_label_config(SHAPES_CONFIG)
+        task = {"id": 1, "data": {"image": "x"}, "annotations": [{"result": shape_items()}]}
+        regions = regions_from_task(plan, task)
+        assert [r.id for r in regions] == ["p", "e", "k", "b", "image"]
+        assert regions[-1].box() == (0.0, 0.0, 1.0, 1.0)
+        prediction = build_prediction(plan, regions, shape_answers(plan, regions), "v1")
+        validate_prediction(SHAPES_CONFIG, prediction)
+        whole = [i for i in prediction["result"] if i["id"] == "image"]
+        assert {i["from_name"] for i in whole} == {"summary", "scene"}
+        assert all(set(i) <= {"id", "from_name", "to_name", "type", "value", "score"} for i in whole)
+        assert [i["value"] for i in whole if i["type"] == "textarea"] == [{"text": ["about image"]}]
+        ellipse = next(i for i in prediction["result"] if i["id"] == "e" and i["from_name"] == "ell")
+        assert ellipse["value"]["ellipselabels"] == ["Eye"]
+
+    def test_a_task_without_regions_still_gets_the_whole_image(self):
+        plan = FillPlan.from_label_config(
+            '<View><Image name="image" value="$image"/><Choices name="c" toName="image">'
+            '<Choice value="cat"/><Choice value="dog"/></Choices></View>')
+        (region,) = regions_from_task(plan, {"id": 1, "data": {"image": "x"}})
+        prediction = build_prediction(plan, [region], shape_answers(plan, [region]), "v1")
+        assert prediction["result"] == [{"id": "image", "from_name": "c", "to_name": "image", "type": "choices",
+                                         "score": pytest.approx(0.6), "value": {"choices": ["cat"]}}]
+
+    def test_keypoint_box_follows_the_setting(self):
+        plan = FillPlan.from_label_config(SHAPES_CONFIG)
+        item = shape_items()[2]
+        (small,) = regions_from_context(plan, {"result": [item]}, keypoint_box=2.0)
+        (large,) = regions_from_context(plan, {"result": [item]}, keypoint_box=20.0)
+        # 20% of the 50-pixel shorter side is 10 pixels: 12.5% of the width, 20% of the height.
+        assert large.box() == pytest.approx((0.4 - 0.0625, 0.5, 0.4 + 0.0625, 0.7))
+        assert small.box()[2] - small.box()[0] == pytest.approx((large.box()[2] - large.box()[0]) / 10)

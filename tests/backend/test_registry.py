@@ -34,8 +34,9 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
     return Settings.from_env({}, model_dir=root, data_dir=tmp_path / "data", database_url=database_url)
 
 
-def publish(settings: Settings, parent: str, when: dt.datetime, **metadata: object) -> str:
-    name = registry.next_version_name(settings, when)
+def publish(settings: Settings, parent: str, when: dt.datetime, engine: str | None = None,
+            **metadata: object) -> str:
+    name = registry.next_version_name(settings, when, engine)
     staging = registry.staging_dir(settings, name)
     (staging / "config.json").write_text("{}")
     registry.publish(settings, staging, name, {"parent": parent, **metadata})
@@ -53,6 +54,11 @@ def test_version_names_are_numbered_sortable_and_unique(settings):
     assert (one, two, staged) == ("v0001-20261126T041500", "v0002-20261126T041500", "v0003-20250101T000000")
     assert registry.next_version_name(settings).startswith("v0004-")
     assert sorted([two, one]) == [one, two]
+    # The engine that made a version ends its name, and takes part in the numbering like any other.
+    three = publish(settings, two, dt.datetime(2026, 11, 27, tzinfo=dt.UTC), engine="florence-2")
+    assert three == "v0004-20261127T000000-florence-2"
+    assert registry.next_version_name(settings, dt.datetime(2026, 11, 28, tzinfo=dt.UTC)) == "v0005-20261128T000000"
+    assert registry.list_versions(settings)[-2:] == [two, three]
 
 
 def test_a_published_version_is_complete_read_only_and_never_overwritten(settings):

@@ -81,3 +81,8 @@ def test_the_configuration_table_lists_every_variable():
     done = subprocess.run([sys.executable, "-m", "backend", "settings"], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == table
+
+
+def test_the_replaced_annotator_class_setting_is_refused_with_its_successor():
+    with pytest.raises(SettingsError, match="ANNOTATOR_CLASS was replaced by ENGINE"):
+        Settings.from_env({"ANNOTATOR_CLASS": "model.inference.RegionAnnotator"})

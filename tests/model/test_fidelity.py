@@ -3,7 +3,7 @@
 `tests/fixtures/gpt4roi_official_reference/` holds inputs and outputs of the official GPT4RoI forward pass
 on a dimension-faithful model with recipe weights. This test rebuilds those weights under the official key
 names, writes them the way the release is published (a LLaMA base + a `.bin` delta + a CLIP directory),
-converts them with `model.convert_official`, and compares our forward pass with the stored tensors.
+converts them with `model.gpt4roi.convert_official`, and compares our forward pass with the stored tensors.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.configuration_gpt4roi import GPT4RoIConfig
-from model.convert_official import main as convert_main
-from model.modeling_gpt4roi import GPT4RoIForCausalLM
+from model.gpt4roi.configuration_gpt4roi import GPT4RoIConfig
+from model.gpt4roi.convert_official import main as convert_main
+from model.gpt4roi.modeling_gpt4roi import GPT4RoIForCausalLM
 from tests.support import FIXTURES
 
 FIXTURE = FIXTURES / "gpt4roi_official_reference"

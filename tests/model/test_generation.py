@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from model import generation
-from model.generation import answer_ids, answer_log_likelihood, answer_tokens, generation_prompt
-from model.inference import RegionAnnotator, RegionQuery
-from model.processing_gpt4roi import IGNORE_INDEX, GPT4RoIProcessor, sanitize_boxes
-from model.prompts import attribute_question, caption_question, relation_question
+from model.gpt4roi import generation
+from model.gpt4roi.generation import answer_ids, answer_log_likelihood, answer_tokens, generation_prompt
+from model.gpt4roi.inference import RegionAnnotator, RegionQuery
+from model.gpt4roi.processing_gpt4roi import IGNORE_INDEX, GPT4RoIProcessor, sanitize_boxes
+from model.gpt4roi.prompts import attribute_question, caption_question, relation_question
 from tests.support.model_factory import make_tiny_model, make_tokenizer
 
 
@@ -62,7 +62,7 @@ def test_greedy_generation_with_cache_matches_full_forward(annotator, images):
             logits = model(input_ids=torch.tensor([ids]), boxes=boxes, image_features=features).logits
             ids.append(int(logits[0, -1].argmax()))
     expected = tokenizer.decode(ids[len(prompt_ids):])
-    from model.prompts import parse_answer
+    from model.gpt4roi.prompts import parse_answer
 
     assert annotator.answer([query], max_new_tokens=5)[0] == parse_answer(expected)
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model.processing_gpt4roi import (
+from model.gpt4roi.processing_gpt4roi import (
     CLIP_MEAN,
     CLIP_STD,
     IGNORE_INDEX,
@@ -20,7 +20,7 @@ from model.processing_gpt4roi import (
     normalize_boxes,
     sanitize_boxes,
 )
-from model.prompts import (
+from model.gpt4roi.prompts import (
     IMAGE_PREFIX,
     STOP_STRING,
     SYSTEM_PROMPT,
@@ -37,7 +37,7 @@ from model.prompts import (
     relation_candidates,
     relation_question,
 )
-from model.tokenization_gpt4roi import GPT4RoITokenizer
+from model.gpt4roi.tokenization_gpt4roi import GPT4RoITokenizer
 from tests.support import FIXTURES
 
 TOKENIZER_FIXTURES = FIXTURES / "tokenizer"

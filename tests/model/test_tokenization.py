@@ -15,7 +15,7 @@ import sentencepiece as spm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.tokenization_gpt4roi import (
+from model.gpt4roi.tokenization_gpt4roi import (
     ADDED_TOKENS,
     GPT4RoITokenizer,
     TokenizerFormatError,

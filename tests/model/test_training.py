@@ -10,8 +10,8 @@ import torch
 
 from model.data_format import read_jsonl
 from model.demo.synthetic import generate_dataset
-from model.processing_gpt4roi import GPT4RoIProcessor
-from model.training import (
+from model.gpt4roi.processing_gpt4roi import GPT4RoIProcessor
+from model.gpt4roi.training import (
     LORA_TARGETS,
     PixelCache,
     TrainingConfig,

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from model.configuration_gpt4roi import GPT4RoIConfig
-from model.modeling_gpt4roi import GPT4RoIForCausalLM
-from model.processing_gpt4roi import GPT4RoIProcessor
-from model.prompts import SYSTEM_PROMPT, attribute_question, build_prompt, caption_question
-from model.tokenization_gpt4roi import GPT4RoITokenizer, train_sentencepiece
+from model.gpt4roi.configuration_gpt4roi import GPT4RoIConfig
+from model.gpt4roi.modeling_gpt4roi import GPT4RoIForCausalLM
+from model.gpt4roi.processing_gpt4roi import GPT4RoIProcessor
+from model.gpt4roi.prompts import SYSTEM_PROMPT, attribute_question, build_prompt, caption_question
+from model.gpt4roi.tokenization_gpt4roi import GPT4RoITokenizer, train_sentencepiece
 
 # The version name under which the session registers its tiny checkpoint.
 MODEL_VERSION = "tiny-1"

@@ -7,8 +7,8 @@ import pytest
 
 from model.demo import HELD_OUT_SHAPE, ensure_demo_checkpoint
 from model.demo.synthetic import COLORS, make_image, parse_caption
-from model.inference import RegionAnnotator, RegionQuery
-from model.prompts import attribute_question, caption_question
+from model.gpt4roi.inference import RegionAnnotator, RegionQuery
+from model.gpt4roi.prompts import attribute_question, caption_question
 
 pytestmark = pytest.mark.slow
 

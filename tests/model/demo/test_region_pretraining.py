@@ -9,7 +9,7 @@ import torch
 from model.data_format import read_jsonl
 from model.demo.region_pretraining import RegionPretrainingConfig, labelled_objects, pretrain_regions
 from model.demo.synthetic import ATTRIBUTE_VALUES, generate_dataset
-from model.processing_gpt4roi import GPT4RoIProcessor
+from model.gpt4roi.processing_gpt4roi import GPT4RoIProcessor
 from tests.support.model_factory import make_tiny_model, make_tokenizer
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 from model.data_format import read_jsonl
 from model.demo.region_warmup import RegionWarmupConfig, question_turns, warm_up_region_reading
 from model.demo.synthetic import generate_dataset
-from model.processing_gpt4roi import GPT4RoIProcessor, normalize_boxes
+from model.gpt4roi.processing_gpt4roi import GPT4RoIProcessor, normalize_boxes
 from tests.support.model_factory import make_tiny_model, make_tokenizer
 
 

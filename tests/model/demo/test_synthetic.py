@@ -32,7 +32,7 @@ from model.demo.synthetic import (
     make_image,
     parse_caption,
 )
-from model.prompts import RELATIONS, attribute_question, caption_question, relation_question
+from model.gpt4roi.prompts import RELATIONS, attribute_question, caption_question, relation_question
 
 SCENES = range(150)
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from model.prompts import IMAGE_TOKEN, check_bbox_count, conversation_segments
-from model.tokenization_gpt4roi import (
+from .prompts import IMAGE_TOKEN, check_bbox_count, conversation_segments
+from .tokenization_gpt4roi import (
     BBOX_TOKEN,
     IM_END_TOKEN,
     IM_START_TOKEN,
@@ -230,7 +230,7 @@ class GPT4RoIProcessor:
     ) -> dict[str, Any]:
         """Build a left-padded generation batch.
 
-        ``prompts`` are full prompts (e.g. from :func:`model.prompts.build_prompt`), each with exactly one
+        ``prompts`` are full prompts (e.g. from :func:`model.gpt4roi.prompts.build_prompt`), each with exactly one
         ``<image>``; ``boxes[i]`` are prompt i's normalized ``xyxy`` boxes, one per ``<bbox>`` in order.
         ``image_index[i]`` says which of ``images`` prompt i shows; it may be omitted when there is one image
         per prompt or a single image for all. Each distinct image is preprocessed once.

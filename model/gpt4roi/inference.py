@@ -8,8 +8,6 @@ answers many region questions per forward pass.
 from __future__ import annotations
 
 import functools
-import hashlib
-import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +15,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+
+from model.image_keys import ImageKeys
 
 from .generation import (
     Answer,
@@ -64,7 +64,7 @@ class RegionAnnotator:
         self.max_batch_size = max_batch_size
         self._cache: OrderedDict[str, ImageFeatures] = OrderedDict()
         self._cache_size = image_cache_size
-        self._image_keys: dict[int, tuple[weakref.ref, str]] = {}
+        self.image_key = ImageKeys()
         self.cache_hits = 0
         self.cache_misses = 0
         # A question's tokens, and each candidate answer's after it, are the same for every region and
@@ -89,23 +89,9 @@ class RegionAnnotator:
         return self.model.device
 
     # ------------------------------------------------------------------ images
-    def image_key(self, image: Image.Image) -> str:
-        """A content key: two decodes of the same file share features, an edited image does not.
-
-        Hashing a photo's pixels costs tens of milliseconds, as much as answering a box, so the key is
-        remembered for as long as the image object lives: a caller that passes the same object again (the
-        backend's image cache does) skips the hash. PIL images are not mutated in place by this package;
-        a derived image (resized, converted) is a new object and is hashed anew.
-        """
-        ident = id(image)
-        remembered = self._image_keys.get(ident)
-        if remembered is not None and remembered[0]() is image:
-            return remembered[1]
-        digest = hashlib.blake2b(image.tobytes(), digest_size=16)
-        digest.update(f"{image.mode}{image.size}".encode())
-        key = digest.hexdigest()
-        self._image_keys[ident] = (weakref.ref(image, lambda _: self._image_keys.pop(ident, None)), key)
-        return key
+    def forget_images(self) -> None:
+        """Drop every cached image encoding (new weights are about to answer)."""
+        self._cache.clear()
 
     def _features(self, images: Sequence[Image.Image]) -> ImageFeatures:
         """Features of `images` (stacked in order), encoding only those not in the cache."""

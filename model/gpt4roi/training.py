@@ -31,7 +31,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .data_format import RegionSample
+from model.data_format import RegionSample
+
 from .modeling_gpt4roi import GPT4RoIForCausalLM
 from .processing_gpt4roi import IGNORE_INDEX, GPT4RoIProcessor, normalize_boxes, pad_sequences
 

@@ -1,6 +1,6 @@
 """Convert the released GPT4RoI delta (`shilongz/GPT4RoI-7B-delta-V0`) into this project's format.
 
-    python -m model.convert_official --delta DIR --llama DIR --clip DIR --out DIR [--dtype float16]
+    python -m model.gpt4roi.convert_official --delta DIR --llama DIR --clip DIR --out DIR [--dtype float16]
 
 `--delta` is the release as published (`pytorch_model-0000N-of-00002.bin` + `pytorch_model.bin.index.json`
 + tokenizer files + `config.json`), `--llama` an HF-format LLaMA-1-7B (`.bin` or `.safetensors`, sharded or
@@ -248,7 +248,8 @@ def validate_merge(out_dir: Path, weight_map: dict[str, str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model.convert_official", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m model.gpt4roi.convert_official",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--delta", type=Path, required=True, help="released delta directory")
     parser.add_argument("--llama", type=Path, required=True, help="HF-format LLaMA-1-7B directory")
     parser.add_argument("--clip", type=Path, required=True, help="HF-format CLIP ViT-L/14 directory")

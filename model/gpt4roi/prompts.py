@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from model.tokenization_gpt4roi import BBOX_TOKEN
+from .tokenization_gpt4roi import BBOX_TOKEN
 
 __all__ = [
     "ASSISTANT_ROLE",

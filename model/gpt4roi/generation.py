@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from model.engine import Answer
+
 from .modeling_gpt4roi import GPT4RoIForCausalLM, ImageFeatures
 from .processing_gpt4roi import IGNORE_INDEX, pad_sequences
 from .prompts import ASSISTANT_ROLE, STOP_STRING, build_prompt, parse_answer
@@ -110,15 +112,6 @@ def _common_text_prefix(rests: Sequence[Sequence[int]], special_ids: Sequence[in
     ):
         length += 1
     return list(rests[0][:length])
-
-
-@dataclass(frozen=True)
-class Answer:
-    """A generated answer and how sure the model was of it: the geometric mean of the probabilities of the
-    tokens it generated, the stop string included (so ending the answer there counts too)."""
-
-    text: str
-    confidence: float
 
 
 @torch.no_grad()
