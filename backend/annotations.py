@@ -27,6 +27,7 @@ from backend.labelconfig import (
     FillPlan,
     Region,
     TaskError,
+    path_key,
     regions_from_context,
 )
 
@@ -105,10 +106,10 @@ def parse_annotation_regions(result: Sequence[Any], plan: FillPlan | None) -> di
     """Group a Label Studio result (annotation or prediction) by region id.
 
     Returns region id → `{"region": Region | None, "caption", "choices", "label"}`. Regions of every shape
-    are read with `backend.labelconfig` (a shape's region is its enclosing box); per-region TextArea and
-    Choices items are matched to them by id, and those of the plan's whole-image controls make the
-    whole-image region. With a fill plan only its controls count; without one every textarea and choices
-    item does.
+    are read with `backend.labelconfig` (a shape's region is its enclosing box); per-region TextArea,
+    Choices and Taxonomy items (a Taxonomy's paths as `path_key`s) are matched to them by id, and those of
+    the plan's whole-image controls make the whole-image region. With a fill plan only its controls count;
+    without one every textarea, choices and taxonomy item does.
     """
     if not isinstance(result, Sequence) or isinstance(result, (str, bytes)):
         raise AnnotationError("an annotation's 'result' must be a list of result items")
@@ -145,6 +146,10 @@ def parse_annotation_regions(result: Sequence[Any], plan: FillPlan | None) -> di
             picked = [str(c) for c in value.get("choices") or []]
             if picked:
                 entry["choices"][name] = picked
+        elif kind == "taxonomy" and (choice_controls is None or name in choice_controls):
+            paths = [path_key(p) for p in value.get("taxonomy") or [] if isinstance(p, list) and p]
+            if paths:
+                entry["choices"][name] = paths
     return fields
 
 

@@ -12,6 +12,7 @@ inside the functions all the same, so that importing it is cheap.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.calibration import Calibration, confidences
-from backend.labelconfig import FillPlan, Region, wants_label
+from backend.labelconfig import FillPlan, Region, TaxonomyTree, path_key, wants_label
 from model.engine import LABEL, CaptionRequest, ChoiceRequest, Engine, engine_of_checkpoint
 from model.engine import load_engine as load_checkpoint
 
@@ -51,17 +52,27 @@ def describe_many(engine: Engine, items: Sequence[Description], max_new_tokens: 
                 for r in item.regions] for item in items]
     captions: list[tuple[CaptionRequest, dict[str, Any]]] = []
     choices: list[tuple[ChoiceRequest, dict[str, Any], str | None]] = []
+    taxonomies: list[_TaxonomyStep] = []
     for item, item_answers in zip(items, answers, strict=True):
         plan = item.plan
         for region, answer in zip(item.regions, item_answers, strict=True):
             box = region.box()
-            if plan.captions_for(region):
-                captions.append((CaptionRequest(item.image, box), answer))
-            for control in plan.choices_for(region):
-                choices.append((ChoiceRequest(item.image, box, control.name, tuple(control.candidates)), answer,
-                                control.name))
             if wants_label(plan, region, item.keep_drawn_label):
+                # The label is not known yet: every control it could make visible is asked.
+                caption_controls, choice_controls = plan.captions_for(region), plan.choices_for(region)
                 choices.append((ChoiceRequest(item.image, box, LABEL, plan.labels_for(region)), answer, None))
+            else:
+                label = region.labels[0] if region.labels else None
+                caption_controls = plan.shown_captions(region, label)
+                choice_controls = plan.shown_choices(region, label)
+            if caption_controls:
+                captions.append((CaptionRequest(item.image, box), answer))
+            for control in choice_controls:
+                if control.tree:
+                    taxonomies.append(_TaxonomyStep(item.image, box, control.name, control.tree, (), 1.0, answer))
+                else:
+                    choices.append((ChoiceRequest(item.image, box, control.name, tuple(control.candidates)),
+                                    answer, control.name))
     if captions:
         generated = engine.caption([request for request, _ in captions], max_new_tokens=max_new_tokens)
         for (_, answer), result in zip(captions, generated, strict=True):
@@ -74,10 +85,46 @@ def describe_many(engine: Engine, items: Sequence[Description], max_new_tokens: 
                 answer["label"] = clean
             else:
                 answer["choices"][control] = clean
+    _walk_taxonomies(engine, taxonomies)
     for item_answers in answers:
         for answer in item_answers:
             answer["confidence"] = confidences(answer, calibration)
     return answers
+
+
+@dataclass(frozen=True)
+class _TaxonomyStep:
+    """One region's walk down a Taxonomy: the level below `path` is asked next; `probability` is that of
+    `path`."""
+
+    image: Any
+    box: tuple[float, float, float, float]
+    control: str
+    children: TaxonomyTree
+    path: tuple[str, ...]
+    probability: float
+    answer: dict[str, Any]
+
+
+def _walk_taxonomies(engine: Engine, steps: list[_TaxonomyStep]) -> None:
+    """Score Taxonomies level by level, one `choose` call per level for every region at once: the most
+    likely value of a level decides which children are asked next. The answer is a distribution over the
+    last level's paths (`path_key`), each weighted by the probability of the path above it, so the most
+    likely one carries the probability of the whole path."""
+    while steps:
+        requests = [ChoiceRequest(s.image, s.box, s.control, tuple(value for value, _ in s.children)) for s in steps]
+        deeper: list[_TaxonomyStep] = []
+        for step, distribution in zip(steps, engine.choose(requests), strict=True):
+            clean = {str(k): float(v) for k, v in distribution.items()}
+            best = max(clean, key=clean.__getitem__)
+            children = dict(step.children)[best]
+            if children:
+                deeper.append(dataclasses.replace(step, children=children, path=(*step.path, best),
+                                                  probability=step.probability * clean[best]))
+            else:
+                step.answer["choices"][step.control] = {path_key((*step.path, value)): step.probability * p
+                                                        for value, p in clean.items()}
+        steps = deeper
 
 
 def resolve_device(name: str) -> Any:

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from label_studio_sdk.label_interface import LabelInterface
+from lxml import etree
 
 from backend.calibration import task_score
 from backend.regions import (
@@ -62,13 +64,58 @@ class PredictionInvalid(ValueError):
         self.errors = list(errors)
 
 
+# A Taxonomy's tree: (value, children) per node, children in the same shape.
+TaxonomyTree = tuple[tuple[str, Any], ...]
+
+
 @dataclass(frozen=True)
 class ChoiceControl:
-    """A per-region Choices control: its name is the attribute asked about, its values the candidates."""
+    """A Choices or Taxonomy control: its name is the attribute asked about, its values the candidates.
+
+    A Taxonomy has a `tree` and is scored level by level down it (the best value of each level decides which
+    children are asked next); its candidates are the paths from the root, each one written as `path_key`."""
 
     name: str
     candidates: tuple[str, ...]
     multiple: bool
+    tree: TaxonomyTree = ()
+
+    @property
+    def kind(self) -> str:
+        """The result type Label Studio writes for this control."""
+        return "taxonomy" if self.tree else "choices"
+
+    @property
+    def widest(self) -> int:
+        """The most values the model is asked to choose between at once."""
+        return _widest(self.tree) if self.tree else len(self.candidates)
+
+    @property
+    def cost(self) -> int:
+        """The most values scored for one region (for a Taxonomy, along its most expensive path)."""
+        return _path_cost(self.tree) if self.tree else len(self.candidates)
+
+    @property
+    def values(self) -> tuple[str, ...]:
+        """Every value as written in the config (the nodes of a Taxonomy)."""
+        return tuple(_node_values(self.tree)) if self.tree else self.candidates
+
+    def result_value(self, picked: Sequence[str]) -> dict[str, Any]:
+        """The `value` key Label Studio stores for these picked candidates."""
+        if self.tree:
+            return {"taxonomy": [path_of(key) for key in picked]}
+        return {"choices": list(picked)}
+
+
+def path_key(path: Sequence[str]) -> str:
+    """One Taxonomy path as a candidate: the values from the root, as a JSON list (any value may hold any
+    separator a plain join would use)."""
+    return json.dumps([str(value) for value in path], ensure_ascii=False)
+
+
+def path_of(key: str) -> list[str]:
+    """Inverse of `path_key`."""
+    return [str(value) for value in json.loads(key)]
 
 
 @dataclass(frozen=True)
@@ -104,6 +151,9 @@ class FillPlan:
     choices: tuple[ChoiceControl, ...] = ()
     image_captions: tuple[str, ...] = ()
     image_choices: tuple[ChoiceControl, ...] = ()
+    # Per-region controls shown only for some regions (`visibleWhen="region-selected"`): (control name,
+    # "label" or "tag", the label value or the labels control's name).
+    conditions: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def rectangle(self) -> str:
@@ -142,8 +192,33 @@ class FillPlan:
         return self.image_captions if region.shape == WHOLE_IMAGE else self.captions
 
     def choices_for(self, region: Region) -> tuple[ChoiceControl, ...]:
-        """The Choices controls scored for a region."""
+        """The Choices and Taxonomy controls scored for a region."""
         return self.image_choices if region.shape == WHOLE_IMAGE else self.choices
+
+    def shown_captions(self, region: Region, label: str | None) -> tuple[str, ...]:
+        """The TextAreas Label Studio shows for a region labelled `label` (None: it has no label)."""
+        return tuple(name for name in self.captions_for(region) if self.visible(name, region, label))
+
+    def shown_choices(self, region: Region, label: str | None) -> tuple[ChoiceControl, ...]:
+        """The Choices and Taxonomy controls Label Studio shows for a region labelled `label`."""
+        return tuple(c for c in self.choices_for(region) if self.visible(c.name, region, label))
+
+    def visible(self, control: str, region: Region, label: str | None) -> bool:
+        """Whether Label Studio shows the per-region `control` for a region labelled `label`."""
+        condition = next(((kind, value) for name, kind, value in self.conditions if name == control), None)
+        if condition is None or region.shape == WHOLE_IMAGE:
+            return True
+        kind, value = condition
+        if label is None:
+            return False
+        if kind == "label":
+            return label == value
+        tool = self.tool_for(region.tool, region.type)
+        return tool is not None and (tool.labels_control or tool.name) == value
+
+    def control(self, name: str) -> ChoiceControl | None:
+        """The Choices or Taxonomy control of that name."""
+        return next((c for c in self.choices + self.image_choices if c.name == name), None)
 
     @property
     def fills_whole_image(self) -> bool:
@@ -161,11 +236,12 @@ class FillPlan:
         scored against more than `max_region_candidates` values in all (each value is a question to the model,
         per region)."""
         labelled = {t.labels_control or t.name: t.labels for t in self.tools if t.labels}
-        region_controls = [(c.name, c.candidates) for c in self.choices] + list(labelled.items())
-        image_controls = [(c.name, c.candidates) for c in self.image_choices]
-        for name, candidates in region_controls + image_controls:
-            if len(candidates) > max_candidates:
-                raise ConfigError(f"control {_clip(name)!r} has {len(candidates)} values, more than "
+        region_controls = [(c.name, c.values, c.widest) for c in self.choices]
+        region_controls += [(name, labels, len(labels)) for name, labels in labelled.items()]
+        image_controls = [(c.name, c.values, c.widest) for c in self.image_choices]
+        for name, _, widest in region_controls + image_controls:
+            if widest > max_candidates:
+                raise ConfigError(f"control {_clip(name)!r} has {widest} values, more than "
                                   f"MAX_CHOICES_PER_CONTROL={max_candidates}")
         # A region of one tool is asked about its own labels only, so the largest label set counts.
         largest_labels = max((len(labels) for labels in labelled.values()), default=0)
@@ -174,13 +250,12 @@ class FillPlan:
         if max_controls is not None and per_region > max_controls:
             raise ConfigError(f"the labeling config fills {per_region} controls per region, more than "
                               f"MAX_CONTROLS_PER_REGION={max_controls}")
-        total = max(sum(len(c.candidates) for c in self.choices) + largest_labels,
-                    sum(len(c.candidates) for c in self.image_choices))
+        total = max(sum(c.cost for c in self.choices) + largest_labels, sum(c.cost for c in self.image_choices))
         if max_region_candidates is not None and total > max_region_candidates:
             raise ConfigError(f"the labeling config gives each region {total} values to score, more than "
                               f"MAX_CANDIDATES_PER_REGION={max_region_candidates}")
         names = [self.image, *(t.name for t in self.tools), *self.captions, *self.image_captions,
-                 *(n for n, c in region_controls + image_controls for n in (n, *c))]
+                 *(n for n, c, _ in region_controls + image_controls for n in (n, *c))]
         for name in names:
             if len(name) > max_name_length:
                 raise ConfigError(f"the labeling config names {_clip(name)!r}, longer than "
@@ -208,6 +283,7 @@ class FillPlan:
             choices=_choice_controls(data["choices"]),
             image_captions=tuple(data.get("image_captions") or ()),
             image_choices=_choice_controls(data.get("image_choices") or ()),
+            conditions=tuple((str(n), str(k), str(v)) for n, k, v in data.get("conditions") or ()),
         )
 
     def image_reference(self, task: Mapping[str, Any]) -> str:
@@ -418,30 +494,36 @@ def select_choices(distribution: Mapping[str, float], multiple: bool) -> list[st
 
 @dataclass(frozen=True)
 class Proposal:
-    """What the backend proposes for one region from a worker's answer: the caption, per Choices control the
-    chosen values with the probability of the first, and the label with its probability."""
+    """What the backend proposes for one region from a worker's answer: the caption (and the TextAreas that
+    show it), per Choices or Taxonomy control the chosen values with the probability of the first, and the
+    label with its probability."""
 
     caption: str | None
     choices: dict[str, tuple[list[str], float]]
     label: tuple[str, float] | None
+    caption_controls: tuple[str, ...] = ()
 
 
 def propose(plan: FillPlan, region: Region, answer: Mapping[str, Any], keep_drawn_label: bool = True) -> Proposal:
     """The one rule turning a worker's answer (`caption`, `choices` distributions per control, `label`
-    distribution) into what is proposed: `select_choices` per control; a label only where `wants_label`."""
-    choices: dict[str, tuple[list[str], float]] = {}
-    distributions = answer.get("choices") or {}
-    for control in plan.choices_for(region):
-        distribution = distributions.get(control.name)
-        if distribution:
-            picked = select_choices(distribution, control.multiple)
-            choices[control.name] = (picked, float(distribution[picked[0]]))
+    distribution) into what is proposed: `select_choices` per control; a label only where `wants_label`;
+    only the controls Label Studio shows for the region's label (drawn or proposed)."""
     label = None
     label_distribution = answer.get("label")
     if label_distribution and wants_label(plan, region, keep_drawn_label):
         best = select_choices(label_distribution, multiple=False)[0]
         label = (best, float(label_distribution[best]))
-    return Proposal(answer.get("caption") if plan.captions_for(region) else None, choices, label)
+    final_label = label[0] if label else (region.labels[0] if region.labels else None)
+    choices: dict[str, tuple[list[str], float]] = {}
+    distributions = answer.get("choices") or {}
+    for control in plan.shown_choices(region, final_label):
+        distribution = distributions.get(control.name)
+        if distribution:
+            picked = select_choices(distribution, control.multiple)
+            choices[control.name] = (picked, float(distribution[picked[0]]))
+    caption_controls = plan.shown_captions(region, final_label)
+    caption = answer.get("caption") if caption_controls else None
+    return Proposal(caption, choices, label, caption_controls if caption is not None else ())
 
 
 def predicted_fields(plan: FillPlan, region: Region, answer: Mapping[str, Any],
@@ -501,7 +583,7 @@ def build_prediction(
         geometry_keys = region.geometry()
         if proposal.caption is not None:
             caption_confidence = confidence.get("caption")
-            for name in plan.captions_for(region):
+            for name in proposal.caption_controls:
                 item = {**common, "from_name": name, "type": "textarea",
                         "value": {**geometry_keys, "text": [proposal.caption]}}
                 if caption_confidence is not None:
@@ -515,8 +597,8 @@ def build_prediction(
             picked, probability = proposal.choices[control.name]
             probability = float((confidence.get("choices") or {}).get(control.name, probability))
             scores.append(probability)
-            result.append({**common, "from_name": control.name, "type": "choices", "score": round(probability, 6),
-                           "value": {**geometry_keys, "choices": picked}})
+            result.append({**common, "from_name": control.name, "type": control.kind,
+                           "score": round(probability, 6), "value": {**geometry_keys, **control.result_value(picked)}})
     score = task_score(scores) if regions and scores else 0.0
     return {"result": result, "score": round(score, 6), "model_version": model_version}
 
@@ -583,13 +665,13 @@ def _plan_cached(label_config: str) -> FillPlan:
         raise ConfigError("the labeling config has no <Image> tag; this backend describes image regions")
     reasons: list[str] = []
     for image in images:
-        plan = _plan_of_image(image, list(interface.controls), reasons)
+        plan = _plan_of_image(label_config, image, list(interface.controls), reasons)
         if plan is not None:
             return plan
     raise ConfigError("; ".join(dict.fromkeys(reasons)))
 
 
-def _plan_of_image(image: Any, controls: list[Any], reasons: list[str]) -> FillPlan | None:
+def _plan_of_image(label_config: str, image: Any, controls: list[Any], reasons: list[str]) -> FillPlan | None:
     value = str(image.value or "")
     if image.attr.get("valueList") is not None or not value:
         # valueList: a multi-page document shown one page at a time; a region belongs to one page.
@@ -609,15 +691,17 @@ def _plan_of_image(image: Any, controls: list[Any], reasons: list[str]) -> FillP
                               separate.name if separate else None))
     per_region = [c for c in on_image if str(c.attr.get("perRegion", "")).lower() == "true"]
     whole = [c for c in on_image if str(c.attr.get("perRegion", "")).lower() != "true"]
+    trees = _taxonomy_trees(label_config, {c.name for c in on_image if c.tag == "Taxonomy"})
     plan = FillPlan(
         image=image.name,
         image_key=value[1:] if value.startswith("$") else None,
         image_constant=None if value.startswith("$") else value,
         tools=tuple(tools),
         captions=tuple(c.name for c in per_region if c.tag == "TextArea") if tools else (),
-        choices=_choices_of(per_region) if tools else (),
+        choices=_choices_of(per_region, trees) if tools else (),
         image_captions=tuple(c.name for c in whole if c.tag == "TextArea"),
-        image_choices=_choices_of(whole),
+        image_choices=_choices_of(whole, trees),
+        conditions=tuple(filter(None, map(_condition, per_region))) if tools else (),
     )
     if not tools and not plan.fills_whole_image:
         reasons.append(
@@ -634,13 +718,67 @@ def _plan_of_image(image: Any, controls: list[Any], reasons: list[str]) -> FillP
     return plan
 
 
-def _choices_of(controls: list[Any]) -> tuple[ChoiceControl, ...]:
-    return tuple(ChoiceControl(c.name, tuple(c.labels), c.attr.get("choice") == "multiple")
-                 for c in controls if c.tag == "Choices" and c.labels)
+def _choices_of(controls: list[Any], trees: Mapping[str, TaxonomyTree]) -> tuple[ChoiceControl, ...]:
+    found = []
+    for c in controls:
+        if c.tag == "Choices" and c.labels:
+            found.append(ChoiceControl(c.name, tuple(c.labels), c.attr.get("choice") == "multiple"))
+        elif c.tag == "Taxonomy" and trees.get(c.name):
+            found.append(ChoiceControl(c.name, tuple(path_key(p) for p in _paths(trees[c.name])), False,
+                                       trees[c.name]))
+    return tuple(found)
 
 
 def _choice_controls(data: Sequence[Mapping[str, Any]]) -> tuple[ChoiceControl, ...]:
-    return tuple(ChoiceControl(c["name"], tuple(c["candidates"]), bool(c["multiple"])) for c in data)
+    return tuple(ChoiceControl(c["name"], tuple(c["candidates"]), bool(c["multiple"]),
+                               _tree_from_json(c.get("tree") or ())) for c in data)
+
+
+def _condition(control: Any) -> tuple[str, str, str] | None:
+    """A per-region control's visibility rule (`whenLabelValue`, `whenTagName`), None when always shown."""
+    if control.attr.get("whenLabelValue"):
+        return (control.name, "label", str(control.attr["whenLabelValue"]))
+    if control.attr.get("whenTagName"):
+        return (control.name, "tag", str(control.attr["whenTagName"]))
+    return None
+
+
+# The label config is a stranger's XML: no entities, no network, no huge trees.
+_XML_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False, load_dtd=False)
+
+
+def _taxonomy_trees(label_config: str, names: set[str]) -> dict[str, TaxonomyTree]:
+    """The Choice trees of the config's Taxonomy controls named in `names` (the SDK flattens them). A
+    Taxonomy whose values come from the task data or an API has no tree here and is not filled."""
+    if not names:
+        return {}
+    root = etree.fromstring(label_config.encode(), _XML_PARSER)
+
+    def nodes(element: Any) -> TaxonomyTree:
+        return tuple((str(child.get("alias") or child.get("value")), nodes(child))
+                     for child in element if child.tag == "Choice" and (child.get("alias") or child.get("value")))
+
+    return {str(e.get("name")): nodes(e) for e in root.iter("Taxonomy") if e.get("name") in names}
+
+
+def _tree_from_json(data: Sequence[Any]) -> TaxonomyTree:
+    return tuple((str(value), _tree_from_json(children)) for value, children in data)
+
+
+def _paths(tree: TaxonomyTree, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    return [path for value, children in tree for path in [(*prefix, value), *_paths(children, (*prefix, value))]]
+
+
+def _node_values(tree: TaxonomyTree) -> list[str]:
+    return [value for value, children in tree for value in [value, *_node_values(children)]]
+
+
+def _widest(tree: TaxonomyTree) -> int:
+    return max([len(tree), *(_widest(children) for _, children in tree)])
+
+
+def _path_cost(tree: TaxonomyTree) -> int:
+    return len(tree) + max((_path_cost(children) for _, children in tree), default=0) if tree else 0
 
 
 def _clip(text: str, length: int = 40) -> str:

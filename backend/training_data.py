@@ -22,6 +22,7 @@ from pathlib import Path
 
 from backend.annotations import CorrectedRegion, int_or_none
 from backend.images import ImageError, ImageLoader, decode_image
+from backend.labelconfig import path_of
 from backend.settings import Settings
 from backend.store import Database
 from model.engine import LABEL, Example
@@ -117,7 +118,8 @@ def _cached(database: Database, reference: str) -> LocalImage | None:
 
 def training_examples(regions: Sequence[CorrectedRegion], images: Mapping[str, LocalImage]) -> list[Example]:
     """The regions as training examples (`model.engine.Example`), one per field the corrections answer: the
-    caption, each Choices control's chosen values (one example per value), the label (attribute `LABEL`).
+    caption, each Choices control's chosen values (one example per value; a Taxonomy's per level of its
+    path), the label (attribute `LABEL`).
     Regions whose image is missing from `images` are left out."""
     examples: list[Example] = []
     for item in regions:
@@ -133,7 +135,7 @@ def training_examples(regions: Sequence[CorrectedRegion], images: Mapping[str, L
         if item.caption:
             fields.append(("caption", None, item.caption))
         for control, values in sorted(item.choices.items()):
-            fields += [(f"{control}-{value}", control, value) for value in values]
+            fields += _choice_fields(item, control, values)
         if item.label:
             fields.append((LABEL, LABEL, item.label))
         for key, attribute, answer in fields:
@@ -141,6 +143,16 @@ def training_examples(regions: Sequence[CorrectedRegion], images: Mapping[str, L
                                     width=width, height=height, box=box, attribute=attribute, answer=answer,
                                     meta=meta))
     return examples
+
+
+def _choice_fields(item: CorrectedRegion, control: str, values: Sequence[str]) -> list[tuple[str, str, str]]:
+    """(key, attribute, answer) per chosen value; a Taxonomy path gives one per level, the question its walk
+    asks there (`backend.describe`)."""
+    definition = item.plan.control(control) if item.plan else None
+    if definition is None or not definition.tree:
+        return [(f"{control}-{value}", control, value) for value in values]
+    levels = dict.fromkeys((depth, level) for value in values for depth, level in enumerate(path_of(value)))
+    return [(f"{control}-{depth}-{level}", control, level) for depth, level in levels]
 
 
 def is_held_out(task_id: str | None, fraction: float) -> bool:
