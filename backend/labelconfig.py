@@ -122,12 +122,14 @@ def path_of(key: str) -> list[str]:
 class Tool:
     """A region tool on the Image: its name, the result `type` it writes, the labels scored for its regions
     and, when those belong to a separate Labels control, that control's name (the label is then a result
-    item of its own, of type `labels`)."""
+    item of its own, of type `labels`). Labels read from the task data are known per task (`for_task`)."""
 
     name: str
     type: str
     labels: tuple[str, ...] = ()
     labels_control: str | None = None
+    # Labels that come from each task's data (`value="$objects"`): the data key they are read from.
+    labels_key: str | None = None
 
     @property
     def shape(self) -> str:
@@ -270,8 +272,8 @@ class FillPlan:
         """Inverse of `to_json` (also of the earlier rectangle-only plans that jobs queued before an upgrade
         carry)."""
         if "tools" in data:
-            tools = tuple(Tool(t["name"], t["type"], tuple(t.get("labels") or ()), t.get("labels_control"))
-                          for t in data["tools"])
+            tools = tuple(Tool(t["name"], t["type"], tuple(t.get("labels") or ()), t.get("labels_control"),
+                               t.get("labels_key")) for t in data["tools"])
         else:
             tools = (Tool(data["rectangle"], data["rectangle_type"], tuple(data["labels"])),)
         return cls(
@@ -285,6 +287,29 @@ class FillPlan:
             image_choices=_choice_controls(data.get("image_choices") or ()),
             conditions=tuple((str(n), str(k), str(v)) for n, k, v in data.get("conditions") or ()),
         )
+
+    def for_task(self, task: Mapping[str, Any], max_labels: int) -> FillPlan:
+        """The plan for one task: tools whose labels come from the task data (`value="$objects"`, a list of
+        `{"value": …}` as Label Studio reads it) get that task's labels. Raises `TaskError` when they are
+        missing, malformed or more than `max_labels`."""
+        if not any(t.labels_key for t in self.tools):
+            return self
+        data = task.get("data")
+        tools = []
+        for tool in self.tools:
+            if tool.labels_key is None:
+                tools.append(tool)
+                continue
+            listed = data.get(tool.labels_key) if isinstance(data, Mapping) else None
+            labels = _task_labels(listed)
+            if labels is None:
+                raise TaskError(f"task {task.get('id')!r}: data[{tool.labels_key!r}] should list the labels of "
+                                f"{tool.labels_control or tool.name!r} as [{{\"value\": \"…\"}}, …]")
+            if len(labels) > max_labels:
+                raise TaskError(f"task {task.get('id')!r}: data[{tool.labels_key!r}] lists {len(labels)} labels, "
+                                f"more than MAX_CHOICES_PER_CONTROL={max_labels}")
+            tools.append(dataclasses.replace(tool, labels=labels))
+        return dataclasses.replace(self, tools=tuple(tools))
 
     def image_reference(self, task: Mapping[str, Any]) -> str:
         """The image URL or path of a task (`task.data[<Image value>]`)."""
@@ -685,10 +710,11 @@ def _plan_of_image(label_config: str, image: Any, controls: list[Any], reasons: 
         if control.tag not in SHAPE_OF_TAG:
             continue
         if control.tag.endswith("Labels"):
-            tools.append(Tool(control.name, control.tag.lower(), tuple(getattr(control, "labels", None) or ())))
+            tools.append(Tool(control.name, control.tag.lower(), tuple(getattr(control, "labels", None) or ()),
+                              labels_key=_data_key(control)))
         else:
             tools.append(Tool(control.name, control.tag.lower(), tuple(separate.labels) if separate else (),
-                              separate.name if separate else None))
+                              separate.name if separate else None, _data_key(separate) if separate else None))
     per_region = [c for c in on_image if str(c.attr.get("perRegion", "")).lower() == "true"]
     whole = [c for c in on_image if str(c.attr.get("perRegion", "")).lower() != "true"]
     trees = _taxonomy_trees(label_config, {c.name for c in on_image if c.tag == "Taxonomy"})
@@ -708,14 +734,26 @@ def _plan_of_image(label_config: str, image: Any, controls: list[Any], reasons: 
             f"the labeling config has no region tool (Rectangle, Polygon, Ellipse, KeyPoint, Brush or their "
             f"Labels variants) and no TextArea or Choices on the <Image> {image.name!r}: nothing to fill")
         return None
-    if not (plan.captions or plan.choices or plan.labels or plan.fills_whole_image):
-        dynamic = [c.name for c in on_image if c.tag in SHAPE_OF_TAG and c.attr.get("value", "").startswith("$")]
-        why = (f"the labels of {', '.join(map(repr, dynamic))} come from the task data, which the backend does "
-               "not score" if dynamic else "its region tools have no labels")
-        reasons.append(f"nothing to fill on the <Image> {image.name!r}: {why}, and there is no TextArea or "
-                       "Choices to fill")
+    if not (plan.captions or plan.choices or plan.labels or plan.fills_whole_image
+            or any(t.labels_key for t in tools)):
+        reasons.append(f"nothing to fill on the <Image> {image.name!r}: its region tools have no labels, and "
+                       "there is no TextArea or Choices to fill")
         return None
     return plan
+
+
+def _data_key(control: Any) -> str | None:
+    value = str(control.attr.get("value") or "")
+    return value[1:] if value.startswith("$") and len(value) > 1 else None
+
+
+def _task_labels(listed: Any) -> tuple[str, ...] | None:
+    if not isinstance(listed, list):
+        return None
+    labels = [item.get("value") if isinstance(item, Mapping) else item for item in listed]
+    if not all(isinstance(label, str) and label for label in labels):
+        return None
+    return tuple(dict.fromkeys(labels))
 
 
 def _choices_of(controls: list[Any], trees: Mapping[str, TaxonomyTree]) -> tuple[ChoiceControl, ...]:

@@ -184,6 +184,7 @@ class GPT4RoIBackend:
                  project: str | None, max_new_tokens: int) -> dict[str, Any]:
         try:
             image = plan.image_reference(task)
+            plan = plan.for_task(task, self.settings.max_choices_per_control)
         except TaskError as exc:
             raise RequestError(str(exc)) from None
         owner = upload_project(image, self.settings.label_studio_url)

@@ -100,6 +100,7 @@ def run_prelabel(settings: Settings, project: int, *, wait: bool = True, timeout
         try:
             regions = regions_from_task(plan, task, settings.keypoint_box_size)
             image = plan.image_reference(task)
+            task_plan = plan.for_task(task, settings.max_choices_per_control)
         except TaskError as exc:
             summary.failed.append(f"task {task.get('id')}: {exc}")
             continue
@@ -107,7 +108,7 @@ def run_prelabel(settings: Settings, project: int, *, wait: bool = True, timeout
             summary.without_boxes += 1
             continue
         payload = make_payload(
-            task_id=task["id"], project=str(project), image=image, plan=plan, regions=regions,
+            task_id=task["id"], project=str(project), image=image, plan=task_plan, regions=regions,
             label_config=label_config, model_version=version, keep_drawn_label=settings.keep_drawn_label,
             max_new_tokens=settings.max_new_tokens)
         _wait_for_room(queue)

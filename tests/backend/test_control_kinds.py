@@ -13,7 +13,15 @@ import pytest
 
 from backend.annotations import CorrectedRegion, parse_annotation_regions
 from backend.describe import describe, load_engine
-from backend.labelconfig import FillPlan, Region, build_prediction, path_key, predicted_fields, validate_prediction
+from backend.labelconfig import (
+    FillPlan,
+    Region,
+    TaskError,
+    build_prediction,
+    path_key,
+    predicted_fields,
+    validate_prediction,
+)
 from backend.training_data import training_examples
 from model.engine import ChoiceRequest
 from tests.support.images import scene
@@ -172,3 +180,37 @@ def test_questions_hidden_for_a_drawn_label_are_never_asked(tiny_checkpoint: Pat
     answer, = describe(engine, scene(), plan, [drawn], keep_drawn_label=True, max_new_tokens=4)
     assert answer["choices"] == {}
     assert answer["caption"] is not None  # `note` is shown for every region
+
+
+DYNAMIC_CONFIG = """<View>
+  <PolygonLabels name="objects" toName="image" value="$objects"/>
+  <Image name="image" value="$image"/>
+</View>"""
+
+
+def test_labels_listed_in_the_task_data_are_that_tasks_labels():
+    plan = FillPlan.from_label_config(DYNAMIC_CONFIG)
+    assert plan.labels == ()
+    task = {"id": 5, "data": {"image": "x.png", "objects": [{"value": "CocaCola", "html": "<img/>"},
+                                                            {"value": "RedBull"}]}}
+    task_plan = plan.for_task(task, max_labels=8)
+    assert task_plan.labels == ("CocaCola", "RedBull")
+    assert FillPlan.from_json(task_plan.to_json()) == task_plan
+    region = Region("r1", 10.0, 10.0, 20.0, 20.0, original_width=96, original_height=64, type="polygonlabels",
+                    tool="objects", value={"points": [[10, 10], [30, 10], [30, 30]], "closed": True})
+    answer = {"caption": None, "choices": {}, "label": {"CocaCola": 0.2, "RedBull": 0.8}}
+    prediction = build_prediction(task_plan, [region], [answer], "v1")
+    validate_prediction(DYNAMIC_CONFIG, prediction)
+    assert prediction["result"][0]["value"]["polygonlabels"] == ["RedBull"]
+
+
+@pytest.mark.parametrize("objects, reason", [
+    (None, "should list the labels"),
+    ("CocaCola", "should list the labels"),
+    ([{"html": "<img/>"}], "should list the labels"),
+    ([{"value": f"brand {i}"} for i in range(9)], "9 labels, more than MAX_CHOICES_PER_CONTROL=8"),
+])
+def test_a_task_without_usable_labels_in_its_data_is_refused_with_the_reason(objects, reason):
+    plan = FillPlan.from_label_config(DYNAMIC_CONFIG)
+    with pytest.raises(TaskError, match=reason):
+        plan.for_task({"id": 5, "data": {"image": "x.png", "objects": objects}}, max_labels=8)

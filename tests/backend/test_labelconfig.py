@@ -83,8 +83,6 @@ class TestFillPlan:
          '<Choices name="c" toName="t"><Choice value="a"/></Choices></View>', "no region tool"),
         ('<View><Image name="img" valueList="$pages"/><RectangleLabels name="r" toName="img">'
          '<Label value="a"/></RectangleLabels></View>', "list of pages"),
-        ('<View><Image name="img" value="$image"/><PolygonLabels name="p" toName="img" value="$objects"/></View>',
-         "come from the task data"),
         ("<View><Image name='img' value='$image'>", "cannot be parsed"),
         ("", "empty"),
     ])

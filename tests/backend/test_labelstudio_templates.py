@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 from label_studio_sdk.converter.brush import mask2rle
+from label_studio_sdk.label_interface import LabelInterface
 
 from backend.labelconfig import ConfigError, FillPlan, Tool, validate_prediction
 from tests.e2e.labelstudio import default_venv_path
@@ -92,8 +93,11 @@ def test_template_is_filled_or_skipped_with_the_reason(folder: Path, api, fake_l
     except ConfigError as exc:
         pytest.skip(f"template {folder.name!r} cannot be filled: {exc}")
     image = f"{fake_ls.url}/img/red.png"
-    data = {plan.image_key or "image": image}
+    # The template's own sample task (labels listed in the task data, for one), with an image served here.
+    sample, _, _ = LabelInterface.get_task_from_labeling_config(config)
+    data = {**(sample or {}), plan.image_key or "image": image}
     task: dict[str, Any] = {"id": 900, "data": data, "annotations": [], "predictions": []}
+    plan = plan.for_task(task, max_labels=64)
     if plan.tools:
         task["annotations"] = [{"id": 1, "result": region_items(plan, plan.tools[0], "tpl1")}]
 
