@@ -140,8 +140,8 @@ def parse_annotation_regions(result: Sequence[Any], plan: FillPlan | None) -> di
         kind = str(item.get("type", "")).lower()
         if kind == "textarea" and (captions is None or name in captions):
             texts = [str(t).strip() for t in value.get("text") or [] if str(t).strip()]
-            if texts and entry["caption"] is None:
-                entry["caption"] = " ".join(texts)
+            if texts:
+                entry.setdefault("texts", {}).setdefault(name, " ".join(texts))
         elif kind == "choices" and (choice_controls is None or name in choice_controls):
             picked = [str(c) for c in value.get("choices") or []]
             if picked:
@@ -150,6 +150,12 @@ def parse_annotation_regions(result: Sequence[Any], plan: FillPlan | None) -> di
             paths = [path_key(p) for p in value.get("taxonomy") or [] if isinstance(p, list) and p]
             if paths:
                 entry["choices"][name] = paths
+    for entry in fields.values():
+        texts = entry.pop("texts", {})
+        # A region's text is that of its TextAreas of the kind the model is asked (a description or the
+        # text written in it); without a plan, any TextArea's.
+        names = plan.text_controls(entry["region"]) if plan and entry["region"] is not None else tuple(texts)
+        entry["caption"] = next((texts[name] for name in names if name in texts), None)
     return fields
 
 

@@ -66,7 +66,7 @@ def describe_many(engine: Engine, items: Sequence[Description], max_new_tokens: 
                 caption_controls = plan.shown_captions(region, label)
                 choice_controls = plan.shown_choices(region, label)
             if caption_controls:
-                captions.append((CaptionRequest(item.image, box), answer))
+                captions.append((CaptionRequest(item.image, box, plan.text_kind(region)), answer))
             for control in choice_controls:
                 if control.tree:
                     taxonomies.append(_TaxonomyStep(item.image, box, control.name, control.tree, (), 1.0, answer))

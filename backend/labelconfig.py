@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -36,6 +37,7 @@ from backend.regions import (
     enclosing_box,
     geometry,
 )
+from model.engine import CAPTION, TRANSCRIPTION
 
 RECTANGLE_TAGS = ("Rectangle", "RectangleLabels")
 RECTANGLE_TYPES = ("rectangle", "rectanglelabels")
@@ -153,6 +155,8 @@ class FillPlan:
     choices: tuple[ChoiceControl, ...] = ()
     image_captions: tuple[str, ...] = ()
     image_choices: tuple[ChoiceControl, ...] = ()
+    # The TextAreas (of `captions` and `image_captions`) that hold the text written in a region (`is_transcription`).
+    transcriptions: tuple[str, ...] = ()
     # Per-region controls shown only for some regions (`visibleWhen="region-selected"`): (control name,
     # "label" or "tag", the label value or the labels control's name).
     conditions: tuple[tuple[str, str, str], ...] = ()
@@ -197,9 +201,21 @@ class FillPlan:
         """The Choices and Taxonomy controls scored for a region."""
         return self.image_choices if region.shape == WHOLE_IMAGE else self.choices
 
+    def text_kind(self, region: Region) -> str:
+        """What a region's TextAreas are asked: the text written in it when they all hold transcriptions,
+        else a description (and then only the description TextAreas are filled)."""
+        names = self.captions_for(region)
+        return TRANSCRIPTION if names and set(names) <= set(self.transcriptions) else CAPTION
+
+    def text_controls(self, region: Region) -> tuple[str, ...]:
+        """The TextAreas of a region that are of its `text_kind`."""
+        transcribed = self.text_kind(region) == TRANSCRIPTION
+        return tuple(name for name in self.captions_for(region) if (name in self.transcriptions) == transcribed)
+
     def shown_captions(self, region: Region, label: str | None) -> tuple[str, ...]:
-        """The TextAreas Label Studio shows for a region labelled `label` (None: it has no label)."""
-        return tuple(name for name in self.captions_for(region) if self.visible(name, region, label))
+        """The TextAreas filled for a region labelled `label` (None: it has no label): those of its
+        `text_kind` that Label Studio shows for it."""
+        return tuple(name for name in self.text_controls(region) if self.visible(name, region, label))
 
     def shown_choices(self, region: Region, label: str | None) -> tuple[ChoiceControl, ...]:
         """The Choices and Taxonomy controls Label Studio shows for a region labelled `label`."""
@@ -285,6 +301,7 @@ class FillPlan:
             choices=_choice_controls(data["choices"]),
             image_captions=tuple(data.get("image_captions") or ()),
             image_choices=_choice_controls(data.get("image_choices") or ()),
+            transcriptions=tuple(data.get("transcriptions") or ()),
             conditions=tuple((str(n), str(k), str(v)) for n, k, v in data.get("conditions") or ()),
         )
 
@@ -729,6 +746,8 @@ def _plan_of_image(label_config: str, image: Any, controls: list[Any], reasons: 
         image_choices=_choices_of(whole, trees),
         conditions=tuple(filter(None, map(_condition, per_region))) if tools else (),
     )
+    plan = dataclasses.replace(plan, transcriptions=tuple(
+        name for name in (*plan.captions, *plan.image_captions) if is_transcription(name)))
     if not tools and not plan.fills_whole_image:
         reasons.append(
             f"the labeling config has no region tool (Rectangle, Polygon, Ellipse, KeyPoint, Brush or their "
@@ -740,6 +759,17 @@ def _plan_of_image(label_config: str, image: Any, controls: list[Any], reasons: 
                        "there is no TextArea or Choices to fill")
         return None
     return plan
+
+
+_DESCRIPTION_WORDS = frozenset({"caption", "captions", "description", "describe", "desc", "comment", "note", "notes"})
+_TRANSCRIPTION_WORDS = frozenset({"transcription", "transcriptions", "transcript", "transcribed", "ocr", "text"})
+
+
+def is_transcription(name: str) -> bool:
+    """Whether a TextArea's name asks for the text written in the region (`transcription`, `ocr_text`,
+    `recognizedText`, …) rather than a description of it (`caption`, `description_text`, …)."""
+    words = {w.lower() for w in re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+", name)}
+    return not words & _DESCRIPTION_WORDS and bool(words & _TRANSCRIPTION_WORDS)
 
 
 def _data_key(control: Any) -> str | None:

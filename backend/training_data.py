@@ -25,7 +25,7 @@ from backend.images import ImageError, ImageLoader, decode_image
 from backend.labelconfig import path_of
 from backend.settings import Settings
 from backend.store import Database
-from model.engine import LABEL, Example
+from model.engine import CAPTION, LABEL, Example
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,9 @@ def training_examples(regions: Sequence[CorrectedRegion], images: Mapping[str, L
         meta = {"source": "correction", "annotation_id": item.annotation_id, "task_id": item.task_id,
                 "region_id": item.region_id, "seq": item.seq}
         fields: list[tuple[str, str | None, str]] = []
+        text_kind = item.plan.text_kind(item.region) if item.plan else CAPTION
         if item.caption:
-            fields.append(("caption", None, item.caption))
+            fields.append((text_kind, None, item.caption))
         for control, values in sorted(item.choices.items()):
             fields += _choice_fields(item, control, values)
         if item.label:
@@ -141,7 +142,7 @@ def training_examples(regions: Sequence[CorrectedRegion], images: Mapping[str, L
         for key, attribute, answer in fields:
             examples.append(Example(id=f"ann{item.annotation_id}-{item.region_id}-{key}", image=str(path),
                                     width=width, height=height, box=box, attribute=attribute, answer=answer,
-                                    meta=meta))
+                                    meta=meta, kind=text_kind))
     return examples
 
 

@@ -2,7 +2,7 @@
 
 An engine is one model family (GPT4RoI, Florence-2, …) behind the same semantic requests:
 
-- `caption`: a short description of each region;
+- `caption`: a short description of each region, or the text written in it (`TRANSCRIPTION`);
 - `choose`: a probability distribution over closed-set values (a Choices control's values, the label names)
   for an attribute of each region; the region's label is the attribute `LABEL`;
 - `finetune` on `Example`s (an annotator's final answer to one such request) and `save_pretrained`.
@@ -29,6 +29,12 @@ Box = tuple[float, float, float, float]
 LABEL = "category"
 """The attribute name under which a region's label (RectangleLabels and its kin) is asked and trained."""
 
+CAPTION = "caption"
+TRANSCRIPTION = "transcription"
+"""What a `CaptionRequest` (and an `Example` without an attribute) is about: a description of the region, or
+the text written in it (OCR)."""
+TEXT_KINDS = (CAPTION, TRANSCRIPTION)
+
 
 class EngineError(RuntimeError):
     """An engine cannot be found, loaded or asked what it was asked; the message says what to do."""
@@ -36,10 +42,12 @@ class EngineError(RuntimeError):
 
 @dataclass(frozen=True)
 class CaptionRequest:
-    """Describe the region `box` of `image` (a PIL image; requests on the same object share one encoding)."""
+    """Describe the region `box` of `image` (a PIL image; requests on the same object share one encoding), or,
+    when `kind` is `TRANSCRIPTION`, read the text written in it."""
 
     image: Any
     box: Box
+    kind: str = CAPTION
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,8 @@ class Example:
     """One training example: the answer an annotator kept for one question about one region.
 
     image: path of the image file; width, height: its size in pixels; box: pixel `(x1, y1, x2, y2)`;
-    attribute: None for the caption, else the attribute's name (`LABEL` for the label); answer: the text.
+    attribute: None for the caption (or, `kind` `TRANSCRIPTION`, the text in the region), else the attribute's
+    name (`LABEL` for the label); answer: the text.
     """
 
     id: str
@@ -77,6 +86,7 @@ class Example:
     attribute: str | None
     answer: str
     meta: Mapping[str, Any] = field(default_factory=dict)
+    kind: str = CAPTION
 
 
 @dataclass(frozen=True)

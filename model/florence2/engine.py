@@ -53,7 +53,9 @@ from transformers import AutoConfig, Florence2ForConditionalGeneration, Florence
 from transformers.modeling_outputs import BaseModelOutput
 
 from model.engine import (
+    CAPTION,
     LABEL,
+    TRANSCRIPTION,
     Answer,
     Box,
     CaptionRequest,
@@ -69,6 +71,7 @@ from model.image_keys import ImageKeys
 
 CAPTION_TASK = "<REGION_TO_DESCRIPTION>"
 CATEGORY_TASK = "<REGION_TO_CATEGORY>"
+OCR_TASK = "<REGION_TO_OCR>"
 NO_OBJECT = "No object detected."
 LEARNT_ATTRIBUTE_PROMPT = "What is the {attribute} of the region {region}?"
 ENGINE_FILE = "florence2_engine.json"
@@ -165,7 +168,11 @@ class Florence2Engine(Engine):
         bins = self.processor.post_processor.quantize(pixels, size=(width, height))[0].tolist()
         return "".join(f"<loc_{b}>" for b in bins)
 
-    def caption_prompt(self, region: str) -> _Prompt:
+    def caption_prompt(self, region: str, kind: str = CAPTION) -> _Prompt:
+        """A region's description, or (`TRANSCRIPTION`) its text, which the OCR task answers without repeating
+        the region's location."""
+        if kind == TRANSCRIPTION:
+            return _Prompt(self._task_sentence(OCR_TASK, region), OCR_TASK, "")
         return _Prompt(self._task_sentence(CAPTION_TASK, region), CAPTION_TASK, region)
 
     def attribute_prompt_for(self, attribute: str, region: str) -> _Prompt:
@@ -242,7 +249,7 @@ class Florence2Engine(Engine):
 
     # ------------------------------------------------------------------ answers
     def caption(self, requests: Sequence[CaptionRequest], max_new_tokens: int = 32) -> list[Answer]:
-        prompts = [self.caption_prompt(self.locations(r.box, r.image.size)) for r in requests]
+        prompts = [self.caption_prompt(self.locations(r.box, r.image.size), r.kind) for r in requests]
         return self._answer([r.image for r in requests], prompts, max_new_tokens)
 
     def generation_config(self, max_new_tokens: int) -> GenerationConfig:
@@ -368,7 +375,7 @@ class Florence2Engine(Engine):
             items = []
             for example in examples:
                 region = self.locations(example.box, (example.width, example.height), normalized=False)
-                prompt = (self.caption_prompt(region) if example.attribute is None
+                prompt = (self.caption_prompt(region, example.kind) if example.attribute is None
                           else self.attribute_prompt_for(example.attribute, region))
                 items.append((features[example.image], prompt.text, self._target_ids(example.answer + prompt.suffix)))
         except BaseException:

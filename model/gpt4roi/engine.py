@@ -14,6 +14,7 @@ from PIL import Image
 
 from model.data_format import RegionSample
 from model.engine import (
+    TRANSCRIPTION,
     Answer,
     CaptionRequest,
     ChoiceRequest,
@@ -26,7 +27,7 @@ from model.engine import (
 
 from .inference import RegionAnnotator, RegionQuery
 from .processing_gpt4roi import normalize_boxes
-from .prompts import attribute_question, caption_question
+from .prompts import attribute_question, caption_question, transcription_question
 from .training import LORA_TARGETS, TrainingConfig, has_lora, merge_lora, save_adapter, save_checkpoint, train
 
 # Above this size, a fine-tune on CUDA trades compute for memory (gradient checkpointing): GPT4RoI-7B.
@@ -51,7 +52,7 @@ class GPT4RoIEngine(Engine):
 
     # ----------------------------------------------------------------- answers
     def caption(self, requests: Sequence[CaptionRequest], max_new_tokens: int = 32) -> list[Answer]:
-        queries = [RegionQuery(r.image, (r.box,), caption_question()) for r in requests]
+        queries = [RegionQuery(r.image, (r.box,), _text_question(r.kind)) for r in requests]
         return self.annotator.answer_with_confidence(queries, max_new_tokens=max_new_tokens)
 
     def choose(self, requests: Sequence[ChoiceRequest]) -> list[dict[str, float]]:
@@ -102,12 +103,17 @@ class GPT4RoIEngine(Engine):
 
 def region_sample(example: Example) -> RegionSample:
     """An example as a dataset record: its question in GPT4RoI's templates, its box in pixels."""
-    question = caption_question() if example.attribute is None else attribute_question(example.attribute)
-    task = {"task": "caption"} if example.attribute is None else {"task": "attribute", "attribute": example.attribute}
+    question = _text_question(example.kind) if example.attribute is None else attribute_question(example.attribute)
+    task = ({"task": example.kind} if example.attribute is None
+            else {"task": "attribute", "attribute": example.attribute})
     return RegionSample(id=example.id, image=example.image, width=example.width, height=example.height,
                         boxes=[list(example.box)],
                         conversations=[{"from": "human", "value": question}, {"from": "gpt", "value": example.answer}],
                         meta={**example.meta, **task})
+
+
+def _text_question(kind: str) -> str:
+    return transcription_question() if kind == TRANSCRIPTION else caption_question()
 
 
 def _stored_dtype(path: Path) -> torch.dtype | None:

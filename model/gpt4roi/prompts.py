@@ -42,6 +42,7 @@ __all__ = [
     "relation_answer",
     "relation_candidates",
     "relation_question",
+    "transcription_question",
 ]
 
 SYSTEM_PROMPT = (
@@ -89,6 +90,11 @@ def _check_region_index(k: int) -> None:
 def caption_question(k: int = 1) -> str:
     """Ask for a description of region ``k``: the caption prompt of the paper's Table 5."""
     return f"Can you give a description of the region mentioned by {region_ref(k)}?"
+
+
+def transcription_question(k: int = 1) -> str:
+    """Ask for the text written in region ``k`` (OCR)."""
+    return f"What text is written in the region mentioned by {region_ref(k)}?"
 
 
 def attribute_question(attribute: str, k: int = 1) -> str:

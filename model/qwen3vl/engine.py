@@ -67,6 +67,7 @@ from transformers import AutoConfig, AutoProcessor, DynamicCache, Qwen3VLForCond
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
 from model.engine import (
+    TRANSCRIPTION,
     Answer,
     CaptionRequest,
     ChoiceRequest,
@@ -79,7 +80,7 @@ from model.engine import (
 )
 from model.image_keys import ImageKeys
 
-from .prompts import REGION_MODES, Box, attribute_question, caption_question, draw_region
+from .prompts import REGION_MODES, Box, attribute_question, caption_question, draw_region, transcription_question
 
 ADAPTER_FOLDER = "lora"
 DEFAULT_REGION = "drawn"
@@ -186,7 +187,7 @@ class Qwen3VLEngine(Engine):
 
     # ----------------------------------------------------------------- answers
     def caption(self, requests: Sequence[CaptionRequest], max_new_tokens: int = 32) -> list[Answer]:
-        prompts = [self._prompt(r.image, r.box, caption_question(r.box, self.region)) for r in requests]
+        prompts = [self._prompt(r.image, r.box, text_question(r.box, self.region, r.kind)) for r in requests]
         return [answer for chunk in _chunks(prompts, MAX_PREFIXES) for answer in self._generate(chunk, max_new_tokens)]
 
     def choose(self, requests: Sequence[ChoiceRequest]) -> list[dict[str, float]]:
@@ -514,9 +515,14 @@ def candidate_values(examples: Sequence[Example]) -> dict[str, list[str]]:
 def training_question(example: Example, region: str, values: Mapping[str, Sequence[str]]) -> str:
     box = normalized(example)
     if example.attribute is None:
-        return caption_question(box, region)
+        return text_question(box, region, example.kind)
     listed = example.meta.get("candidates") or values.get(example.attribute, ())
     return attribute_question(box, region, example.attribute, tuple(listed))
+
+
+def text_question(box: Box, region: str, kind: str) -> str:
+    """The question for a region's description, or (`TRANSCRIPTION`) for the text written in it."""
+    return transcription_question(box, region) if kind == TRANSCRIPTION else caption_question(box, region)
 
 
 def example_of_record(record: Any) -> Example | None:

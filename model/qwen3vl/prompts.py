@@ -53,6 +53,10 @@ def caption_question(box: Box, region: str) -> str:
     return f"Describe the object in {region_phrase(box, region)} in one short sentence."
 
 
+def transcription_question(box: Box, region: str) -> str:
+    return f"Read the text written in {region_phrase(box, region)}. Answer with that text only."
+
+
 def attribute_question(box: Box, region: str, attribute: str, candidates: Sequence[str] = ()) -> str:
     """The question for an attribute (the label when `attribute` is `LABEL`); without candidates,
     a free short answer is asked for."""

@@ -1,7 +1,9 @@
-"""Controls beyond TextArea and Choices: a Taxonomy is scored level by level down its tree, and per-region
-controls shown only for some labels (`visibleWhen="region-selected"` with `whenLabelValue` / `whenTagName`)
-are filled only for the regions Label Studio shows them for. Every prediction passes Label Studio's own
-validator; a correction of each is read back, and a Taxonomy path trains its levels.
+"""Controls beyond a caption TextArea and Choices: a Taxonomy is scored level by level down its tree;
+per-region controls shown only for some labels (`visibleWhen="region-selected"` with `whenLabelValue` /
+`whenTagName`) are filled only for the regions Label Studio shows them for; labels listed in the task data
+are that task's labels; a TextArea named for the text in a region (an OCR project's `transcription`) is
+read, not described. Every prediction passes Label Studio's own validator; a correction of each is read
+back and trains what it corrects.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ from backend.labelconfig import (
     Region,
     TaskError,
     build_prediction,
+    is_transcription,
     path_key,
     predicted_fields,
     validate_prediction,
 )
 from backend.training_data import training_examples
-from model.engine import ChoiceRequest
+from model.engine import CAPTION, TRANSCRIPTION, CaptionRequest, ChoiceRequest
+from model.gpt4roi.engine import region_sample
+from model.gpt4roi.prompts import transcription_question
 from tests.support.images import scene
 
 TAXONOMY_CONFIG = """<View>
@@ -214,3 +219,83 @@ def test_a_task_without_usable_labels_in_its_data_is_refused_with_the_reason(obj
     plan = FillPlan.from_label_config(DYNAMIC_CONFIG)
     with pytest.raises(TaskError, match=reason):
         plan.for_task({"id": 5, "data": {"image": "x.png", "objects": objects}}, max_labels=8)
+
+
+# The shape of Label Studio's OCR template: a separate Labels control for two region tools, and a per-region
+# TextArea for the text read in each region.
+OCR_CONFIG = """<View>
+  <Image name="image" value="$ocr"/>
+  <Labels name="label" toName="image"><Label value="Text"/><Label value="Handwriting"/></Labels>
+  <Rectangle name="bbox" toName="image"/>
+  <Polygon name="poly" toName="image"/>
+  <TextArea name="transcription" toName="image" editable="true" perRegion="true" required="true"/>
+</View>"""
+
+MIXED_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <Rectangle name="bbox" toName="image"/>
+  <TextArea name="caption" toName="image" perRegion="true"/>
+  <TextArea name="ocr_text" toName="image" perRegion="true"/>
+</View>"""
+
+
+@pytest.mark.parametrize("name, reads_text", [
+    ("transcription", True), ("text", True), ("ocr", True), ("ocr_text", True), ("recognizedText", True),
+    ("caption", False), ("description_text", False), ("notes", False), ("answer", False), ("context", False),
+])
+def test_a_textarea_named_for_the_text_in_a_region_is_a_transcription(name, reads_text):
+    assert is_transcription(name) is reads_text
+
+
+def test_an_ocr_project_asks_the_engine_to_read_the_text_in_each_region(tiny_checkpoint: Path):
+    plan = FillPlan.from_label_config(OCR_CONFIG)
+    region = dataclasses.replace(rectangle("r1", "Text", tool="bbox"), type="rectangle")
+    assert plan.text_kind(region) == TRANSCRIPTION
+    engine = load_engine(tiny_checkpoint, "cpu")
+    image = scene()
+    answer, = describe(engine, image, plan, [region], keep_drawn_label=True, max_new_tokens=6)
+    read, = engine.caption([CaptionRequest(image, region.box(), TRANSCRIPTION)], max_new_tokens=6)
+    described, = engine.caption([CaptionRequest(image, region.box())], max_new_tokens=6)
+    assert read.text != described.text, "the tiny model should answer the two questions differently"
+    assert answer["caption"] == read.text
+    prediction = build_prediction(plan, [region], [answer], "v1")
+    validate_prediction(OCR_CONFIG, prediction)
+    text_item = next(item for item in prediction["result"] if item["from_name"] == "transcription")
+    assert text_item["value"]["text"] == [read.text]
+
+
+def test_a_transcription_correction_trains_reading_not_describing(tmp_path: Path):
+    plan = FillPlan.from_label_config(OCR_CONFIG)
+    geometry = {"x": 10, "y": 20, "width": 30, "height": 40, "rotation": 0}
+    result = [
+        {"id": "r1", "from_name": "bbox", "to_name": "image", "type": "rectangle", "original_width": 96,
+         "original_height": 64, "value": geometry},
+        {"id": "r1", "from_name": "transcription", "to_name": "image", "type": "textarea",
+         "value": {**geometry, "text": ["EXIT 12"]}},
+    ]
+    entry = parse_annotation_regions(result, plan)["r1"]
+    assert entry["caption"] == "EXIT 12"
+    corrected = CorrectedRegion(seq=1, annotation_id=7, task_id="3", region_id="r1", image="img",
+                                region=entry["region"], box=entry["region"].box(), caption="EXIT 12", choices={},
+                                label=None, predicted=None, predicted_version=None, created_at=0.0, plan=plan)
+    example, = training_examples([corrected], {"img": (tmp_path / "img.png", 96, 64)})
+    assert (example.attribute, example.kind, example.answer) == (None, TRANSCRIPTION, "EXIT 12")
+    assert region_sample(example).conversations[0]["value"] == transcription_question()
+
+
+def test_a_region_with_a_description_and_a_transcription_textarea_gets_its_description_only():
+    plan = FillPlan.from_label_config(MIXED_CONFIG)
+    region = dataclasses.replace(rectangle("r1", tool="bbox"), type="rectangle")
+    assert plan.transcriptions == ("ocr_text",)
+    assert plan.text_kind(region) == CAPTION
+    prediction = build_prediction(plan, [region], [{"caption": "a red sign", "choices": {}, "label": None}], "v1")
+    validate_prediction(MIXED_CONFIG, prediction)
+    assert [i["from_name"] for i in prediction["result"] if i["type"] == "textarea"] == ["caption"]
+    # A correction's text is read from the TextArea of the kind the model is asked.
+    geometry = {"x": 10, "y": 20, "width": 30, "height": 40, "rotation": 0}
+    result = [{"id": "r1", "from_name": "bbox", "to_name": "image", "type": "rectangle", "value": geometry},
+              {"id": "r1", "from_name": "ocr_text", "to_name": "image", "type": "textarea",
+               "value": {**geometry, "text": ["STOP"]}},
+              {"id": "r1", "from_name": "caption", "to_name": "image", "type": "textarea",
+               "value": {**geometry, "text": ["a red sign"]}}]
+    assert parse_annotation_regions(result, plan)["r1"]["caption"] == "a red sign"
