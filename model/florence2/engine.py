@@ -68,6 +68,7 @@ from model.engine import (
     check_options,
 )
 from model.image_keys import ImageKeys
+from model.loading import open_rgb, runtime_dtype, stored_dtype
 
 CAPTION_TASK = "<REGION_TO_DESCRIPTION>"
 CATEGORY_TASK = "<REGION_TO_CATEGORY>"
@@ -140,9 +141,8 @@ class Florence2Engine(Engine):
         config = AutoConfig.from_pretrained(path)
         if config.model_type != "florence2":
             raise EngineError(f"{path} is a {config.model_type!r} checkpoint, not Florence-2")
-        stored = _as_dtype(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)) or torch.float32
-        runtime = _as_dtype(dtype) or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-        model = Florence2ForConditionalGeneration.from_pretrained(path, dtype=runtime).to(device)
+        stored = stored_dtype(path) or torch.float32
+        model = Florence2ForConditionalGeneration.from_pretrained(path, dtype=runtime_dtype(dtype, device)).to(device)
         processor = Florence2Processor.from_pretrained(path)
         # A processor config without parsing rules cannot parse even plain text; plain text is all this
         # engine asks of it.
@@ -348,7 +348,7 @@ class Florence2Engine(Engine):
             if len(record.boxes) != 1:
                 raise EngineError(f"record {record.id}: Florence-2 answers about one region at a time")
             if record.image not in images:
-                images[record.image] = _open(record.image)
+                images[record.image] = open_rgb(record.image)
             region = self.locations(record.boxes[0], (record.width, record.height), normalized=False)
             attribute = _attribute_of(record.meta)
             prompt = self.caption_prompt(region) if attribute is None else self.attribute_prompt_for(attribute, region)
@@ -370,7 +370,7 @@ class Florence2Engine(Engine):
         try:
             images: dict[str, Image.Image] = {}
             for example in examples:
-                images.setdefault(example.image, _open(example.image))
+                images.setdefault(example.image, open_rgb(example.image))
             features = dict(zip(images, self._features(list(images.values())), strict=True))
             items = []
             for example in examples:
@@ -468,20 +468,6 @@ def example_of_record(record: Any) -> Example | None:
 
 def _attribute_of(meta: dict[str, Any]) -> str | None:
     return meta.get("attribute") if meta.get("task") == "attribute" else None
-
-
-def _open(path: str) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
-
-
-def _as_dtype(name: Any) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    dtype = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype):
-        raise EngineError(f"unknown dtype {name!r}: a torch dtype name such as bfloat16 or float32")
-    return dtype
 
 
 def _progress(steps: range, show: bool) -> Any:

@@ -5,7 +5,6 @@ fine-tunes with `training.train`."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from model.engine import (
     FinetuneResult,
     check_options,
 )
+from model.loading import open_rgb, runtime_dtype, stored_dtype
 
 from .inference import RegionAnnotator, RegionQuery
 from .processing_gpt4roi import normalize_boxes
@@ -46,9 +46,8 @@ class GPT4RoIEngine(Engine):
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str | None = None,
                         options: Mapping[str, str] | None = None) -> GPT4RoIEngine:
         check_options(cls.name, options, {})
-        torch_dtype = getattr(torch, dtype) if dtype else None
-        return cls(RegionAnnotator.from_pretrained(path, device=str(device), dtype=torch_dtype),
-                   stored_dtype=_stored_dtype(Path(path)))
+        annotator = RegionAnnotator.from_pretrained(path, device=str(device), dtype=runtime_dtype(dtype, device))
+        return cls(annotator, stored_dtype=stored_dtype(path))
 
     # ----------------------------------------------------------------- answers
     def caption(self, requests: Sequence[CaptionRequest], max_new_tokens: int = 32) -> list[Answer]:
@@ -64,8 +63,7 @@ class GPT4RoIEngine(Engine):
         queries = []
         for record in records:
             if record.image not in images:
-                with Image.open(record.image) as opened:
-                    images[record.image] = opened.convert("RGB")
+                images[record.image] = open_rgb(record.image)
             boxes = tuple(map(tuple, normalize_boxes(record.boxes, record.width, record.height).tolist()))
             queries.append(RegionQuery(images[record.image], boxes, record.conversations[0]["value"]))
         return self.annotator.answer(queries, max_new_tokens=max_new_tokens)
@@ -114,15 +112,3 @@ def region_sample(example: Example) -> RegionSample:
 
 def _text_question(kind: str) -> str:
     return transcription_question() if kind == TRANSCRIPTION else caption_question()
-
-
-def _stored_dtype(path: Path) -> torch.dtype | None:
-    """The dtype a checkpoint folder's weights are stored in (its config.json), None for a hub id."""
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    stored = config.get("dtype") or config.get("torch_dtype") or "float32"
-    value = getattr(torch, str(stored), None)
-    return value if isinstance(value, torch.dtype) else None
-

@@ -63,7 +63,7 @@ from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoProcessor, DynamicCache, Qwen3VLForConditionalGeneration
+from transformers import AutoProcessor, DynamicCache, Qwen3VLForConditionalGeneration
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
 from model.engine import (
@@ -79,6 +79,7 @@ from model.engine import (
     check_options,
 )
 from model.image_keys import ImageKeys
+from model.loading import open_rgb, runtime_dtype, stored_dtype
 
 from .prompts import REGION_MODES, Box, attribute_question, caption_question, draw_region, transcription_question
 
@@ -169,17 +170,9 @@ class Qwen3VLEngine(Engine):
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str | None = None,
                         options: Mapping[str, str] | None = None) -> Qwen3VLEngine:
         settings = check_options(cls.name, options, OPTIONS)
-        target = torch.device(device)
-        if dtype is None:
-            torch_dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
-        else:
-            torch_dtype = getattr(torch, dtype, None)
-            if not isinstance(torch_dtype, torch.dtype):
-                raise EngineError(f"{dtype!r} is not a torch dtype (e.g. float32, bfloat16)")
-        stored = _stored_dtype(path)
-        model = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).to(target)
+        model = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=runtime_dtype(dtype, device)).to(device)
         return cls(model, AutoProcessor.from_pretrained(path), region=settings.get("region", DEFAULT_REGION),
-                   stored_dtype=stored)
+                   stored_dtype=stored_dtype(path))
 
     @property
     def device(self) -> torch.device:
@@ -210,8 +203,7 @@ class Qwen3VLEngine(Engine):
                 continue
             box, attribute, candidates = asked
             if record.image not in images:
-                with Image.open(record.image) as opened:
-                    images[record.image] = opened.convert("RGB")
+                images[record.image] = open_rgb(record.image)
             question = (caption_question(box, self.region) if attribute is None
                         else attribute_question(box, self.region, attribute, candidates))
             prompts.append(self._prompt(images[record.image], box, question))
@@ -249,8 +241,7 @@ class Qwen3VLEngine(Engine):
                 prompts, answers = [], []
                 for example in (data[i] for i in batch):
                     if example.image not in images:
-                        with Image.open(example.image) as opened:
-                            images[example.image] = opened.convert("RGB")
+                        images[example.image] = open_rgb(example.image)
                     prompts.append(self._prompt(images[example.image], normalized(example), training_question(
                         example, self.region, values)))
                     answers.append(example.answer)
@@ -596,14 +587,3 @@ def _batches(count: int, size: int, steps: int, rng: random.Random) -> Iterator[
                 rng.shuffle(order)
             batch.append(order.pop())
         yield batch
-
-
-def _stored_dtype(path: str | Path) -> torch.dtype | None:
-    """The dtype the checkpoint's weights are stored in (its config), None when unknown."""
-    try:
-        stored = AutoConfig.from_pretrained(path).dtype
-    except (OSError, ValueError):
-        return None
-    if isinstance(stored, str):
-        stored = getattr(torch, stored, None)
-    return stored if isinstance(stored, torch.dtype) else None

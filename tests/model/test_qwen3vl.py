@@ -115,7 +115,7 @@ def test_unknown_options_and_bad_values_are_refused(checkpoint):
         Qwen3VLEngine.from_pretrained(checkpoint, options={"regoin": "text"})
     with pytest.raises(EngineError, match="region must be one of drawn, text, got 'circle'"):
         load_engine(checkpoint, options={"region": "circle"})
-    with pytest.raises(EngineError, match="not a torch dtype"):
+    with pytest.raises(EngineError, match="unknown dtype"):
         Qwen3VLEngine.from_pretrained(checkpoint, dtype="float33")
 
 
