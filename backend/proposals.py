@@ -25,6 +25,7 @@ from typing import Any
 from backend.calibration import Calibration
 from backend.describe import Description, describe_many
 from backend.labelconfig import FillPlan, Region, Tool
+from backend.proposal_stats import iou
 from backend.settings import Settings
 from model.engine import Engine, Proposal, ProposalRequest
 
@@ -46,17 +47,6 @@ def proposal_request(plan: FillPlan, image: Any, settings: Settings) -> Proposal
         return None
     return ProposalRequest(image, tuple(tool.labels), SHAPE_OF_TOOL[tool.shape],
                            max_regions=None, max_new_tokens=settings.proposal_max_new_tokens)
-
-
-def iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two xyxy boxes."""
-    width = min(a[2], b[2]) - max(a[0], b[0])
-    height = min(a[3], b[3]) - max(a[1], b[1])
-    if width <= 0 or height <= 0:
-        return 0.0
-    inter = width * height
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def select(proposals: Sequence[Proposal], settings: Settings, taken: Sequence[Sequence[float]] = ()) -> list[Proposal]:

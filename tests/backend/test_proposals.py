@@ -4,6 +4,7 @@ predictions Label Studio's own validator accepts."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image
 from backend.describe import Description, load_engine
 from backend.labelconfig import FillPlan, Region, Tool, validate_prediction
 from backend.payloads import make_payload, prediction_from_output
+from backend.proposal_stats import ProposalStats, iou, matches, proposal_stats_by_version
 from backend.proposals import describe_jobs, proposal_tool, region_of, select
 from backend.settings import Settings, SettingsError
 from model.engine import Proposal
@@ -134,3 +136,54 @@ def test_a_task_without_regions_gets_proposed_regions_captioned_and_valid(engine
             assert shape["value"][proposal_tool(plan).type] == list(region.labels)
             assert shape["score"] == pytest.approx(answer["proposal_score"], abs=1e-6)
             assert items[(region.id, "textarea")]["value"]["text"] == [answer["caption"]]
+
+
+# ---------------------------------------------------------------------- how proposals fared
+def test_kept_moved_deleted_added_and_precision_recall_at_iou_half():
+    stats = ProposalStats()
+    proposed = {"a": (0.0, 0.0, 0.5, 0.5), "b": (0.5, 0.5, 1.0, 1.0), "c": (0.0, 0.6, 0.2, 0.9)}
+    final = {"a": (0.0, 0.0, 0.5, 0.5), "b": (0.55, 0.55, 1.0, 1.0), "drawn": (0.6, 0.0, 0.9, 0.3),
+             "x": (0.0, 0.62, 0.2, 0.9)}
+    stats.add(proposed, ["drawn"], final)
+    assert (stats.kept, stats.moved, stats.deleted, stats.added) == (1, 1, 1, 1)
+    # c was deleted but x was drawn where it was: the boxes match, whatever the ids.
+    assert (stats.matched, stats.precision, stats.recall, stats.drawn_share) == (3, 1.0, 0.75, 0.25)
+    assert matches([(0, 0, 1, 1), (0, 0, 1, 1)], [(0, 0, 1, 1)]) == [(0, 0)]
+    assert iou((0, 0, 2, 2), (1, 1, 3, 3)) == pytest.approx(1 / 7)
+
+
+def test_the_store_remembers_proposals_and_the_report_shows_how_they_fared(tmp_path):
+    from backend.corrections import CorrectionsStore
+    from backend.report import print_report
+    from tests.support.hitl import DEMO_CONFIG, annotation_event, make_tasks
+
+    settings_ = Settings.from_env({}, data_dir=tmp_path / "data", model_dir=tmp_path / "models")
+    store = CorrectionsStore.for_settings(settings_)
+    plan = FillPlan.from_label_config(DEMO_CONFIG)
+    [task] = make_tasks(tmp_path / "images", "p", 1, 1, seed=5)
+    tool = proposal_tool(plan)
+    size = (task.width, task.height)
+    first, second = task.objects[0].box, task.objects[1].box
+    shifted = (second[0] + 0.1 * (second[2] - second[0]), *second[1:])
+    proposed = [region_of(Proposal(task.objects[0].shape, first, 0.9), tool, size, task.region_id(0)),
+                region_of(Proposal("circle", shifted, 0.6), tool, size, task.region_id(1)),
+                region_of(Proposal("circle", (0, 0, 3, 3), 0.2), tool, size, "proposed3")]
+    payload = make_payload(task_id=task.task_id, project="1", image=task.reference, plan=plan, regions=[],
+                           label_config=DEMO_CONFIG, model_version="v1", keep_drawn_label=True, max_new_tokens=8,
+                           propose=True)
+    answers = [{"id": r.id, "caption": "a shape", "choices": {}, "label": None, "proposal_score": s}
+               for r, s in zip(proposed, (0.9, 0.6, 0.2), strict=True)]
+    output = {"model_version": "v1", "image_size": list(size), "regions": answers,
+              "proposed": [r.to_json() for r in proposed]}
+    assert store.record_job_output(payload, output) == 3
+    store.record_event(annotation_event(task, 77, DEMO_CONFIG))
+
+    [stats] = proposal_stats_by_version(store.regions(), store.recorded_proposals()).values()
+    objects = len(task.objects)
+    assert (stats.tasks, stats.proposed, stats.final) == (1, 3, objects)
+    assert (stats.kept, stats.moved, stats.deleted, stats.added) == (1, 1, 1, objects - 2)
+    assert (stats.precision, stats.recall) == (pytest.approx(2 / 3), pytest.approx(2 / objects))
+
+    out = io.StringIO()
+    print_report(settings_, png=tmp_path / "plot.png", out=out)
+    assert "precision@0.5" in out.getvalue() and "0.667" in out.getvalue(), out.getvalue()
