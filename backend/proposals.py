@@ -8,8 +8,9 @@ engine then captions and scores each of them like a drawn region, in the same ca
 The tool proposed for is the config's first rectangle or polygon tool that has labels (else the first without);
 a polygon tool gets polygons. Thresholds (settings): PROPOSAL_MIN_SCORE, PROPOSAL_MIN_SIZE (pixels, per side),
 PROPOSAL_NMS_IOU (a region overlapping a better scored one, or one the task already has, is dropped) and
-PROPOSAL_MAX_REGIONS. A proposed region carries the proposer's label with the proposer's score as the label's
-confidence (the label is not asked again), so the prediction's region item shows the region's own score.
+PROPOSAL_MAX_REGIONS (and never beyond MAX_REGIONS_PER_TASK in all). A proposed region carries the proposer's
+label with the proposer's score as the label's confidence (the label is not asked again), so the prediction's
+region item shows the region's own score.
 
 The job's answer lists the proposed regions under `proposed` (`backend.labelconfig.Region` JSON), answered
 after the payload's own regions in `regions`; `backend.payloads.prediction_from_output` reads them back.
@@ -54,7 +55,11 @@ def select(proposals: Sequence[Proposal], settings: Settings, taken: Sequence[Se
     already has."""
     kept: list[Proposal] = []
     boxes = [tuple(box) for box in taken]
+    # A task never holds more regions than a request may carry (MAX_REGIONS_PER_TASK).
+    room = min(settings.proposal_max_regions, settings.max_regions_per_task - len(boxes))
     for proposal in sorted(proposals, key=lambda p: p.score, reverse=True):
+        if len(kept) >= room:
+            break
         x1, y1, x2, y2 = proposal.box
         if proposal.score < settings.proposal_min_score:
             continue
@@ -64,8 +69,6 @@ def select(proposals: Sequence[Proposal], settings: Settings, taken: Sequence[Se
             continue
         kept.append(proposal)
         boxes.append(proposal.box)
-        if len(kept) >= settings.proposal_max_regions:
-            break
     return kept
 
 

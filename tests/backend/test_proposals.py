@@ -73,6 +73,7 @@ def test_thresholds_drop_weak_small_overlapping_and_surplus_regions():
     # Regions the task has count as taken.
     assert [p.score for p in select(proposals[:1], settings(proposal_nms_iou=0.5), taken=[(0, 0, 49, 49)])] == []
     assert len(select(proposals, settings())) == len(proposals)
+    assert len(select(proposals, settings(max_regions_per_task=3), taken=[(0, 0, 1, 1)])) == 2
 
 
 def test_a_proposal_becomes_a_region_of_the_configs_tool():
