@@ -108,7 +108,7 @@ class Predictor:
             self.calibration = Calibration.load(path)
             log.info("model %s loaded from %s in %.1f s", version, path, time.perf_counter() - started)
             self.version = version
-        if self.settings.proposer and self.proposer is None:
+        if self.settings.propose_mode != "never" and self.proposer is None:
             self.proposer = self._load_proposer()
         return version
 
