@@ -151,9 +151,26 @@ class CorrectionsStore:
             plan, regions, keep_drawn = parse_payload(payload)
         except PayloadError:
             return 0
+        proposed = [Region.from_json(data) for data in output.get("proposed") or ()]
         fields = {region.id: predicted_fields(plan, region, answer, keep_drawn)
-                  for region, answer in zip(regions, output["regions"], strict=False)}
+                  for region, answer in zip(regions + proposed, output["regions"], strict=False)}
+        # A proposed region is remembered with where it was proposed (`backend.proposal_stats`).
+        for region, answer in zip(proposed, output["regions"][len(regions):], strict=False):
+            fields[region.id]["proposal"] = {"box": list(region.box()), "label": region.labels[0] if region.labels
+                                             else None, "score": answer.get("proposal_score")}
         return self.record_predictions(payload["task_id"], str(output.get("model_version")), fields)
+
+    def recorded_proposals(self) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+        """Task id → model version → region id → recorded fields (with their `created_at`), for the tasks
+        whose jobs proposed regions (`backend.proposal_stats`)."""
+        rows = self.database.read().execute(
+            "SELECT task_id, region_id, model_version, fields, created_at FROM predictions WHERE task_id IN "
+            "(SELECT DISTINCT task_id FROM predictions WHERE fields LIKE ?)", ('%"proposal"%',)).fetchall()
+        found: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+        for row in rows:
+            fields = {**json.loads(row["fields"]), "created_at": float(row["created_at"])}
+            found.setdefault(row["task_id"], {}).setdefault(row["model_version"], {})[row["region_id"]] = fields
+        return found
 
     # ------------------------------------------------------------------ reading
     def regions(self, since_seq: int = 0, model_version: str | None = None) -> list[CorrectedRegion]:
@@ -300,7 +317,16 @@ def _check_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
         raise AnnotationError("predicted choices must map control names to lists of values")
     if label is not None and not isinstance(label, str):
         raise AnnotationError(f"a predicted label must be text or None, got {type(label).__name__}")
-    return {"caption": caption, "choices": {str(k): [str(x) for x in v] for k, v in choices.items()}, "label": label}
+    checked = {"caption": caption, "choices": {str(k): [str(x) for x in v] for k, v in choices.items()},
+               "label": label}
+    proposal = fields.get("proposal")
+    if proposal is not None:
+        box = proposal.get("box") if isinstance(proposal, Mapping) else None
+        if not isinstance(box, list) or len(box) != 4 or not all(isinstance(c, int | float) for c in box):
+            raise AnnotationError("a proposed region's box must be four numbers")
+        checked["proposal"] = {"box": [float(c) for c in box], "label": proposal.get("label"),
+                               "score": proposal.get("score")}
+    return checked
 
 
 def _region_from_row(row: Any, plans: dict[str, FillPlan]) -> CorrectedRegion:

@@ -181,7 +181,7 @@ class GPT4RoIBackend:
         return value
 
     def _payload(self, task: Mapping[str, Any], plan: FillPlan, regions: list, config: str, version: str,
-                 project: str | None, max_new_tokens: int) -> dict[str, Any]:
+                 project: str | None, max_new_tokens: int, propose: bool = False) -> dict[str, Any]:
         try:
             image = plan.image_reference(task)
             plan = plan.for_task(task, self.settings.max_choices_per_control)
@@ -196,7 +196,7 @@ class GPT4RoIBackend:
         return make_payload(
             task_id=task.get("id"), project=_project_id(project) if project else None, image=image, plan=plan,
             regions=regions, label_config=config, model_version=version,
-            keep_drawn_label=self.settings.keep_drawn_label, max_new_tokens=max_new_tokens)
+            keep_drawn_label=self.settings.keep_drawn_label, max_new_tokens=max_new_tokens, propose=propose)
 
     def _interactive(self, task: Mapping[str, Any], context: Mapping[str, Any], plan: FillPlan, config: str,
                      version: str, project: str | None, max_new_tokens: int) -> dict[str, Any]:
@@ -237,11 +237,12 @@ class GPT4RoIBackend:
                 regions = self._regions(found, f"tasks[{index}]")
             except TaskError as exc:
                 raise RequestError(f"tasks[{index}]: {exc}") from None
-            if not regions:
+            propose = self.settings.proposes_for(regions)  # PROPOSE_WHEN: the worker finds regions
+            if not regions and not propose:
                 items[index] = _empty(version)
                 continue
             jobs.append(_TaskJob(index, self._payload(task, plan, regions, config, version, project,
-                                                      max_new_tokens)))
+                                                      max_new_tokens, propose)))
         if not jobs:
             return [item for item in items if item is not None]
         single = len(tasks) == 1

@@ -10,8 +10,11 @@ Payload (version 1), plain JSON only:
      "plan": {...FillPlan...}, "regions": [{...Region...}], "keep_drawn_label": true,
      "max_new_tokens": 32, "model_version": "demo-1", "label_config": "<View>…</View>"}
 
+plus `"propose": true` when the worker should also propose regions (`backend.proposals`).
+
 Answer: `{"model_version", "image_size": [w, h], "regions": [{"id", "caption", "choices", "label"}],
-"timing": {...}, "batch": {"jobs", "regions"}}` (`batch`: the model call the job was answered in), or
+"timing": {...}, "batch": {"jobs", "regions"}}` (`batch`: the model call the job was answered in; with
+`"proposed": [{...Region...}]`, the regions the worker proposed, answered after the payload's own), or
 `{"error": {"kind": "image" | "input" | "invalid", "message"}, "model_version"}` when the job's input cannot
 be used (retrying would not help).
 """
@@ -41,9 +44,11 @@ def make_payload(
     model_version: str,
     keep_drawn_label: bool,
     max_new_tokens: int,
+    propose: bool = False,
 ) -> dict[str, Any]:
-    """The payload of a job predicting `regions` of one task."""
-    return {
+    """The payload of a job predicting `regions` of one task (and, with `propose`, the regions the worker's
+    proposer finds)."""
+    payload = {
         "v": PAYLOAD_VERSION,
         "task_id": task_id,
         "project": project,
@@ -55,6 +60,9 @@ def make_payload(
         "model_version": model_version,
         "label_config": label_config,
     }
+    if propose:
+        payload["propose"] = True
+    return payload
 
 
 def parse_payload(payload: Mapping[str, Any]) -> tuple[FillPlan, list[Region], bool]:
@@ -73,6 +81,7 @@ def prediction_from_output(payload: Mapping[str, Any], output: Mapping[str, Any]
     """The Label Studio prediction for a payload and the worker's answer, validated against the labeling
     config (raises `backend.labelconfig.PredictionInvalid`)."""
     plan, regions, keep_drawn = parse_payload(payload)
+    regions += [Region.from_json(data) for data in output.get("proposed") or ()]
     size = output.get("image_size")
     prediction = build_prediction(
         plan, regions, output["regions"], output["model_version"],

@@ -46,6 +46,7 @@ class PrelabelSummary:
     tasks: int = 0
     already_predicted: int = 0
     without_boxes: int = 0
+    proposing: int = 0  # tasks whose regions the proposer finds (PROPOSE_WHEN)
     enqueued: int = 0
     pushed: int = 0
     failed: list[str] = field(default_factory=list)
@@ -60,6 +61,7 @@ class PrelabelSummary:
             f"project {self.project}, model version {self.model_version}: {self.tasks} tasks",
             f"  already predicted by this version: {self.already_predicted}",
             f"  without rectangles (nothing to describe): {self.without_boxes}",
+            *([f"  with proposed regions (PROPOSE_WHEN): {self.proposing}"] if self.proposing else []),
             f"  enqueued: {self.enqueued}, pushed: {self.pushed}, still running: {self.pending}, "
             f"failed: {len(self.failed)}",
         ]
@@ -104,13 +106,15 @@ def run_prelabel(settings: Settings, project: int, *, wait: bool = True, timeout
         except TaskError as exc:
             summary.failed.append(f"task {task.get('id')}: {exc}")
             continue
-        if not regions:
+        propose = settings.proposes_for(regions)  # PROPOSE_WHEN: the worker's proposer finds regions
+        if not regions and not propose:
             summary.without_boxes += 1
             continue
+        summary.proposing += propose
         payload = make_payload(
             task_id=task["id"], project=str(project), image=image, plan=task_plan, regions=regions,
             label_config=label_config, model_version=version, keep_drawn_label=settings.keep_drawn_label,
-            max_new_tokens=settings.max_new_tokens)
+            max_new_tokens=settings.max_new_tokens, propose=propose)
         _wait_for_room(queue)
         jobs[queue.submit(payload, interactive=False, push=True)] = task["id"]
     summary.enqueued = len(jobs)

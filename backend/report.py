@@ -9,7 +9,8 @@
 - `python -m backend report [--png FILE]`: acceptance statistics per model version (`backend.acceptance`) as a
   table, and a PNG plot of them over the versions (matplotlib, Agg backend; default
   `DATA_DIR/acceptance.png`); then how reliable each fine-tuned version's confidences are (ECE, AUROC;
-  `backend.calibration`), with its reliability diagram beside the plot (`acceptance-reliability.png`).
+  `backend.calibration`), with its reliability diagram beside the plot (`acceptance-reliability.png`); and,
+  where regions were proposed, how the proposals fared per version (`backend.proposal_stats`).
 
 Nothing here imports torch.
 """
@@ -32,6 +33,7 @@ from backend.confirmation import counts as confirmation_counts
 from backend.connect import follow_version
 from backend.corrections import CorrectionsStore
 from backend.jobs import POINTER_LOCK_WAIT_S, PointerBusy, QueueUnavailable, connect, pointer_lock, redacted
+from backend.proposal_stats import ProposalStats, proposal_stats_by_version
 from backend.runs import FinetuneRun, FinetuneRuns, RunStatus
 from backend.settings import Settings
 from model.metrics import format_table
@@ -165,6 +167,16 @@ def acceptance_table(stats: dict[str, AcceptanceStats], order: Sequence[str]) ->
                          *[f"{name} kept" for name in fields]], rows)
 
 
+def proposals_table(stats: Mapping[str, ProposalStats], order: Sequence[str]) -> str:
+    """Per version, how its proposed regions fared (`backend.proposal_stats`)."""
+    rows = [[version, s.tasks, s.proposed, s.kept, s.moved, s.deleted, s.added, _number(s.precision),
+             _number(s.recall), _percent(s.drawn_share)]
+            for version in sorted(stats, key=lambda v: order.index(v) if v in order else len(order))
+            for s in [stats[version]]]
+    return format_table(["version", "tasks", "proposed", "kept", "moved", "deleted", "added by hand",
+                         "precision@0.5", "recall@0.5", "drawn by hand"], rows)
+
+
 def plot_acceptance(stats: dict[str, AcceptanceStats], order: Sequence[str], path: Path) -> Path:
     """A PNG of acceptance, caption edit distance and per-field accuracy over the versions."""
     import matplotlib
@@ -260,11 +272,16 @@ def print_report(settings: Settings, png: Path | None = None, out: TextIO = sys.
     """`python -m backend report`."""
     store = CorrectionsStore.for_settings(settings)
     runs = FinetuneRuns.for_settings(settings)
-    stats = acceptance_by_version(store.regions())
+    regions = store.regions()
+    stats = acceptance_by_version(regions)
     order = registry.list_versions(settings)
+    proposals = proposal_stats_by_version(regions, store.recorded_proposals())
     print(f"corrected regions stored: {store.count_regions()} ({runs.new_regions()} since the last fine-tune)",
           file=out)
     print(f"annotations by confirmation with Label Studio: {_confirmations(settings)}", file=out)
+    if proposals:
+        print("proposed regions per version (annotated tasks whose regions were proposed):", file=out)
+        print(proposals_table(proposals, order), file=out)
     if not stats:
         print("no corrected region with a known prediction yet: nothing to compare", file=out)
         return 0

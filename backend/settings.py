@@ -230,6 +230,36 @@ class Settings:
         "Side of the box the model sees around a keypoint, in percent of the image's shorter side (a keypoint "
         "has no extent of its own).")
 
+    # Proposed regions
+    proposer: str = _setting(
+        "", "PROPOSER",
+        "The engine that finds regions in tasks that have none, whatever ENGINE describes them: `florence-2` (or "
+        "the dotted path of an Engine that can propose). Unset: no proposals, tasks without regions are skipped. "
+        "The worker keeps it loaded beside the describing model.")
+    proposer_model: str = _setting(
+        "", "PROPOSER_MODEL",
+        "The proposer's checkpoint: a hub id or a local folder. Empty: the engine's default base model "
+        "(`florence-2`: florence-community/Florence-2-base-ft).")
+    propose_when: str = _setting(
+        "", "PROPOSE_WHEN",
+        "Which tasks get proposed regions in batch predictions and `prelabel`: `never`, `empty` (tasks without "
+        "regions) or `always` (also beside the regions a task has). Unset: `empty` with a PROPOSER, else `never`.")
+    proposal_min_score: float = _setting(
+        0.0, "PROPOSAL_MIN_SCORE",
+        "Proposed regions scored below this are dropped (a score is the geometric mean of the probabilities of "
+        "the region's tokens, not a calibrated detection score).")
+    proposal_max_regions: int = _setting(
+        50, "PROPOSAL_MAX_REGIONS", "Most regions proposed per image (the best scored are kept).")
+    proposal_nms_iou: float = _setting(
+        0.7, "PROPOSAL_NMS_IOU",
+        "A proposed region overlapping a better scored one (or a region the task has) by more than this IoU is "
+        "dropped (1: none is).")
+    proposal_min_size: float = _setting(
+        4.0, "PROPOSAL_MIN_SIZE", "Proposed regions narrower or lower than this many pixels are dropped.")
+    proposal_max_new_tokens: int = _setting(
+        1024, "PROPOSAL_MAX_NEW_TOKENS",
+        "Longest answer the proposer may generate per prompt, in tokens (a box costs about 6, a polygon many).")
+
     # What the store keeps
     event_retention_days: float = _setting(
         90.0, "EVENT_RETENTION_DAYS",
@@ -354,6 +384,7 @@ class Settings:
                for part in self.engine_options.split(",") if part.strip()):
             raise SettingsError(f"ENGINE_OPTIONS must be <engine>.<option>=value pairs separated by commas, got "
                                 f"{self.engine_options!r}")
+        _check_proposals(self)
         if self.engine not in ENGINES and "." not in self.engine:
             raise SettingsError(f"ENGINE must be one of {', '.join(sorted(ENGINES))} (or the dotted path of an "
                                 f"Engine class), got {self.engine!r}")
@@ -370,6 +401,20 @@ class Settings:
         """ENGINE_OPTIONS as a mapping."""
         pairs = [part.strip() for part in self.engine_options.split(",") if part.strip()]
         return {key.strip(): value.strip() for key, value in (pair.split("=", 1) for pair in pairs)}
+
+    @property
+    def propose_mode(self) -> str:
+        """PROPOSE_WHEN with its default resolved: `never`, `empty` or `always`."""
+        if self.propose_when:
+            return self.propose_when
+        return "empty" if self.proposer else "never"
+
+    def proposes_for(self, regions: Any) -> bool:
+        """Whether a task with `regions` (`backend.labelconfig.Region`s) gets proposed regions."""
+        mode = self.propose_mode
+        if mode == "never":
+            return False
+        return mode == "always" or not any(region.shape != "image" for region in regions)
 
     @property
     def basic_auth_enabled(self) -> bool:
@@ -487,6 +532,25 @@ def _check_finetune(settings: Settings) -> None:
             raise SettingsError(f"{_env_of(name)} must not be negative, got {getattr(settings, name)}")
     if not 0 <= settings.finetune_eval_fraction < 1:
         raise SettingsError(f"FINETUNE_EVAL_FRACTION must be in [0, 1), got {settings.finetune_eval_fraction}")
+
+
+def _check_proposals(settings: Settings) -> None:
+    if settings.proposer.lower() == "none":
+        object.__setattr__(settings, "proposer", "")
+    if settings.propose_when not in {"", "never", "empty", "always"}:
+        raise SettingsError(f"PROPOSE_WHEN must be never, empty or always, got {settings.propose_when!r}")
+    if settings.propose_mode != "never" and not settings.proposer:
+        raise SettingsError(f"PROPOSE_WHEN={settings.propose_mode} needs a PROPOSER (e.g. florence-2)")
+    proposer = settings.proposer
+    if proposer and "." not in proposer and not (proposer in ENGINES and ENGINES[proposer].proposes):
+        able = ", ".join(name for name, entry in ENGINES.items() if entry.proposes)
+        raise SettingsError(f"PROPOSER must be an engine that can propose regions ({able}, or the dotted path of "
+                            f"an Engine class), got {proposer!r}")
+    if not 0 <= settings.proposal_min_score <= 1 or not 0 < settings.proposal_nms_iou <= 1:
+        raise SettingsError("PROPOSAL_MIN_SCORE must be in [0, 1] and PROPOSAL_NMS_IOU in (0, 1]")
+    if settings.proposal_max_regions <= 0 or settings.proposal_max_new_tokens <= 0 or settings.proposal_min_size < 0:
+        raise SettingsError("PROPOSAL_MAX_REGIONS and PROPOSAL_MAX_NEW_TOKENS must be positive, PROPOSAL_MIN_SIZE "
+                            "not negative")
 
 
 def _env_of(name: str) -> str:

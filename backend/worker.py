@@ -38,14 +38,15 @@ from rq.worker import WorkerStatus
 from backend import registry
 from backend.calibration import Calibration
 from backend.corrections import CorrectionsStore
-from backend.describe import Description, describe_many, load_engine, release_memory, resolve_device
+from backend.describe import Description, load_engine, release_memory, resolve_device
 from backend.images import ImageError, ImageLoader
 from backend.jobs import JOB_FUNCTION, JobQueue, connect, restricted_job_class
 from backend.labelconfig import PredictionInvalid
 from backend.labelstudio import LabelStudioClient
 from backend.payloads import PayloadError, parse_payload, prediction_from_output
+from backend.proposals import describe_jobs
 from backend.settings import Settings
-from model.engine import Engine
+from model.engine import ENGINES, Engine
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ class Predictor:
         self.queue = queue
         self.images = ImageCache(ImageLoader(settings), settings.image_cache_size)
         self.engine: Engine | None = None
+        # PROPOSER's engine, resident beside the describing one (it never changes with the version).
+        self.proposer: Engine | None = None
         self.calibration = Calibration()
         self.version: str | None = None
         self._label_studio: LabelStudioClient | None = None
@@ -105,7 +108,18 @@ class Predictor:
             self.calibration = Calibration.load(path)
             log.info("model %s loaded from %s in %.1f s", version, path, time.perf_counter() - started)
             self.version = version
+        if self.settings.propose_mode != "never" and self.proposer is None:
+            self.proposer = self._load_proposer()
         return version
+
+    def _load_proposer(self) -> Engine:
+        name = self.settings.proposer
+        source = self.settings.proposer_model or (ENGINES[name].default_base_model if name in ENGINES else "")
+        started = time.perf_counter()
+        proposer = load_engine(source, resolve_device(self.settings.device), self.settings.dtype, name,
+                               self.settings.engine_option_values)
+        log.info("proposer %s loaded from %s in %.1f s", name, source, time.perf_counter() - started)
+        return proposer
 
     # ------------------------------------------------------------------ jobs
     def run(self, payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -135,10 +149,13 @@ class Predictor:
                 (index, Description(image, plan, regions, keep_drawn), fetch_ms))
         for max_new_tokens, group in ready.items():
             model_started = time.perf_counter()
-            answers = describe_many(self.engine, [item for _, item, _ in group], max_new_tokens, self.calibration)
+            # Jobs whose payload asks for proposals get the proposer's regions too (backend.proposals).
+            described = describe_jobs(self.engine, self.proposer,
+                                      [(item, bool(payloads[index].get("propose"))) for index, item, _ in group],
+                                      max_new_tokens, self.settings, self.calibration)
             done = time.perf_counter()
-            batch = {"jobs": len(group), "regions": sum(len(item.regions) for _, item, _ in group)}
-            for (index, item, fetch_ms), regions in zip(group, answers, strict=True):
+            batch = {"jobs": len(group), "regions": sum(len(regions) for regions, _ in described)}
+            for (index, item, fetch_ms), (regions, found) in zip(group, described, strict=True):
                 outputs[index] = {
                     "model_version": version,
                     "image_size": list(item.image.size),
@@ -147,6 +164,8 @@ class Predictor:
                                "total_ms": round((done - started) * 1000, 3)},
                     "batch": batch,
                 }
+                if found:
+                    outputs[index]["proposed"] = [region.to_json() for region in found]
         return outputs
 
     # ------------------------------------------------------------------ push

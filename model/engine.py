@@ -5,6 +5,8 @@ An engine is one model family (GPT4RoI, Florence-2, …) behind the same semanti
 - `caption`: a short description of each region, or the text written in it (`TRANSCRIPTION`);
 - `choose`: a probability distribution over closed-set values (a Choices control's values, the label names)
   for an attribute of each region; the region's label is the attribute `LABEL`;
+- `propose` (an engine whose `can_propose` is true): the regions of an image for a set of label names, each
+  with its label and a score (`ProposalRequest`, `Proposal`);
 - `finetune` on `Example`s (an annotator's final answer to one such request) and `save_pretrained`.
 
 Each engine builds its own prompts, encodes each distinct image once per call and answers many regions (of
@@ -69,6 +71,41 @@ class Answer:
     confidence: float | None = None
 
 
+SHAPES = ("box", "polygon")
+
+
+@dataclass(frozen=True)
+class ProposalRequest:
+    """Find the regions of `image` (a PIL image) that show one of `labels` (a region tool's label names; none:
+    whatever objects the model finds, named in its own words), as boxes or as polygons (`shape`).
+
+    `max_regions`: keep at most this many (the best scored); `max_new_tokens`: the longest answer the model
+    may generate for one prompt (each region costs a few tokens, a polygon many)."""
+
+    image: Any
+    labels: tuple[str, ...] = ()
+    shape: str = "box"
+    max_regions: int | None = None
+    max_new_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.shape not in SHAPES:
+            raise EngineError(f"a proposal's shape is one of {', '.join(SHAPES)}, got {self.shape!r}")
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """One region an engine found: its label (one of the request's labels, or the model's own words when the
+    request named none), its box in pixels `(x1, y1, x2, y2)` of the image it was given, its outline as pixel
+    `(x, y)` points for a polygon request (None for boxes), and the model's score for it in [0, 1] (how each
+    engine scores is in its docstring)."""
+
+    label: str
+    box: Box
+    score: float
+    polygon: tuple[tuple[float, float], ...] | None = None
+
+
 @dataclass(frozen=True)
 class Example:
     """One training example: the answer an annotator kept for one question about one region.
@@ -116,6 +153,8 @@ class Engine(abc.ABC):
     """A region model kept resident by a worker or a fine-tune (see the module docstring)."""
 
     name: ClassVar[str]
+    can_propose: ClassVar[bool] = False
+    """Whether `propose` finds regions; an engine that cannot says so when asked."""
 
     @classmethod
     @abc.abstractmethod
@@ -148,6 +187,12 @@ class Engine(abc.ABC):
         """Write a checkpoint folder `from_pretrained` loads, in the dtype the checkpoint was stored in: after a
         fine-tune, the adapter merged into the weights, and the adapter alone under `lora/`."""
 
+    def propose(self, requests: Sequence[ProposalRequest]) -> list[list[Proposal]]:
+        """Per request, the regions found (best scored first). An engine that cannot find regions raises
+        `EngineError` saying so (`can_propose` is false)."""
+        raise EngineError(f"engine {self.name} cannot propose regions: it describes regions it is given; set "
+                          "PROPOSER to an engine that can (florence-2)")
+
     def forget_images(self) -> None:  # noqa: B027 - an engine without an image cache has nothing to forget
         """Drop cached image features (a new version is about to answer)."""
 
@@ -155,19 +200,21 @@ class Engine(abc.ABC):
 @dataclass(frozen=True)
 class Registration:
     """An engine's name in settings, the class that implements it, the `model_type` of its checkpoints'
-    `config.json`, and the base model used when no version exists yet."""
+    `config.json`, the base model used when no version exists yet, and whether its engine can propose
+    regions (its class's `can_propose`, known here without importing it)."""
 
     name: str
     implementation: str
     model_type: str
     default_base_model: str
+    proposes: bool = False
 
 
 ENGINES: dict[str, Registration] = {
     registration.name: registration for registration in (
         Registration("gpt4roi", "model.gpt4roi.engine.GPT4RoIEngine", "gpt4roi", "demo"),
         Registration("florence-2", "model.florence2.engine.Florence2Engine", "florence2",
-                     "florence-community/Florence-2-base-ft"),
+                     "florence-community/Florence-2-base-ft", proposes=True),
         Registration("qwen3-vl", "model.qwen3vl.engine.Qwen3VLEngine", "qwen3_vl", "Qwen/Qwen3-VL-2B-Instruct"),
     )
 }

@@ -27,6 +27,19 @@ distribution is the softmax over its candidates.
 Images are encoded once: features are kept in a small LRU cache keyed by the image's content, and the key is
 remembered for as long as the image object lives.
 
+Proposals (`propose`). Regions are found with the pretrained tasks: boxes for label names by phrase grounding
+(`<CAPTION_TO_PHRASE_GROUNDING>`, the names joined as "car. dog. person", `labels_per_prompt` of them per
+prompt; each grounded phrase is matched back to the label it names, and a phrase naming none is dropped),
+objects in the model's own words by `<OD>` when there are no label names, and polygons by
+`<REFERRING_EXPRESSION_SEGMENTATION>` (one label per prompt: its answer is the outline of that label). The
+generated text is parsed by the processor's own `post_process_generation`, so boxes and points are exactly
+what it decodes. A region's score is the geometric mean of the probabilities of the tokens that made it (the
+model's own probabilities, from one teacher-forced pass over the generated answer, whatever the decoding):
+the tokens generated after the previous region was complete, up to the one that completes it (its phrase and
+its four location tokens; for a phrase grounded to several boxes, the later boxes' location tokens alone; for
+a polygon all its points). A region is "complete" once the parse of the answer so far holds it as the whole
+answer does.
+
 Fine-tuning trains a LoRA adapter on the language model's attention and MLP projections only (the vision tower
 and the projector stay frozen, so image features are computed once per image), merges it into the weights and
 keeps the adapter alone for `save_pretrained`'s `lora/`.
@@ -65,6 +78,8 @@ from model.engine import (
     Example,
     FinetuneConfig,
     FinetuneResult,
+    Proposal,
+    ProposalRequest,
     check_options,
 )
 from model.image_keys import ImageKeys
@@ -74,6 +89,10 @@ CAPTION_TASK = "<REGION_TO_DESCRIPTION>"
 CATEGORY_TASK = "<REGION_TO_CATEGORY>"
 OCR_TASK = "<REGION_TO_OCR>"
 NO_OBJECT = "No object detected."
+GROUNDING_TASK = "<CAPTION_TO_PHRASE_GROUNDING>"
+DETECTION_TASK = "<OD>"
+SEGMENTATION_TASK = "<REFERRING_EXPRESSION_SEGMENTATION>"
+LABEL_SEPARATOR = ". "
 LEARNT_ATTRIBUTE_PROMPT = "What is the {attribute} of the region {region}?"
 ENGINE_FILE = "florence2_engine.json"
 LORA_FOLDER = "lora"
@@ -91,6 +110,31 @@ def answer_text(parsed: str) -> str:
     return "" if text.rstrip(".").lower() == NO_OBJECT.rstrip(".").lower() else text
 
 
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
+
+
+def match_label(phrase: str, labels: Sequence[str]) -> str | None:
+    """The label a grounded phrase names: the one it equals (ignoring case and punctuation), else the longest
+    one whose words appear together in it ("red car" names "car"); None when it names none."""
+    words = _words(phrase)
+    for label in labels:
+        if _words(label) == words:
+            return label
+    found = [label for label in labels if _words(label) and any(
+        words[i: i + len(_words(label))] == _words(label) for i in range(len(words)))]
+    return max(found, key=lambda label: len(_words(label)), default=None)
+
+
+@dataclass(frozen=True)
+class _Search:
+    """One proposal prompt: its text, its task, and the labels its answer may name."""
+
+    text: str
+    task: str
+    labels: tuple[str, ...]
+
+
 @dataclass(frozen=True)
 class _Prompt:
     """One question about one region: the prompt text (task tokens expanded), the task its answer is parsed
@@ -106,11 +150,13 @@ class Florence2Engine(Engine):
     """Florence-2 (`florence-community/Florence-2-*`) answering region requests; see the module docstring."""
 
     name = "florence-2"
+    can_propose = True
 
     def __init__(self, model: Florence2ForConditionalGeneration, processor: Florence2Processor, *,
                  stored_dtype: torch.dtype | None = None, attribute_prompt: str = LEARNT_ATTRIBUTE_PROMPT,
                  learnt_attributes: Sequence[str] = (), num_beams: int = 1, no_repeat_ngram_size: int = 0,
-                 max_batch_size: int = 16, image_cache_size: int = 32, train_batch_size: int = 8) -> None:
+                 max_batch_size: int = 16, image_cache_size: int = 32, train_batch_size: int = 8,
+                 labels_per_prompt: int = 8) -> None:
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -121,6 +167,9 @@ class Florence2Engine(Engine):
         self.no_repeat_ngram_size = no_repeat_ngram_size
         self.max_batch_size = max_batch_size
         self.train_batch_size = train_batch_size
+        if labels_per_prompt < 1:
+            raise EngineError(f"labels_per_prompt must be at least 1, got {labels_per_prompt}")
+        self.labels_per_prompt = labels_per_prompt
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_size = image_cache_size
         self.image_key = ImageKeys()
@@ -132,8 +181,10 @@ class Florence2Engine(Engine):
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str | None = None,
                         options: Mapping[str, str] | None = None) -> Florence2Engine:
         """Load a checkpoint folder or hub id. Options: `num_beams` (1, greedy, by default; the hub's
-        generation config asks for 3) and `no_repeat_ngram_size` (0 by default)."""
-        chosen = check_options(cls.name, options, {"num_beams": (), "no_repeat_ngram_size": ()})
+        generation config asks for 3), `no_repeat_ngram_size` (0 by default) and `labels_per_prompt` (label
+        names grounded in one proposal prompt, 8 by default)."""
+        chosen = check_options(cls.name, options,
+                               {"num_beams": (), "no_repeat_ngram_size": (), "labels_per_prompt": ()})
         try:
             kwargs: dict[str, Any] = {name: int(value) for name, value in chosen.items()}
         except ValueError:
@@ -289,6 +340,97 @@ class Florence2Engine(Engine):
                 parsed = self.processor.post_process_generation(decoded, task=prompt.task, image_size=image.size)
                 answers.append(Answer(answer_text(parsed[prompt.task]), confidence))
         return answers
+
+    # ------------------------------------------------------------------ proposals
+    def proposal_searches(self, request: ProposalRequest) -> list[_Search]:
+        """The prompts a request is answered with (see the module docstring)."""
+        with_input = self.processor.task_prompts_with_input
+        if not request.labels:
+            return [_Search(self.processor.task_prompts_without_inputs[DETECTION_TASK], DETECTION_TASK, ())]
+        if request.shape == "polygon":
+            return [_Search(with_input[SEGMENTATION_TASK].format(input=label), SEGMENTATION_TASK, (label,))
+                    for label in request.labels]
+        groups = [request.labels[i: i + self.labels_per_prompt]
+                  for i in range(0, len(request.labels), self.labels_per_prompt)]
+        return [_Search(with_input[GROUNDING_TASK].format(input=LABEL_SEPARATOR.join(group)), GROUNDING_TASK, group)
+                for group in groups]
+
+    @torch.no_grad()
+    def propose(self, requests: Sequence[ProposalRequest]) -> list[list[Proposal]]:
+        searches = [(index, search) for index, request in enumerate(requests)
+                    for search in self.proposal_searches(request)]
+        found: list[list[Proposal]] = [[] for _ in requests]
+        by_length: dict[int, list[tuple[int, _Search]]] = {}
+        for index, search in searches:
+            by_length.setdefault(requests[index].max_new_tokens, []).append((index, search))
+        for max_new_tokens, group in by_length.items():
+            images = [requests[index].image for index, _ in group]
+            states, mask = self._encode(images, [search.text for _, search in group])
+            config = self.generation_config(max_new_tokens)
+            config.update(output_logits=False, output_scores=False)
+            for start in range(0, len(group), self.max_batch_size):
+                rows = slice(start, start + self.max_batch_size)
+                out = self.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=states[rows]),
+                                          attention_mask=mask[rows], generation_config=config)
+                log_probs = self._sequence_log_probs(states[rows], mask[rows], out.sequences)
+                for row, ids in enumerate(out.sequences[:, 1:].tolist()):
+                    index, search = group[start + row]
+                    found[index] += self._regions_of(ids, log_probs[row], search, requests[index])
+        result = []
+        for request, proposals in zip(requests, found, strict=True):
+            proposals.sort(key=lambda p: p.score, reverse=True)
+            result.append(proposals[: request.max_regions] if request.max_regions is not None else proposals)
+        return result
+
+    def _sequence_log_probs(self, states: torch.Tensor, mask: torch.Tensor,
+                            sequences: torch.Tensor) -> list[list[float]]:
+        """Per row, the model's log-probability of each generated token (after the decoder start), from one
+        teacher-forced pass."""
+        logits = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=states), attention_mask=mask,
+                            decoder_input_ids=sequences[:, :-1]).logits
+        picked = F.log_softmax(logits.float(), dim=-1).gather(-1, sequences[:, 1:, None])[..., 0]
+        return picked.tolist()
+
+    def parse_answer(self, ids: Sequence[int], task: str, size: tuple[int, int]) -> list[tuple[Any, str]]:
+        """The regions of generated ids as the processor's `post_process_generation` parses them: (box in
+        pixels, phrase) for boxes, (list of flat polygons in pixels, phrase) for segmentation."""
+        text = self.processor.batch_decode([list(ids)], skip_special_tokens=False)[0]
+        parsed = self.processor.post_process_generation(text, task=task, image_size=size)[task]
+        shapes = parsed["polygons"] if task == SEGMENTATION_TASK else parsed["bboxes"]
+        return list(zip(shapes, parsed["labels"], strict=True))
+
+    def _regions_of(self, ids: list[int], log_probs: list[float], search: _Search,
+                    request: ProposalRequest) -> list[Proposal]:
+        eos = self.tokenizer.eos_token_id
+        end = ids.index(eos) if eos in ids else len(ids)
+        ids = ids[:end]
+        size = request.image.size
+        regions = self.parse_answer(ids, search.task, size)
+        # The forced first token (`<s>`) is no choice of the model's.
+        first = 1 if ids and ids[0] == self.tokenizer.bos_token_id else 0
+        ends = _completion_points(lambda n: self.parse_answer(ids[:n], search.task, size), regions, first, len(ids))
+        proposals = []
+        for k, (shape, phrase) in enumerate(regions):
+            span = log_probs[(ends[k - 1] if k else first): ends[k]]
+            score = math.exp(sum(span) / len(span)) if span else 0.0
+            if search.task == DETECTION_TASK:
+                label = phrase
+            elif len(search.labels) == 1:
+                label = search.labels[0]
+            else:
+                label = match_label(phrase, search.labels)
+            if not label:
+                continue
+            if search.task == SEGMENTATION_TASK:
+                for flat in shape:
+                    points = tuple((float(x), float(y)) for x, y in zip(flat[0::2], flat[1::2], strict=False))
+                    if len(points) < 3:
+                        continue
+                    xs, ys = [p[0] for p in points], [p[1] for p in points]
+                    proposals.append(Proposal(label, (min(xs), min(ys), max(xs), max(ys)), score, points))
+            else:
+                proposals.append(Proposal(label, tuple(float(c) for c in shape), score))
+        return proposals
 
     @torch.no_grad()
     def choose(self, requests: Sequence[ChoiceRequest]) -> list[dict[str, float]]:
@@ -449,6 +591,24 @@ class Florence2Engine(Engine):
             (path / LORA_FOLDER).mkdir(exist_ok=True)
             lora.save_pretrained(path / LORA_FOLDER)
             save_file(adapter, path / LORA_FOLDER / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+def _completion_points(parse: Any, regions: Sequence[Any], first: int, length: int) -> list[int]:
+    """For each region of a whole answer, the shortest prefix (in tokens) whose parse holds the regions up to
+    it as the whole answer's parse does (a binary search: appending tokens never changes a complete region)."""
+    ends: list[int] = []
+    low = first
+    for k in range(len(regions)):
+        lo, hi = low + 1, length
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if parse(mid)[: k + 1] == list(regions[: k + 1]):
+                hi = mid
+            else:
+                lo = mid + 1
+        ends.append(lo)
+        low = lo
+    return ends
 
 
 def example_of_record(record: Any) -> Example | None:

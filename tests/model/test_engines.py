@@ -20,6 +20,7 @@ from model.engine import (
     EngineError,
     Example,
     FinetuneConfig,
+    ProposalRequest,
     engine_class,
     engine_of_checkpoint,
     load_engine,
@@ -137,3 +138,14 @@ def test_gpt4roi_answers_dataset_records_as_model_evaluate_asks(checkpoint, tmp_
     with Image.open(tmp_path / "a.png") as opened:
         expected = engine.caption([CaptionRequest(opened.convert("RGB"), (4 / 64, 4 / 48, 40 / 64, 30 / 48))], 5)
     assert text == expected[0].text
+
+
+def test_engines_that_cannot_propose_regions_say_so(checkpoint):
+    engine = load_engine(checkpoint)
+    assert not engine.can_propose
+    with pytest.raises(EngineError, match="engine gpt4roi cannot propose regions"):
+        engine.propose([ProposalRequest(picture(1), ("circle",))])
+    # The registry knows which engines propose without importing them; their classes agree.
+    assert [name for name, entry in ENGINES.items() if entry.proposes] == ["florence-2"]
+    for name, entry in ENGINES.items():
+        assert engine_class(name).can_propose is entry.proposes, name

@@ -1,0 +1,102 @@
+"""Proposed regions end to end through real processes: `python -m backend serve` (API, Redis, worker) with a
+tiny Florence-2 describing and a tiny Florence-2 proposing (`tests.support.scripted_proposer`). Tasks without
+regions, sent by Retrieve Predictions or queued by `prelabel`, come back with regions labelled from the
+config, captioned and scored, in predictions Label Studio's validator accepts."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from backend.labelconfig import validate_prediction
+from backend.webhooks import SECRET_HEADER
+from tests.backend.test_proposals import BOXES, POLYGONS
+from tests.support import REPO, WEBHOOK_SECRET, free_port, wait_until
+from tests.support.florence2_factory import save_tiny_florence2
+from tests.support.processes import Process, backend_env, start_process
+from tests.support.redis_server import KEY_PREFIX
+from tests.support.requests import batch_body, batch_task
+from tests.support.scripted_proposer import WORDS
+
+pytestmark = pytest.mark.slow
+
+SCRIPTED = "tests.support.scripted_proposer.ScriptedFlorence2"
+
+
+def serve(env: dict[str, str], log: Path) -> tuple[Process, httpx.Client]:
+    proc = start_process([sys.executable, "-m", "backend", "serve"], env, log)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{env['PORT']}", timeout=120,
+                          headers={SECRET_HEADER: WEBHOOK_SECRET})
+
+    def ready() -> bool:
+        if not proc.alive():
+            pytest.fail(f"serve exited:\n{proc.tail()}")
+        with contextlib.suppress(httpx.HTTPError):
+            return client.get("/health").status_code == 200
+        return False
+
+    wait_until(ready, 180, "serve to answer /health")
+    return proc, client
+
+
+def check_proposed(prediction: dict[str, Any], config: str, kind: str, version: str) -> None:
+    """A prediction made of proposed regions only: each with a label of the scripted proposer's words (all in
+    the config), the region's own score, and a caption."""
+    assert prediction["model_version"] == version
+    validate_prediction(config, prediction)
+    shapes = [item for item in prediction["result"] if item["type"] == kind]
+    assert shapes, prediction
+    for shape in shapes:
+        assert shape["id"].startswith("proposed")
+        [label] = shape["value"][kind]
+        assert label in WORDS
+        assert 0.0 < shape["score"] <= 1.0
+    captions = {item["id"] for item in prediction["result"] if item["type"] == "textarea"}
+    assert captions == {shape["id"] for shape in shapes}
+
+
+def test_tasks_without_regions_get_proposed_regions_through_the_api_the_queue_and_prelabel(
+        base_env, fake_ls, tmp_path, redis_db):
+    tiny = save_tiny_florence2(tmp_path / "tiny-florence-2")
+    env = backend_env(
+        base_env, ENGINE="florence-2", BASE_MODEL=str(tiny), MODEL_DIR=str(tmp_path / "models"),
+        DATA_DIR=str(tmp_path / "data"), REDIS_KEY_PREFIX=f"{KEY_PREFIX}-proposals", PORT=str(free_port()),
+        HOST="127.0.0.1", MAX_NEW_TOKENS="4", PROPOSER=SCRIPTED, PROPOSER_MODEL=str(tiny),
+        PROPOSAL_MAX_NEW_TOKENS="40", PROPOSAL_NMS_IOU="1", PROPOSAL_MIN_SIZE="0")
+    proc, client = serve(env, tmp_path / "serve.log")
+    try:
+        version = client.post("/setup", json={"project": "1", "schema": BOXES}).json()["model_version"]
+        assert version == tiny.name
+
+        # Retrieve Predictions on tasks that have no regions.
+        for config, kind in [(BOXES, "rectanglelabels"), (POLYGONS, "polygonlabels")]:
+            tasks = [batch_task(31, f"{fake_ls.url}/img/red.png", None),
+                     batch_task(32, f"{fake_ls.url}/img/blue.png", None)]
+            response = client.post("/predict", json=batch_body(tasks, config))
+            assert response.status_code == 200, response.text + proc.tail()
+            results = response.json()["results"]
+            assert len(results) == 2
+            for prediction in results:
+                check_proposed(prediction, config, kind, version)
+
+        # prelabel queues the tasks without regions; the worker proposes, describes and pushes.
+        project = 701
+        fake_ls.add_project(project, BOXES, [batch_task(41, f"{fake_ls.url}/img/red.png", None),
+                                             batch_task(42, f"{fake_ls.url}/img/blue.png", None)])
+        done = subprocess.run([sys.executable, "-m", "backend", "prelabel", "--project", str(project),
+                               "--timeout", "120"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "with proposed regions (PROPOSE_WHEN): 2" in done.stdout and "pushed: 2" in done.stdout
+        pushed = fake_ls.predictions_for(project)
+        assert sorted(p["task"] for p in pushed) == [41, 42]
+        for prediction in pushed:
+            check_proposed(prediction, BOXES, "rectanglelabels", version)
+    finally:
+        client.close()
+        proc.stop()
