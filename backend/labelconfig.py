@@ -132,6 +132,8 @@ class Tool:
     labels_control: str | None = None
     # Labels that come from each task's data (`value="$objects"`): the data key they are read from.
     labels_key: str | None = None
+    # A smart tool (`smart="true"` or `smartOnly="true"`): what it draws asks the backend for suggestions.
+    smart: bool = False
 
     @property
     def shape(self) -> str:
@@ -200,6 +202,20 @@ class FillPlan:
     def choices_for(self, region: Region) -> tuple[ChoiceControl, ...]:
         """The Choices and Taxonomy controls scored for a region."""
         return self.image_choices if region.shape == WHOLE_IMAGE else self.choices
+
+    @property
+    def proposal_tool(self) -> Tool | None:
+        """The tool regions are proposed for: the first rectangle or polygon tool that has labels, else the
+        first without; None when there is none."""
+        usable = [tool for tool in self.tools if tool.shape in ("rectangle", "polygon")]
+        return next((tool for tool in usable if tool.labels), usable[0] if usable else None)
+
+    def is_prompt(self, region: Region) -> bool:
+        """Whether a drawn region is a prompt rather than a region to describe: a point placed with a smart
+        KeyPoint tool in a config whose regions are boxes or polygons (the region found there is the answer)."""
+        tool = self.tool_for(region.tool, region.type)
+        return (region.shape == "keypoint" and tool is not None and tool.smart
+                and self.proposal_tool is not None)
 
     def text_kind(self, region: Region) -> str:
         """What a region's TextAreas are asked: the text written in it when they all hold transcriptions,
@@ -289,7 +305,7 @@ class FillPlan:
         carry)."""
         if "tools" in data:
             tools = tuple(Tool(t["name"], t["type"], tuple(t.get("labels") or ()), t.get("labels_control"),
-                               t.get("labels_key")) for t in data["tools"])
+                               t.get("labels_key"), bool(t.get("smart"))) for t in data["tools"])
         else:
             tools = (Tool(data["rectangle"], data["rectangle_type"], tuple(data["labels"])),)
         return cls(
@@ -726,12 +742,14 @@ def _plan_of_image(label_config: str, image: Any, controls: list[Any], reasons: 
     for control in on_image:
         if control.tag not in SHAPE_OF_TAG:
             continue
+        smart = any(str(control.attr.get(key, "")).lower() == "true" for key in ("smart", "smartOnly"))
         if control.tag.endswith("Labels"):
             tools.append(Tool(control.name, control.tag.lower(), tuple(getattr(control, "labels", None) or ()),
-                              labels_key=_data_key(control)))
+                              labels_key=_data_key(control), smart=smart))
         else:
             tools.append(Tool(control.name, control.tag.lower(), tuple(separate.labels) if separate else (),
-                              separate.name if separate else None, _data_key(separate) if separate else None))
+                              separate.name if separate else None, _data_key(separate) if separate else None,
+                              smart))
     per_region = [c for c in on_image if str(c.attr.get("perRegion", "")).lower() == "true"]
     whole = [c for c in on_image if str(c.attr.get("perRegion", "")).lower() != "true"]
     trees = _taxonomy_trees(label_config, {c.name for c in on_image if c.tag == "Taxonomy"})

@@ -181,7 +181,8 @@ class GPT4RoIBackend:
         return value
 
     def _payload(self, task: Mapping[str, Any], plan: FillPlan, regions: list, config: str, version: str,
-                 project: str | None, max_new_tokens: int, propose: bool = False) -> dict[str, Any]:
+                 project: str | None, max_new_tokens: int,
+                 propose: bool | Mapping[str, Any] = False) -> dict[str, Any]:
         try:
             image = plan.image_reference(task)
             plan = plan.for_task(task, self.settings.max_choices_per_control)
@@ -207,7 +208,13 @@ class GPT4RoIBackend:
             raise RequestError(str(exc)) from None
         if not regions:
             return _empty(version)
-        payload = self._payload(task, plan, regions, config, version, project, max_new_tokens)
+        # A point placed with a smart KeyPoint tool asks for the region the proposer finds there.
+        prompts = [r for r in regions if plan.is_prompt(r)] if self.settings.proposer else []
+        points = [[float(r.value["x"]) / 100, float(r.value["y"]) / 100, r.labels[0] if r.labels else None]
+                  for r in prompts if r.value]
+        regions = [r for r in regions if r.id not in {p.id for p in prompts}]
+        payload = self._payload(task, plan, regions, config, version, project, max_new_tokens,
+                                {"points": points} if points else False)
         started = time.perf_counter()
         self.queue.ensure_room(1)
         job_id = self.queue.submit(payload, interactive=True)

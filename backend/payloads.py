@@ -10,7 +10,9 @@ Payload (version 1), plain JSON only:
      "plan": {...FillPlan...}, "regions": [{...Region...}], "keep_drawn_label": true,
      "max_new_tokens": 32, "model_version": "demo-1", "label_config": "<View>…</View>"}
 
-plus `"propose": true` when the worker should also propose regions (`backend.proposals`).
+plus `"propose": true` when the worker should also propose regions (`backend.proposals`), or
+`"propose": {"points": [[x, y, label], …]}` (normalized; label or null) for the regions found at points an
+annotator placed with a smart KeyPoint tool.
 
 Answer: `{"model_version", "image_size": [w, h], "regions": [{"id", "caption", "choices", "label"}],
 "timing": {...}, "batch": {"jobs", "regions"}}` (`batch`: the model call the job was answered in; with
@@ -44,10 +46,10 @@ def make_payload(
     model_version: str,
     keep_drawn_label: bool,
     max_new_tokens: int,
-    propose: bool = False,
+    propose: bool | Mapping[str, Any] = False,
 ) -> dict[str, Any]:
     """The payload of a job predicting `regions` of one task (and, with `propose`, the regions the worker's
-    proposer finds)."""
+    proposer finds: `True` for all of them, `{"points": [[x, y, label], …]}` for those at prompt points)."""
     payload = {
         "v": PAYLOAD_VERSION,
         "task_id": task_id,
@@ -61,7 +63,7 @@ def make_payload(
         "label_config": label_config,
     }
     if propose:
-        payload["propose"] = True
+        payload["propose"] = dict(propose) if isinstance(propose, Mapping) else True
     return payload
 
 

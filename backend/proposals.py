@@ -35,15 +35,8 @@ log = logging.getLogger(__name__)
 SHAPE_OF_TOOL = {"rectangle": "box", "polygon": "polygon"}
 
 
-def proposal_tool(plan: FillPlan) -> Tool | None:
-    """The region tool proposals are made for (see the module docstring); None when the config has no
-    rectangle or polygon tool."""
-    usable = [tool for tool in plan.tools if tool.shape in SHAPE_OF_TOOL]
-    return next((tool for tool in usable if tool.labels), usable[0] if usable else None)
-
-
 def proposal_request(plan: FillPlan, image: Any, settings: Settings) -> ProposalRequest | None:
-    tool = proposal_tool(plan)
+    tool = plan.proposal_tool
     if tool is None:
         return None
     return ProposalRequest(image, tuple(tool.labels), SHAPE_OF_TOOL[tool.shape],
@@ -70,6 +63,22 @@ def select(proposals: Sequence[Proposal], settings: Settings, taken: Sequence[Se
         kept.append(proposal)
         boxes.append(proposal.box)
     return kept
+
+
+def at_points(proposals: Sequence[Proposal], points: Sequence[Sequence[Any]], size: tuple[int, int],
+              tool: Tool) -> list[Proposal]:
+    """For each prompt point (`[x, y, label]`, x and y normalized, label None or the point's label), the best
+    scored proposal whose box holds the point and, when the label is one of the tool's, has that label;
+    points where nothing was found give nothing, and a proposal chosen twice is kept once."""
+    chosen: list[Proposal] = []
+    for x, y, label in points:
+        px, py = float(x) * size[0], float(y) * size[1]
+        holding = [p for p in proposals if p.box[0] <= px <= p.box[2] and p.box[1] <= py <= p.box[3]
+                   and (label not in tool.labels or p.label == label)]
+        best = max(holding, key=lambda p: p.score, default=None)
+        if best is not None and best not in chosen:
+            chosen.append(best)
+    return chosen
 
 
 def region_of(proposal: Proposal, tool: Tool, size: tuple[int, int], region_id: str) -> Region:
@@ -104,11 +113,12 @@ def _without_labels(plan: FillPlan) -> FillPlan:
     return dataclasses.replace(plan, tools=tuple(dataclasses.replace(t, labels=()) for t in plan.tools))
 
 
-def describe_jobs(engine: Engine, proposer: Engine | None, jobs: Sequence[tuple[Description, bool]],
+def describe_jobs(engine: Engine, proposer: Engine | None, jobs: Sequence[tuple[Description, Any]],
                   max_new_tokens: int, settings: Settings,
                   calibration: Calibration | None = None) -> list[tuple[list[dict[str, Any]], list[Region]]]:
-    """`describe_many` for jobs of which some (`True`) also get proposed regions; per job its answers (its
-    own regions', then the proposed regions') and the proposed regions."""
+    """`describe_many` for jobs of which some also get proposed regions (their payload's `propose`: `True`
+    for every region the proposer finds, `{"points": [[x, y, label], …]}` for those at prompt points); per
+    job its answers (its own regions', then the proposed regions') and the proposed regions."""
     proposed: dict[int, tuple[Tool, list[tuple[Region, Proposal]]]] = {}
     asks = [(index, item) for index, (item, wanted) in enumerate(jobs) if wanted]
     if asks and proposer is None:
@@ -119,12 +129,15 @@ def describe_jobs(engine: Engine, proposer: Engine | None, jobs: Sequence[tuple[
     if requests:
         found = proposer.propose([request for _, _, request in requests])
         for (index, item, _), proposals in zip(requests, found, strict=True):
-            tool = proposal_tool(item.plan)
+            tool = item.plan.proposal_tool
             size = item.image.size
             taken = [_pixels(r, size) for r in item.regions if r.shape != "image"]
             ids = {r.id for r in item.regions}
             regions = []
-            for proposal in select(proposals, settings, taken):
+            wanted = jobs[index][1]
+            points = wanted.get("points") if isinstance(wanted, dict) else None
+            kept = at_points(proposals, points, size, tool) if points else select(proposals, settings, taken)
+            for proposal in kept:
                 region_id = f"proposed{len(regions) + 1}"
                 while region_id in ids:
                     region_id += "_"

@@ -235,7 +235,8 @@ class Settings:
         "", "PROPOSER",
         "The engine that finds regions in tasks that have none, whatever ENGINE describes them: `florence-2` (or "
         "the dotted path of an Engine that can propose). Unset: no proposals, tasks without regions are skipped. "
-        "The worker keeps it loaded beside the describing model.")
+        "The worker keeps it loaded beside the describing model. It also answers points placed with a smart "
+        "KeyPoint tool (`smart=\"true\"`) with the region found there.")
     proposer_model: str = _setting(
         "", "PROPOSER_MODEL",
         "The proposer's checkpoint: a hub id or a local folder. Empty: the engine's default base model "

@@ -108,7 +108,7 @@ class Predictor:
             self.calibration = Calibration.load(path)
             log.info("model %s loaded from %s in %.1f s", version, path, time.perf_counter() - started)
             self.version = version
-        if self.settings.propose_mode != "never" and self.proposer is None:
+        if self.settings.proposer and self.proposer is None:
             self.proposer = self._load_proposer()
         return version
 
@@ -151,7 +151,7 @@ class Predictor:
             model_started = time.perf_counter()
             # Jobs whose payload asks for proposals get the proposer's regions too (backend.proposals).
             described = describe_jobs(self.engine, self.proposer,
-                                      [(item, bool(payloads[index].get("propose"))) for index, item, _ in group],
+                                      [(item, payloads[index].get("propose")) for index, item, _ in group],
                                       max_new_tokens, self.settings, self.calibration)
             done = time.perf_counter()
             batch = {"jobs": len(group), "regions": sum(len(regions) for regions, _ in described)}

@@ -15,7 +15,7 @@ from backend.describe import Description, load_engine
 from backend.labelconfig import FillPlan, Region, Tool, validate_prediction
 from backend.payloads import make_payload, prediction_from_output
 from backend.proposal_stats import ProposalStats, iou, matches, proposal_stats_by_version
-from backend.proposals import describe_jobs, proposal_tool, region_of, select
+from backend.proposals import at_points, describe_jobs, region_of, select
 from backend.settings import Settings, SettingsError
 from model.engine import Proposal
 from tests.support.florence2_factory import save_tiny_florence2
@@ -76,14 +76,51 @@ def test_thresholds_drop_weak_small_overlapping_and_surplus_regions():
     assert len(select(proposals, settings(max_regions_per_task=3), taken=[(0, 0, 1, 1)])) == 2
 
 
+SMART = """<View>
+  <Image name="image" value="$image"/>
+  <RectangleLabels name="bbox" toName="image"><Label value="car"/><Label value="dog"/></RectangleLabels>
+  <KeyPointLabels name="click" toName="image" smart="true"><Label value="car"/><Label value="dog"/></KeyPointLabels>
+  <KeyPointLabels name="joints" toName="image"><Label value="car"/></KeyPointLabels>
+  <TextArea name="caption" toName="image" perRegion="true"/>
+</View>"""
+
+
+def test_a_point_of_a_smart_keypoint_tool_is_a_prompt_for_the_boxes():
+    plan = FillPlan.from_label_config(SMART)
+    assert [t.smart for t in plan.tools] == [False, True, False]
+    assert plan.proposal_tool.name == "bbox"
+
+    def point(tool: str) -> Region:
+        return Region("k", 49.0, 49.0, 2.0, 2.0, type="keypointlabels", tool=tool, value={"x": 50, "y": 50})
+
+    assert plan.is_prompt(point("click")) and not plan.is_prompt(point("joints"))
+    assert not plan.is_prompt(Region("r", 1, 1, 10, 10, type="rectanglelabels", tool="bbox"))
+    keypoints_only = FillPlan.from_label_config(
+        '<View><Image name="i" value="$image"/><KeyPointLabels name="k" toName="i" smart="true">'
+        '<Label value="nose"/></KeyPointLabels></View>')
+    assert not keypoints_only.is_prompt(Region("k", 1, 1, 2, 2, type="keypointlabels", tool="k"))
+
+
+def test_the_region_found_at_a_point_is_the_best_scored_one_holding_it_with_the_points_label():
+    tool = FillPlan.from_label_config(SMART).proposal_tool
+    proposals = [Proposal("car", (0, 0, 60, 60), 0.5), Proposal("car", (20, 20, 40, 40), 0.9),
+                 Proposal("dog", (10, 10, 50, 50), 0.95), Proposal("dog", (70, 70, 90, 90), 0.4)]
+    size = (100, 100)
+    assert at_points(proposals, [[0.3, 0.3, "car"]], size, tool) == [proposals[1]]
+    assert at_points(proposals, [[0.3, 0.3, None]], size, tool) == [proposals[2]]
+    assert at_points(proposals, [[0.05, 0.05, "car"], [0.3, 0.3, "car"], [0.25, 0.25, "car"]], size, tool) == \
+        [proposals[0], proposals[1]]
+    assert at_points(proposals, [[0.95, 0.05, None]], size, tool) == []
+
+
 def test_a_proposal_becomes_a_region_of_the_configs_tool():
     boxes, polygons = FillPlan.from_label_config(BOXES), FillPlan.from_label_config(POLYGONS)
-    assert proposal_tool(boxes) == Tool("bbox", "rectanglelabels", ("car", "dog", "tree"))
-    assert proposal_tool(polygons).shape == "polygon"
-    box = region_of(Proposal("dog", (10, 20, 50, 60), 0.5), proposal_tool(boxes), (200, 100), "p1")
+    assert boxes.proposal_tool == Tool("bbox", "rectanglelabels", ("car", "dog", "tree"))
+    assert polygons.proposal_tool.shape == "polygon"
+    box = region_of(Proposal("dog", (10, 20, 50, 60), 0.5), boxes.proposal_tool, (200, 100), "p1")
     assert (box.x, box.y, box.width, box.height, box.labels, box.type) == (5, 20, 20, 40, ("dog",), "rectanglelabels")
     outline = region_of(Proposal("car", (10, 10, 30, 50), 0.5, ((10, 10), (30, 10), (20, 50))),
-                        proposal_tool(polygons), (100, 100), "p2")
+                        polygons.proposal_tool, (100, 100), "p2")
     assert outline.value == {"points": [[10, 10], [30, 10], [20, 50]], "closed": True}
     assert (outline.x, outline.y, outline.width, outline.height) == (10, 10, 20, 40)
 
@@ -110,8 +147,8 @@ def test_a_task_without_regions_gets_proposed_regions_captioned_and_valid(engine
     describer, proposer = engines
     plan = FillPlan.from_label_config(config)
     drawn = Region("drawn1", 60, 5, 30, 30, original_width=96, original_height=64, labels=("car",),
-                   type=proposal_tool(plan).type, tool=proposal_tool(plan).name,
-                   value=None if proposal_tool(plan).shape == "rectangle" else
+                   type=plan.proposal_tool.type, tool=plan.proposal_tool.name,
+                   value=None if plan.proposal_tool.shape == "rectangle" else
                    {"points": [[60, 5], [90, 5], [75, 35]], "closed": True})
     jobs = [(Description(picture(1), plan, [], True), True),
             (Description(picture(2), plan, [drawn], True), True),
@@ -133,8 +170,8 @@ def test_a_task_without_regions_gets_proposed_regions_captioned_and_valid(engine
         validate_prediction(config, prediction)
         items = {(r["id"], r["type"]): r for r in prediction["result"]}
         for region, answer in zip(proposed, answers[len(item.regions):], strict=True):
-            shape = items[(region.id, proposal_tool(plan).type)]
-            assert shape["value"][proposal_tool(plan).type] == list(region.labels)
+            shape = items[(region.id, plan.proposal_tool.type)]
+            assert shape["value"][plan.proposal_tool.type] == list(region.labels)
             assert shape["score"] == pytest.approx(answer["proposal_score"], abs=1e-6)
             assert items[(region.id, "textarea")]["value"]["text"] == [answer["caption"]]
 
@@ -162,7 +199,7 @@ def test_the_store_remembers_proposals_and_the_report_shows_how_they_fared(tmp_p
     store = CorrectionsStore.for_settings(settings_)
     plan = FillPlan.from_label_config(DEMO_CONFIG)
     [task] = make_tasks(tmp_path / "images", "p", 1, 1, seed=5)
-    tool = proposal_tool(plan)
+    tool = plan.proposal_tool
     size = (task.width, task.height)
     first, second = task.objects[0].box, task.objects[1].box
     shifted = (second[0] + 0.1 * (second[2] - second[0]), *second[1:])

@@ -1,11 +1,13 @@
 """Proposed regions end to end through real processes: `python -m backend serve` (API, Redis, worker) with a
 tiny Florence-2 describing and a tiny Florence-2 proposing (`tests.support.scripted_proposer`). Tasks without
 regions, sent by Retrieve Predictions or queued by `prelabel`, come back with regions labelled from the
-config, captioned and scored, in predictions Label Studio's validator accepts."""
+config, captioned and scored, in predictions Label Studio's validator accepts; a point placed with a smart
+KeyPoint tool comes back as the region found there."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +18,12 @@ import pytest
 
 from backend.labelconfig import validate_prediction
 from backend.webhooks import SECRET_HEADER
-from tests.backend.test_proposals import BOXES, POLYGONS
+from tests.backend.test_proposals import BOXES, POLYGONS, SMART
 from tests.support import REPO, WEBHOOK_SECRET, free_port, wait_until
 from tests.support.florence2_factory import save_tiny_florence2
 from tests.support.processes import Process, backend_env, start_process
 from tests.support.redis_server import KEY_PREFIX
-from tests.support.requests import batch_body, batch_task
+from tests.support.requests import batch_body, batch_task, interactive_body
 from tests.support.scripted_proposer import WORDS
 
 pytestmark = pytest.mark.slow
@@ -61,7 +63,7 @@ def check_proposed(prediction: dict[str, Any], config: str, kind: str, version: 
     assert captions == {shape["id"] for shape in shapes}
 
 
-def test_tasks_without_regions_get_proposed_regions_through_the_api_the_queue_and_prelabel(
+def test_proposed_regions_through_the_api_the_queue_prelabel_and_a_smart_keypoint(
         base_env, fake_ls, tmp_path, redis_db):
     tiny = save_tiny_florence2(tmp_path / "tiny-florence-2")
     env = backend_env(
@@ -84,6 +86,26 @@ def test_tasks_without_regions_get_proposed_regions_through_the_api_the_queue_an
             assert len(results) == 2
             for prediction in results:
                 check_proposed(prediction, config, kind, version)
+
+        # A point placed with a smart KeyPoint tool: the region the proposer finds there comes back, described.
+        image = f"{fake_ls.url}/img/red.png"
+        found = client.post("/predict", json=batch_body([batch_task(33, image, None)], SMART)).json()["results"][0]
+        box = next(item for item in found["result"] if item["type"] == "rectanglelabels")
+        x, y = box["value"]["x"] + box["value"]["width"] / 2, box["value"]["y"] + box["value"]["height"] / 2
+        body = copy.deepcopy(interactive_body(image))
+        body["label_config"] = SMART
+        body["params"]["context"] = {"result": [{
+            "id": "click1", "from_name": "click", "to_name": "image", "type": "keypointlabels",
+            "original_width": 96, "original_height": 64, "image_rotation": 0,
+            "value": {"x": x, "y": y, "width": 0.6, "keypointlabels": box["value"]["rectanglelabels"]}}]}
+        response = client.post("/predict", json=body)
+        assert response.status_code == 200, response.text + proc.tail()
+        (answer,) = response.json()["results"]
+        validate_prediction(SMART, answer)
+        assert "click" not in {item["from_name"] for item in answer["result"]}, "the prompt is not a region"
+        (region,) = [item for item in answer["result"] if item["type"] == "rectanglelabels"]
+        assert region["value"] == box["value"]
+        assert {item["from_name"] for item in answer["result"] if item["id"] == region["id"]} == {"bbox", "caption"}
 
         # prelabel queues the tasks without regions; the worker proposes, describes and pushes.
         project = 701
