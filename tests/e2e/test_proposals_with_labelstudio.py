@@ -2,7 +2,8 @@
 image task without any region, our backend connected with a proposer beside the describer (the demo model
 describes; a tiny Florence-2 proposes, its generation held to a grammar by `tests.support.scripted_proposer`
 so that it grounds something). Retrieve Predictions: the task then holds regions labelled from the config,
-each with its own score, a caption and choices, all accepted by Label Studio's validator.
+each with its own score, a caption and choices, all accepted by Label Studio's validator. A point placed
+with a smart KeyPoint tool (Auto-Annotation) brings back the region found there.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ CONFIG = """<View>
   </RectangleLabels>
   <TextArea name="caption" toName="image" perRegion="true"/>
   <Choices name="color" toName="image" perRegion="true"><Choice value="red"/><Choice value="blue"/></Choices>
+  <KeyPointLabels name="click" toName="image" smart="true"><Label value="car"/><Label value="dog"/></KeyPointLabels>
 </View>"""
 
 
@@ -75,3 +77,16 @@ def test_an_imported_task_without_regions_gets_proposed_described_regions(
         assert label in WORDS and 0.0 < region["score"] <= 1.0
         fields = {item["from_name"] for item in prediction["result"] if item["id"] == region["id"]}
         assert fields == {"bbox", "caption", "color"}, prediction["result"]
+
+    # Auto-Annotation with the smart KeyPoint tool: a point inside a proposed region brings that region back.
+    value = regions[0]["value"]
+    point = {"x": value["x"] + value["width"] / 2, "y": value["y"] + value["height"] / 2, "width": 0.6,
+             "keypointlabels": value["rectanglelabels"]}
+    [backend] = ls_client.list_ml_backends(project["id"])
+    answer = ls_client.interactive_annotating(backend["id"], task_id, {"result": [{
+        "id": "click1", "from_name": "click", "to_name": "image", "type": "keypointlabels", "origin": "manual",
+        "original_width": 96, "original_height": 64, "image_rotation": 0, "value": point}]})
+    suggestion = answer["data"]
+    assert_valid(suggestion, CONFIG)
+    (found,) = [item for item in suggestion["result"] if item["type"] == "rectanglelabels"]
+    assert found["value"] == value
