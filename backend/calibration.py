@@ -5,13 +5,15 @@ The model gives a raw confidence for every field it proposes for a region:
 - a Choices control or the RectangleLabels label: the probability of the chosen value in the model's
   distribution over the control's candidates;
 - a caption: the geometric mean of its tokens' probabilities (`exp` of the mean token log-probability),
-  so that a long caption is not less certain merely for being long.
+  so that a long caption is not less certain merely for being long;
+- a proposed region (PROPOSER): the proposer's score for it, which becomes its label's confidence.
 
 Raw probabilities are over- or under-confident in ways that change with every fine-tune, so each version
-carries a `Calibration`: per field kind (`caption`, `choice`, `label`) a monotone curve from the raw
-probability to the share of such fields annotators kept (isotonic regression), fitted on held-out
+carries a `Calibration`: per field kind (`caption`, `choice`, `label`, `proposal`) a monotone curve from the
+raw probability to the share of such fields annotators kept (isotonic regression), fitted on held-out
 corrections by the fine-tune that made the version (`fit`): for each proposed field, did the annotator keep
-it unchanged? A version without one (the first model) uses the raw probabilities.
+it unchanged? For proposed regions: did a region of the annotation match it (IoU 0.5)? A version without one
+(the first model) uses the raw probabilities.
 
 A task's score is the probability that the annotator keeps the whole prediction: the product of its
 fields' calibrated confidences (`task_score`). Sorting tasks by it, lowest first, puts first the tasks the
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 CALIBRATION_FILE = "calibration.json"
-KINDS = ("caption", "choice", "label")
+KINDS = ("caption", "choice", "label", "proposal")
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,7 @@ from backend.jobs import (
     restricted_job_class,
 )
 from backend.labelconfig import predicted_fields
+from backend.proposal_stats import Recorded, proposal_outcomes
 from backend.runs import FinetuneRuns, RunStatus
 from backend.settings import Settings, load_for_command
 from backend.training_data import LocalImage, local_images, split_held_out, training_examples
@@ -260,7 +261,8 @@ def run_finetune(settings: Settings, options: FinetuneOptions | None = None,
         run_id = runs.start(options.trigger, parent)
         log.info("fine-tune run %s from %s: %d new corrected regions (%s)", run_id, parent, new, options.trigger)
         with _Heartbeat(lock, runs, run_id, settings.finetune_lock_ttl) as beat:
-            outcome = _run(settings, options, parent, regions, watermark, beat, connection)
+            outcome = _run(settings, options, parent, regions, store.recorded_proposals(), watermark, beat,
+                           connection)
         outcome.run_id = run_id
         runs.finish(run_id, RunStatus(outcome.status.value), outcome.message, candidate=outcome.candidate,
                     watermark=max((r.seq for r in regions), default=watermark), details=outcome.details)
@@ -286,7 +288,7 @@ def run_finetune(settings: Settings, options: FinetuneOptions | None = None,
 
 
 def _run(settings: Settings, options: FinetuneOptions, parent: str, regions: Sequence[CorrectedRegion],
-         watermark: int, beat: _Heartbeat, connection: redis.Redis) -> FinetuneOutcome:
+         proposals: Recorded, watermark: int, beat: _Heartbeat, connection: redis.Redis) -> FinetuneOutcome:
     started = time.perf_counter()
     parent_path = registry.checkpoint_path(settings, parent)
     confirmations = confirm(settings, regions)
@@ -362,8 +364,10 @@ def _run(settings: Settings, options: FinetuneOptions, parent: str, regions: Seq
             observed += candidate.regions
     metrics.update(_base_eval(settings, staging, parent_path, device))
     # The candidate's confidences, calibrated on what annotators kept of the held-out corrections; the
-    # workers read them from the version folder.
-    calibration = fit(o for observations, _ in observed for o in observations)
+    # workers read them from the version folder. The proposer is not trained: every confirmed annotation of
+    # a task it proposed for tells how far its scores can be trusted.
+    found = [Observation("proposal", score, matched) for score, matched in proposal_outcomes(trusted, proposals)]
+    calibration = fit([*(o for observations, _ in observed for o in observations), *found])
     calibration.save(staging)
     verdict, reason = decide(settings, metrics)
     if beat.lost.is_set():

@@ -100,14 +100,39 @@ class ProposalStats:
         return self.added / self.final if self.final else None
 
 
-def proposal_stats_by_version(regions: Sequence[Any],
-                              predictions: Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]]
-                              ) -> dict[str, ProposalStats]:
+Recorded = Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]]
+
+
+def proposal_stats_by_version(regions: Sequence[Any], predictions: Recorded) -> dict[str, ProposalStats]:
     """Per model version, how its proposals fared. `regions`: the stored corrected regions
     (`backend.annotations.CorrectedRegion`: `annotation_id`, `task_id`, `region_id`, `box`, `seq`);
     `predictions`: task id → version → region id → recorded fields, a proposed region's holding `proposal`
     with its `box`. A task counts once, with its newest annotation, for the newest version that proposed for
     it."""
+    stats: dict[str, ProposalStats] = {}
+    for version, fields, final in _annotated_proposals(regions, predictions):
+        proposed = {rid: tuple(f["proposal"]["box"]) for rid, f in fields.items() if "proposal" in f}
+        described = [rid for rid, f in fields.items() if "proposal" not in f]
+        stats.setdefault(version, ProposalStats()).add(proposed, described, final)
+    return stats
+
+
+def proposal_outcomes(regions: Sequence[Any], predictions: Recorded) -> list[tuple[float, bool]]:
+    """Per scored proposal of the annotated tasks (as `proposal_stats_by_version` counts them): its score and
+    whether it matched a final region at IoU 0.5, what calibrating proposal scores needs."""
+    outcomes = []
+    for _, fields, final in _annotated_proposals(regions, predictions):
+        scored = [f["proposal"] for f in fields.values()
+                  if "proposal" in f and isinstance(f["proposal"].get("score"), (int, float))]
+        matched = {i for i, _ in matches([tuple(p["box"]) for p in scored], list(final.values()))}
+        outcomes += [(float(p["score"]), index in matched) for index, p in enumerate(scored)]
+    return outcomes
+
+
+def _annotated_proposals(regions: Sequence[Any], predictions: Recorded
+                         ) -> Iterable[tuple[str, Mapping[str, Mapping[str, Any]], dict[str, Box]]]:
+    """(version, its recorded fields by region id, the final regions by id) per annotated task a version
+    proposed for."""
     newest: dict[str, int] = {}
     for region in regions:
         if region.task_id is not None and str(region.task_id) in predictions:
@@ -118,15 +143,10 @@ def proposal_stats_by_version(regions: Sequence[Any],
         task = None if region.task_id is None else str(region.task_id)
         if task in newest and region.annotation_id == newest[task]:
             finals.setdefault(task, {})[str(region.region_id)] = tuple(region.box)
-    stats: dict[str, ProposalStats] = {}
     for task, final in finals.items():
         versions = {version: fields for version, fields in predictions[task].items()
                     if any("proposal" in f for f in fields.values())}
         if not versions:
             continue
         version = max(versions, key=lambda v: max(f.get("created_at", 0.0) for f in versions[v].values()))
-        fields = versions[version]
-        proposed = {rid: tuple(f["proposal"]["box"]) for rid, f in fields.items() if "proposal" in f}
-        described = [rid for rid, f in fields.items() if "proposal" not in f]
-        stats.setdefault(version, ProposalStats()).add(proposed, described, final)
-    return stats
+        yield version, versions[version], final

@@ -9,8 +9,9 @@ The tool proposed for is the config's first rectangle or polygon tool that has l
 a polygon tool gets polygons. Thresholds (settings): PROPOSAL_MIN_SCORE, PROPOSAL_MIN_SIZE (pixels, per side),
 PROPOSAL_NMS_IOU (a region overlapping a better scored one, or one the task already has, is dropped) and
 PROPOSAL_MAX_REGIONS (and never beyond MAX_REGIONS_PER_TASK in all). A proposed region carries the proposer's
-label with the proposer's score as the label's confidence (the label is not asked again), so the prediction's
-region item shows the region's own score.
+label with the proposer's score, calibrated by the version's `proposal` curve (`backend.calibration`), as the
+label's confidence (the label is not asked again), so the prediction's region item shows the region's own
+score.
 
 The job's answer lists the proposed regions under `proposed` (`backend.labelconfig.Region` JSON), answered
 after the payload's own regions in `regions`; `backend.payloads.prediction_from_output` reads them back.
@@ -155,7 +156,8 @@ def describe_jobs(engine: Engine, proposer: Engine | None, jobs: Sequence[tuple[
         for (region, proposal), answer in zip(regions, proposed_answers, strict=True):
             if region.labels:
                 answer["label"] = {proposal.label: proposal.score}
-                answer["confidence"] = {**answer["confidence"], "label": proposal.score}
+                score = (calibration or Calibration()).confidence("proposal", proposal.score)
+                answer["confidence"] = {**answer["confidence"], "label": score}
             answer["proposal_score"] = proposal.score
         result[index] = (result[index][0] + proposed_answers, [region for region, _ in regions])
     return result

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from backend.calibration import Observation, fit
 from backend.describe import Description, load_engine
 from backend.labelconfig import FillPlan, Region, Tool, validate_prediction
 from backend.payloads import make_payload, prediction_from_output
-from backend.proposal_stats import ProposalStats, iou, matches, proposal_stats_by_version
+from backend.proposal_stats import ProposalStats, iou, matches, proposal_outcomes, proposal_stats_by_version
 from backend.proposals import at_points, describe_jobs, region_of, select
 from backend.settings import Settings, SettingsError
 from model.engine import Proposal
@@ -225,3 +226,23 @@ def test_the_store_remembers_proposals_and_the_report_shows_how_they_fared(tmp_p
     out = io.StringIO()
     print_report(settings_, png=tmp_path / "plot.png", out=out)
     assert "precision@0.5" in out.getvalue() and "0.667" in out.getvalue(), out.getvalue()
+
+    # What calibrating the proposer's scores learns from it: each score, and whether a final region matched.
+    assert sorted(proposal_outcomes(store.regions(), store.recorded_proposals())) == [
+        (0.2, False), (0.6, True), (0.9, True)]
+
+
+def test_a_proposed_regions_score_is_calibrated_by_the_versions_proposal_curve(engines):
+    describer, proposer = engines
+    plan = FillPlan.from_label_config(BOXES)
+    jobs = [(Description(picture(1), plan, [], True), True)]
+    outcomes = [(score / 40, score >= 20) for score in range(40)]
+    calibration = fit(Observation("proposal", score, kept) for score, kept in outcomes)
+    assert "proposal" in calibration.curves
+    [(raw_answers, proposed)] = describe_jobs(describer, proposer, jobs, 4, settings())
+    [(answers, _)] = describe_jobs(describer, proposer, jobs, 4, settings(), calibration)
+    assert proposed
+    for raw, calibrated in zip(raw_answers, answers, strict=True):
+        assert raw["confidence"]["label"] == raw["proposal_score"]
+        assert calibrated["confidence"]["label"] == calibration.confidence("proposal", raw["proposal_score"])
+        assert calibrated["confidence"]["label"] != raw["proposal_score"]
