@@ -5,7 +5,6 @@ lineage; rollbacks across engines, each version served by the engine that made i
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 from collections.abc import Callable
@@ -18,12 +17,11 @@ import pytest
 from backend import registry
 from backend.labelconfig import validate_prediction
 from backend.settings import Settings
-from backend.webhooks import SECRET_HEADER
-from tests.support import REPO, WEBHOOK_SECRET, free_port, wait_until
+from tests.support import REPO, free_port
 from tests.support.florence2_factory import save_tiny_florence2
 from tests.support.hitl import DEMO_CONFIG, annotation_event, make_tasks
 from tests.support.model_factory import make_tiny_checkpoint
-from tests.support.processes import Process, backend_env, start_process
+from tests.support.processes import backend_env, start_serve
 from tests.support.qwen3vl_factory import save_tiny_qwen3vl
 from tests.support.redis_server import KEY_PREFIX
 from tests.support.requests import CAPTURED_CONFIG, batch_body, batch_task, interactive_body
@@ -37,22 +35,6 @@ TINY_MODELS: dict[str, Callable[[Path], Path]] = {
 }
 
 
-
-
-def serve(env: dict[str, str], log: Path) -> tuple[Process, httpx.Client]:
-    proc = start_process([sys.executable, "-m", "backend", "serve"], env, log)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{env['PORT']}", timeout=120,
-                          headers={SECRET_HEADER: WEBHOOK_SECRET})
-
-    def ready() -> bool:
-        if not proc.alive():
-            pytest.fail(f"serve exited:\n{proc.tail()}")
-        with contextlib.suppress(httpx.HTTPError):
-            return client.get("/health").status_code == 200
-        return False
-
-    wait_until(ready, 180, "serve to answer /health")
-    return proc, client
 
 
 def command(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -82,7 +64,7 @@ def test_an_engine_serves_from_its_base_model_to_a_fine_tuned_version_and_back(e
         FINETUNE_STEPS="2", FINETUNE_EVAL_FRACTION="0.3", FINETUNE_DEVICE="cpu", TRAIN_ON_UNCONFIRMED="true",
         MAX_NEW_TOKENS="4")
     settings = Settings.from_env(env)
-    proc, client = serve(env, tmp_path / "serve.log")
+    proc, client = start_serve(env, tmp_path / "serve.log")
     try:
         # The first version is the base model, named after its folder, recorded with its engine.
         assert client.post("/setup", json={"project": "1", "schema": CAPTURED_CONFIG}).json() == {

@@ -6,22 +6,18 @@ KeyPoint tool comes back as the region found there."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from backend.labelconfig import validate_prediction
-from backend.webhooks import SECRET_HEADER
 from tests.backend.test_proposals import BOXES, POLYGONS, SMART
-from tests.support import REPO, WEBHOOK_SECRET, free_port, wait_until
+from tests.support import REPO, free_port
 from tests.support.florence2_factory import save_tiny_florence2
-from tests.support.processes import Process, backend_env, start_process
+from tests.support.processes import backend_env, start_serve
 from tests.support.redis_server import KEY_PREFIX
 from tests.support.requests import batch_body, batch_task, interactive_body
 from tests.support.scripted_proposer import WORDS
@@ -29,22 +25,6 @@ from tests.support.scripted_proposer import WORDS
 pytestmark = pytest.mark.slow
 
 SCRIPTED = "tests.support.scripted_proposer.ScriptedFlorence2"
-
-
-def serve(env: dict[str, str], log: Path) -> tuple[Process, httpx.Client]:
-    proc = start_process([sys.executable, "-m", "backend", "serve"], env, log)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{env['PORT']}", timeout=120,
-                          headers={SECRET_HEADER: WEBHOOK_SECRET})
-
-    def ready() -> bool:
-        if not proc.alive():
-            pytest.fail(f"serve exited:\n{proc.tail()}")
-        with contextlib.suppress(httpx.HTTPError):
-            return client.get("/health").status_code == 200
-        return False
-
-    wait_until(ready, 180, "serve to answer /health")
-    return proc, client
 
 
 def check_proposed(prediction: dict[str, Any], config: str, kind: str, version: str) -> None:
@@ -71,7 +51,7 @@ def test_proposed_regions_through_the_api_the_queue_prelabel_and_a_smart_keypoin
         DATA_DIR=str(tmp_path / "data"), REDIS_KEY_PREFIX=f"{KEY_PREFIX}-proposals", PORT=str(free_port()),
         HOST="127.0.0.1", MAX_NEW_TOKENS="4", PROPOSER=SCRIPTED, PROPOSER_MODEL=str(tiny),
         PROPOSAL_MAX_NEW_TOKENS="40", PROPOSAL_NMS_IOU="1", PROPOSAL_MIN_SIZE="0")
-    proc, client = serve(env, tmp_path / "serve.log")
+    proc, client = start_serve(env, tmp_path / "serve.log")
     try:
         version = client.post("/setup", json={"project": "1", "schema": BOXES}).json()["model_version"]
         assert version == tiny.name

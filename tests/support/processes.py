@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from backend.webhooks import SECRET_HEADER
-from tests.support import REPO, free_port, wait_until
+from tests.support import REPO, WEBHOOK_SECRET, free_port, wait_until
 
 
 @dataclass
@@ -112,3 +112,21 @@ def start_api(env: dict[str, str], log: Path) -> Api:
 
     wait_until(ready, 60, "the API to answer /health")
     return Api(proc, url, client)
+
+
+def start_serve(env: dict[str, str], log: Path, timeout_s: float = 180) -> tuple[Process, httpx.Client]:
+    """`python -m backend serve` (API, worker, Redis as `env` says) on `env["PORT"]`; returns once /health
+    answers, with a client that sends the webhook secret as Label Studio would."""
+    proc = start_process([sys.executable, "-m", "backend", "serve"], env, log)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{env['PORT']}", timeout=120,
+                          headers={SECRET_HEADER: env.get("WEBHOOK_SECRET", WEBHOOK_SECRET)})
+
+    def ready() -> bool:
+        if not proc.alive():
+            pytest.fail(f"serve exited:\n{proc.tail()}")
+        with contextlib.suppress(httpx.HTTPError):
+            return client.get("/health").status_code == 200
+        return False
+
+    wait_until(ready, timeout_s, "serve to answer /health")
+    return proc, client
