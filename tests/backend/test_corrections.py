@@ -21,6 +21,7 @@ from rq.serializers import JSONSerializer
 
 from backend.acceptance import acceptance_by_version, compare_fields, normalized_edit_distance
 from backend.annotations import AnnotationError, parse_annotation_regions
+from backend.confirmation import confirm
 from backend.corrections import CorrectionsStore
 from backend.jobs import JobQueue, connect
 from backend.labelconfig import FillPlan, build_prediction, regions_from_task
@@ -476,6 +477,12 @@ def test_a_deleted_annotation_stays_deleted(settings):
     deleted = event("13")
     deleted["annotations"] = [{"id": 5}]
     assert store_of(settings).record_event(deleted)["deleted"] == 1
+
+    class LabelStudioWithoutIt:
+        def annotation(self, annotation_id: int) -> None:
+            return None  # a 404: the deletion is Label Studio's (tests/security/test_confirmation.py)
+
+    confirm(settings, [], client=LabelStudioWithoutIt())
     replayed = store_of(settings).record_event(annotation(5, 5, "kept for now",
                                                           updated_at="2030-01-01T00:00:00Z"))
     assert replayed["samples"] == 0 and "deleted earlier" in replayed["ignored"][0]
