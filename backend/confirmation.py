@@ -94,6 +94,20 @@ def usable(settings: Settings, regions: Sequence[CorrectedRegion], outcome: Mapp
     return [r for r in regions if outcome.get(r.annotation_id) in allowed]
 
 
+def counted(settings: Settings, regions: Sequence[CorrectedRegion]
+            ) -> tuple[list[CorrectedRegion], list[CorrectedRegion]]:
+    """Stored regions split by the answers kept so far (nothing is asked): those statistics count, which a
+    fine-tune may train on (confirmed; with TRAIN_ON_UNCONFIRMED also those not yet asked or unchecked), and
+    the rest, shown apart."""
+    allowed: set[str | None] = {Confirmation.CONFIRMED.value}
+    if settings.train_on_unconfirmed:
+        allowed |= {None, Confirmation.UNCHECKED.value}
+    kept, apart = [], []
+    for region in regions:
+        (kept if region.confirmation in allowed else apart).append(region)
+    return kept, apart
+
+
 def counts(settings: Settings) -> dict[str, int]:
     """Stored annotations with regions, by confirmation (`not yet asked` for those no fine-tune looked at)."""
     rows = Database.for_settings(settings).read().execute(

@@ -185,7 +185,8 @@ class CorrectionsStore:
         """Stored regions with `seq > since_seq` (optionally only those predicted by `model_version`),
         oldest first, but none of an annotation whose deletion waits for Label Studio's word; every region
         committed later has a larger `seq` (`Database.read_settled`)."""
-        query = ("SELECT s.*, a.plan AS plan, a.ground_truth AS ground_truth, a.event_seq AS event_seq "
+        query = ("SELECT s.*, a.plan AS plan, a.ground_truth AS ground_truth, a.event_seq AS event_seq, "
+                 "a.confirmation AS confirmation "
                  "FROM samples s LEFT JOIN annotations a ON a.annotation_id = s.annotation_id WHERE s.seq > ? "
                  "AND " + _NOT_WITHHELD.format(column="s.annotation_id"))
         params: list[Any] = [since_seq]
@@ -203,6 +204,12 @@ class CorrectionsStore:
             "SELECT COUNT(*) FROM samples WHERE seq > ? AND " + _NOT_WITHHELD.format(column="samples.annotation_id"),
             (since_seq,)).fetchone()
         return int(row[0])
+
+    def confirmation_mark(self) -> tuple[int, float]:
+        """Changes whenever an annotation's confirmation does (how many have one, and the latest time)."""
+        row = self.database.read().execute(
+            "SELECT COUNT(confirmation), COALESCE(MAX(confirmed_at), 0) FROM annotations").fetchone()
+        return int(row[0]), float(row[1])
 
     def max_seq(self) -> int:
         """The newest region's sequence number (0 when empty)."""
@@ -375,4 +382,5 @@ def _region_from_row(row: Any, plans: dict[str, FillPlan]) -> CorrectedRegion:
         box=(float(x1), float(y1), float(x2), float(y2)), caption=row["caption"], choices=json.loads(row["choices"]),
         label=row["label"], predicted=json.loads(row["predicted"]) if row["predicted"] else None,
         predicted_version=row["predicted_version"], created_at=float(row["created_at"]), plan=plan,
-        ground_truth=bool(row["ground_truth"]), event_seq=int(row["event_seq"] or 0))
+        ground_truth=bool(row["ground_truth"]), event_seq=int(row["event_seq"] or 0),
+        confirmation=row["confirmation"])
