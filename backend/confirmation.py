@@ -21,12 +21,15 @@ TRAIN_ON_UNCONFIRMED.
 
 from __future__ import annotations
 
+import base64
 import enum
 import json
 import logging
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from backend.annotations import AnnotationError, CorrectedRegion, image_reference, parse_annotation_regions, plan_of
 from backend.labelconfig import FillPlan
@@ -171,9 +174,28 @@ def _judge_source(asker: _Asker, held: Mapping[str, Any], regions: Sequence[Corr
     plan = plan_of(asker.label_config(str(project)))
     if _plan_key(plan) != _plan_key(first.plan):
         return Confirmation.CHANGED
-    if image_reference(plan, task) != first.image:
+    if _unresolved(image_reference(plan, task)) != _unresolved(first.image):
         return Confirmation.CHANGED
     return Confirmation.CONFIRMED
+
+
+_STORAGE_ROUTE = re.compile(r"^/tasks/[0-9]+/(presign|resolve)/?$")
+
+
+def _unresolved(reference: str | None) -> str | None:
+    """A task's image reference as imported: `GET /api/tasks/{id}` gives a cloud storage URI (`s3://…`) as
+    Label Studio's route that signs it (`/tasks/{id}/presign/?fileuri=<base64 URI>`), webhooks give it as
+    it is."""
+    if not reference:
+        return reference
+    parts = urlsplit(reference)
+    fileuri = parse_qs(parts.query).get("fileuri") if _STORAGE_ROUTE.match(parts.path) else None
+    if not fileuri:
+        return reference
+    try:
+        return base64.urlsafe_b64decode(fileuri[0] + "=" * (-len(fileuri[0]) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        return reference
 
 
 def _plan_key(plan: FillPlan | None) -> str | None:

@@ -96,6 +96,22 @@ def test_the_image_and_the_labeling_config_are_label_studios_too(settings, fake_
                                                   FIRST_ID + 12: Confirmation.CONFIRMED}
 
 
+def test_a_cloud_storage_image_is_the_same_whichever_way_label_studio_spells_it(settings, fake_ls, tmp_path):
+    # GET /api/tasks/{id} resolves storage URIs into Label Studio's presign route; webhooks send them as imported.
+    import base64
+
+    [task] = make_tasks(tmp_path / "images", "b", 1, 1, seed=42)
+    uri = "s3://bucket/scenes/1.png"
+    signed = f"{fake_ls.url}/tasks/{task.task_id}/presign/?fileuri={base64.urlsafe_b64encode(uri.encode()).decode()}"
+    fake_ls.add_project(PROJECT_ID, DEMO_CONFIG, [{"id": task.task_id, "data": {"image": signed}}])
+    event = annotation_event(task, FIRST_ID + 15, DEMO_CONFIG)
+    event["task"]["data"]["image"] = uri
+    held_by_label_studio(fake_ls, event)
+    store = CorrectionsStore.for_settings(settings)
+    store.record_event(event)
+    assert confirm(settings, store.regions()) == {FIRST_ID + 15: Confirmation.CONFIRMED}
+
+
 def test_a_deletion_counts_once_label_studio_confirms_it(settings, fake_ls, tasks):
     """Fails while a deletion event removed annotations, and blocked their ids, on its own word."""
     store = CorrectionsStore.for_settings(settings)
