@@ -211,8 +211,10 @@ def _settle(database: Database, asker: _Asker | None, deletions: Sequence[int]) 
         try:
             held = asker.annotation(annotation_id)
         except LabelStudioError as exc:
-            log.warning("the deletion of annotation %s is not confirmed yet: %s", annotation_id, exc)
-            continue
+            # Label Studio is away or refuses: the rest wait for the next fine-tune too.
+            log.warning("%d requested deletion(s) not confirmed yet: %s", len(deletions) - len(confirmed)
+                        - len(refused), exc)
+            break
         if held is None:
             confirmed.append(annotation_id)
         else:
