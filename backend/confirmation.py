@@ -135,7 +135,9 @@ class _Asker:
 
     def task(self, task_id: str) -> dict[str, Any] | None:
         if task_id not in self._tasks:
-            self._tasks[task_id] = self.client.request("GET", f"/api/tasks/{int(task_id)}/", missing_ok=True)
+            # As imported: Label Studio 1.23 otherwise rewrites storage URIs into its own routes.
+            self._tasks[task_id] = self.client.request("GET", f"/api/tasks/{int(task_id)}/",
+                                                       params={"resolve_uri": "false"}, missing_ok=True)
         return self._tasks[task_id]
 
     def label_config(self, project_id: str) -> Any:
@@ -183,9 +185,10 @@ _STORAGE_ROUTE = re.compile(r"^/tasks/[0-9]+/(presign|resolve)/?$")
 
 
 def _unresolved(reference: str | None) -> str | None:
-    """A task's image reference as imported: `GET /api/tasks/{id}` gives a cloud storage URI (`s3://…`) as
-    Label Studio's route that signs it (`/tasks/{id}/presign/?fileuri=<base64 URI>`), webhooks give it as
-    it is."""
+    """A task's image reference as imported: `GET /api/tasks/{id}` without `resolve_uri=false` (which some
+    versions ignore) gives a cloud storage URI (`s3://…`) as Label Studio's route that signs or proxies it
+    (`/tasks/{id}/presign/?fileuri=<base64 URI>`, `/tasks/{id}/resolve/?fileuri=…`); webhooks give it as it
+    is."""
     if not reference:
         return reference
     parts = urlsplit(reference)
