@@ -8,6 +8,8 @@
   reaches the same Redis.
 - `connect --project ID [--check]`: connect a Label Studio project to this backend (ML backend, webhook with
   its secret, prelabeling version); safe to rerun; `--check` only reports.
+- `rotate-secret [--grace SECONDS]`: a new webhook secret for every process sharing the database, then for
+  the connected projects' webhooks in Label Studio; the previous one is accepted during the grace window.
 - `prelabel --project ID`: pre-annotate a whole project through the queue, results pushed to Label Studio.
 - `settings`: print the configuration table (every environment variable, its default and meaning).
 - `finetune`: one fine-tune on the stored corrections (same as `python backend/finetune.py`).
@@ -52,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     connect = commands.add_parser("connect", help="connect a Label Studio project to this backend (safe to rerun)")
     connect.add_argument("--project", type=int, required=True, help="Label Studio project id")
     connect.add_argument("--check", action="store_true", help="only report what is in place and what is missing")
+    rotate = commands.add_parser("rotate-secret", help="replace the webhook secret in every process sharing the "
+                                                       "database and in Label Studio's webhooks")
+    rotate.add_argument("--grace", type=float, default=3600.0,
+                        help="seconds the previous secret is still accepted (default 3600)")
     prelabel = commands.add_parser("prelabel", help="pre-annotate a project; predictions pushed to Label Studio")
     prelabel.add_argument("--project", type=int, required=True, help="Label Studio project id")
     prelabel.add_argument("--no-wait", action="store_true", help="enqueue and exit without a progress bar")
@@ -111,6 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "connect":
             return _connect(settings, args.project, args.check)
+        if args.command == "rotate-secret":
+            from backend.connect import StepStatus, rotate_secret
+
+            steps = rotate_secret(settings, args.grace)
+            for step in steps:
+                print(step.describe())
+            return 1 if any(s.status is StepStatus.FAILED for s in steps) else 0
         if args.command == "prelabel":
             from backend.prelabel import run_prelabel
 

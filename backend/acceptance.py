@@ -16,7 +16,8 @@ statistics measure one thing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import unicodedata
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,11 +120,22 @@ class AcceptanceStats:
         }
 
 
-def acceptance_by_version(regions: Iterable[Any]) -> dict[str, AcceptanceStats]:
-    """Acceptance per model version over stored regions (`CorrectedRegion`s), in order of first appearance."""
+def acceptance_by_version(regions: Iterable[Any],
+                          name: Callable[[str], str] | None = None) -> dict[str, AcceptanceStats]:
+    """Acceptance per model version over stored regions (`CorrectedRegion`s), in order of first appearance;
+    `name` maps each version to the one it is counted under (e.g. unknown versions to one bucket)."""
     stats: dict[str, AcceptanceStats] = {}
     for region in regions:
         if region.predicted is None or region.predicted_version is None:
             continue
-        stats.setdefault(region.predicted_version, AcceptanceStats()).add(region.predicted, region.final)
+        version = region.predicted_version if name is None else name(region.predicted_version)
+        stats.setdefault(version, AcceptanceStats()).add(region.predicted, region.final)
     return stats
+
+
+def label_text(text: Any, limit: int = 40) -> str:
+    """A string that came with a webhook (a model version, a control name) made safe to show: control and
+    other non-printing characters (terminal escapes among them) replaced by `?`, clipped to `limit`
+    characters."""
+    shown = "".join(c if c == " " or unicodedata.category(c)[0] not in "CZ" else "?" for c in str(text))
+    return shown if len(shown) <= limit else shown[:limit - 1] + "…"

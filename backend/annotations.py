@@ -66,6 +66,11 @@ class CorrectedRegion:
     created_at: float
     plan: FillPlan | None = None
     ground_truth: bool = False
+    # The event whose content this is (`events.seq`): what Label Studio is asked about, and what its answer
+    # is kept for; a later delivery of the annotation is another event and asked about anew.
+    event_seq: int = 0
+    # What Label Studio said of the annotation so far (`backend.confirmation`; None: not asked yet).
+    confirmation: str | None = None
 
     @property
     def final(self) -> dict[str, Any]:

@@ -49,7 +49,7 @@ from backend.labelstudio_backend import GPT4RoIBackend, PredictionFailed, Predic
 from backend.metrics import Metrics
 from backend.settings import Settings
 from backend.store import Database, StoreUnavailable
-from backend.webhooks import SECRET_HEADER, WebhookError, parse_event, secret_matches, webhook_secret
+from backend.webhooks import SECRET_HEADER, WebhookError, WebhookGate, parse_event
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,9 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     metrics = Metrics(queue, version=lambda: registry.current_version(settings), settings=settings)
     backend = GPT4RoIBackend(settings, queue, observer=metrics)
     _open_store(settings)
-    secret = webhook_secret(settings)
+    gate = WebhookGate(settings)
     installer = None
-    if secret is not None and settings.label_studio_url and settings.label_studio_api_key:
+    if not settings.allow_unsigned_webhooks and settings.label_studio_url and settings.label_studio_api_key:
         installer = _SecretInstaller(settings)
         installer.start()
     predict_threads = anyio.CapacityLimiter(settings.threads)
@@ -159,7 +159,7 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
 
     @app.post("/webhook")
     async def webhook(request: Request) -> Response:
-        if not secret_matches(secret, request.headers.get(SECRET_HEADER)):
+        if not gate.accepts(request.headers.get(SECRET_HEADER)):
             if installer is not None:
                 installer.retry()  # Label Studio may have been down at start, or the webhook added since
             return _error(401, f"missing or wrong {SECRET_HEADER} header: webhooks need the backend's secret "
@@ -170,6 +170,9 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
 
     def answer_webhook(raw: bytes) -> dict[str, Any]:
         event = parse_event(_parse_json(raw))
+        refused = gate.refused_project(event)
+        if refused is not None:
+            raise RequestError(refused, status=403)
         return backend.fit(event["action"], event)
 
     def answer_train(raw: bytes) -> dict[str, Any]:

@@ -22,7 +22,9 @@ backend serves, so after a promotion the next Retrieve Predictions or label stre
 and the old predictions remain as history.
 
 `install_webhook_secret`, run when the API starts with Label Studio credentials, is step 2 for every
-webhook of this backend that the token's user can see.
+webhook of this backend in a connected project (never for organization-wide webhooks, nor those of other
+projects: anyone who may add a webhook could read the secret back from Label Studio's API).
+`rotate_secret` (`python -m backend rotate-secret`) replaces the secret everywhere (`backend.webhooks`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from backend import registry
 from backend.labelstudio import LabelStudioClient, LabelStudioError
 from backend.settings import Settings
 from backend.store import Database
-from backend.webhooks import SECRET_HEADER, webhook_secret
+from backend.webhooks import SECRET_HEADER, SECRET_REFRESH_S, current_secret, replace_secret
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +127,7 @@ def _ml_backend(settings: Settings, client: LabelStudioClient, project_id: int, 
 def _webhook(settings: Settings, client: LabelStudioClient, project_id: int, check: bool) -> Step:
     url = settings.effective_backend_url + "/webhook"
     what = f"webhook {url}"
-    secret = webhook_secret(settings)
+    secret = current_secret(settings)
     headers = {SECRET_HEADER: secret} if secret else {}
     try:
         hooks = [h for h in client.webhooks(project_id) if str(h.get("url", "")).rstrip("/") == url]
@@ -165,9 +167,9 @@ def _prelabeling_version(client: LabelStudioClient, project_id: int, project: di
 
 
 def install_webhook_secret(settings: Settings, client: LabelStudioClient | None = None) -> list[Step]:
-    """Add the secret header to every webhook of Label Studio's that points at this backend (the API runs
-    this at start when it has Label Studio credentials)."""
-    secret = webhook_secret(settings)
+    """Add the secret header to every webhook of Label Studio's that points at this backend from a connected
+    project (the API runs this at start when it has Label Studio credentials)."""
+    secret = current_secret(settings)
     if secret is None:
         return []
     url = settings.effective_backend_url + "/webhook"
@@ -175,8 +177,15 @@ def install_webhook_secret(settings: Settings, client: LabelStudioClient | None 
     client = client or LabelStudioClient(settings)
     steps = []
     try:
+        connected = {str(project) for project, base_url in connected_projects(settings) if base_url == client.base_url}
         for hook in client.webhooks():
             if str(hook.get("url", "")).rstrip("/") != url:
+                continue
+            if str(hook.get("project")) not in connected:
+                whose = "organization-wide" if hook.get("project") is None else f"of project {hook.get('project')}"
+                steps.append(Step(f"webhook {hook['id']}", StepStatus.MISSING,
+                                  f"{whose}, not a connected project's: left without the secret (`python -m backend "
+                                  "connect --project ID` connects a project)"))
                 continue
             if (hook.get("headers") or {}).get(SECRET_HEADER) == secret:
                 steps.append(Step(f"webhook {hook['id']}", StepStatus.OK, "has the secret header"))
@@ -187,6 +196,29 @@ def install_webhook_secret(settings: Settings, client: LabelStudioClient | None 
     finally:
         if owned:
             client.close()
+    return steps
+
+
+def rotate_secret(settings: Settings, grace_s: float = 3600.0, client: LabelStudioClient | None = None,
+                  settle_s: float = 2 * SECRET_REFRESH_S + 1) -> list[Step]:
+    """Replace the webhook secret: every process sharing the database accepts the new one within
+    `SECRET_REFRESH_S` (the old one for `grace_s` more seconds), and after `settle_s` Label Studio's webhooks
+    of connected projects are given it, so that no delivery is refused on the way."""
+    if settings.allow_unsigned_webhooks:
+        return [Step("webhook secret", StepStatus.FAILED, "ALLOW_UNSIGNED_WEBHOOKS is set: there is no secret")]
+    replace_secret(settings, grace_s)
+    steps = [Step("webhook secret", StepStatus.DONE, f"a new secret for every process sharing the database; the "
+                                                     f"previous one is accepted for {grace_s:g} s more")]
+    time.sleep(settle_s)  # every process reads the new secret before Label Studio sends it
+    if not (settings.label_studio_url and settings.label_studio_api_key):
+        steps.append(Step("Label Studio's webhooks", StepStatus.MISSING, "no LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY: "
+                                                                         f"set the {SECRET_HEADER} header by hand"))
+        return steps
+    try:
+        steps += install_webhook_secret(settings, client)
+    except LabelStudioError as exc:
+        steps.append(Step("Label Studio's webhooks", StepStatus.FAILED, f"{exc}; run `python -m backend connect "
+                                                                        "--project ID` before the grace window ends"))
     return steps
 
 

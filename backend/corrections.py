@@ -7,8 +7,15 @@ its samples are committed (`backend.store`: group commit, fsync), in millisecond
   annotation's samples (`backend.annotations`) replace whatever that annotation stored before. An
   annotation that contributes none (cancelled, empty) removes its earlier samples. An event older than
   what is stored (its `updated_at` before the stored one: a late or replayed delivery) changes nothing,
-  and neither does any event about an annotation that was deleted.
-- `ANNOTATIONS_DELETED` (ids only): the samples of those annotations are removed, for good.
+  and neither does any event about an annotation whose deletion Label Studio confirmed. An `updated_at`
+  later than the moment the event arrived is taken as that moment: a date in the future cannot freeze an
+  annotation against the deliveries that follow.
+- `ANNOTATIONS_DELETED` (ids only, at most `MAX_DELETED_PER_EVENT` of them; the rest are dropped with a
+  warning): the stored annotations among them are withheld (`regions` no longer returns them) until Label
+  Studio confirms the deletion (`backend.confirmation`: its API answers 404), and only then removed and
+  their ids refused for good. A deletion Label Studio contradicts (it still holds the annotation) is
+  dropped, and the annotation comes back as it was. An id beyond the cap is no loss: an annotation Label
+  Studio no longer holds is never trained on anyway.
 - every event, whatever its action, is also kept in the `events` table (the project's secrets redacted)
   for EVENT_RETENTION_DAYS; what the workers recorded as proposals, for PROPOSAL_RETENTION_DAYS.
 
@@ -23,8 +30,10 @@ ids when an annotator accepts and edits it.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
+import logging
 import time
 import weakref
 from collections.abc import Mapping, Sequence
@@ -50,6 +59,13 @@ _PRUNE_INTERVAL_S = 60.0
 _PRUNE_STEP = 1000
 # When each database was last pruned by this process (stores are made per request, the database is shared).
 _pruned_at: weakref.WeakKeyDictionary[Database, float] = weakref.WeakKeyDictionary()
+# The most annotation ids one ANNOTATIONS_DELETED event may ask to withhold (Label Studio's bulk deletions
+# send one event per action; each id costs a lookup in the event's transaction).
+MAX_DELETED_PER_EVENT = 10_000
+# Regions of annotations whose deletion waits for Label Studio's word are not handed out.
+_NOT_WITHHELD = "NOT EXISTS (SELECT 1 FROM deletion_requests d WHERE d.annotation_id = {column})"
+
+log = logging.getLogger(__name__)
 
 
 class CorrectionsStore:
@@ -75,16 +91,25 @@ class CorrectionsStore:
         body = json.dumps(redacted(event), ensure_ascii=False, separators=(",", ":"), default=str)
         annotation = event.get("annotation") if isinstance(event.get("annotation"), Mapping) else None
         annotation_id = int_or_none(annotation.get("id")) if annotation else None
+        received = time.time()
         contributions: list[tuple[int, AnnotationSamples | None, str | None]] = []
         if action in ANNOTATION_ACTIONS and annotation is not None:
-            contributions.append(_contribution(event, annotation))
+            contributions.append(_contribution(event, annotation, received))
         elif action == "ANNOTATIONS_CREATED":
-            contributions += [_contribution(event, item) for item in event.get("annotations") or []
+            contributions += [_contribution(event, item, received) for item in event.get("annotations") or []
                               if isinstance(item, Mapping) and "result" in item]
-        deleted_ids = []
+        deleted_ids: list[int] = []
+        dropped = 0
         if action == "ANNOTATIONS_DELETED":
-            deleted_ids = [i for i in (int_or_none(item.get("id")) for item in event.get("annotations") or []
-                                       if isinstance(item, Mapping)) if i is not None]
+            listed = event.get("annotations") if isinstance(event.get("annotations"), list) else []
+            deleted_ids = list(dict.fromkeys(i for i in (int_or_none(item.get("id")) for item in listed
+                                                         if isinstance(item, Mapping)) if i is not None))
+            if len(deleted_ids) > MAX_DELETED_PER_EVENT:
+                dropped = len(deleted_ids) - MAX_DELETED_PER_EVENT
+                deleted_ids = deleted_ids[:MAX_DELETED_PER_EVENT]
+                log.warning("an ANNOTATIONS_DELETED event listed %d annotations; the %d past the first %d were "
+                            "dropped (Label Studio's word decides whether they are trained on)",
+                            len(deleted_ids) + dropped, dropped, MAX_DELETED_PER_EVENT)
 
         def store(db: Connection) -> dict[str, Any]:
             summary: dict[str, Any] = {"action": action, "samples": 0}
@@ -117,9 +142,9 @@ class CorrectionsStore:
                     db.execute("INSERT INTO annotations (annotation_id, updated_at, ground_truth, event_seq) "
                                "VALUES (?, ?, 0, ?)", (contributed_id, updated_at, event_seq))
             if action == "ANNOTATIONS_DELETED":
-                summary["deleted"] = sum(deletion.rowcount for deletion in _delete(db, deleted_ids))
-                db.executemany("INSERT INTO deleted_annotations (annotation_id, deleted_at) VALUES (?, ?) "
-                               "ON CONFLICT (annotation_id) DO NOTHING", [(i, now) for i in deleted_ids])
+                summary["deleted"] = _request_deletion(db, deleted_ids, event_seq, now)
+                if dropped:
+                    summary["dropped"] = dropped
             if now - _pruned_at.get(self.database, float("-inf")) >= _PRUNE_INTERVAL_S:
                 self._prune(db, now)
                 _pruned_at[self.database] = now
@@ -175,9 +200,12 @@ class CorrectionsStore:
     # ------------------------------------------------------------------ reading
     def regions(self, since_seq: int = 0, model_version: str | None = None) -> list[CorrectedRegion]:
         """Stored regions with `seq > since_seq` (optionally only those predicted by `model_version`),
-        oldest first; every region committed later has a larger `seq` (`Database.read_settled`)."""
-        query = ("SELECT s.*, a.plan AS plan, a.ground_truth AS ground_truth FROM samples s "
-                 "LEFT JOIN annotations a ON a.annotation_id = s.annotation_id WHERE s.seq > ?")
+        oldest first, but none of an annotation whose deletion waits for Label Studio's word; every region
+        committed later has a larger `seq` (`Database.read_settled`)."""
+        query = ("SELECT s.*, a.plan AS plan, a.ground_truth AS ground_truth, a.event_seq AS event_seq, "
+                 "a.confirmation AS confirmation "
+                 "FROM samples s LEFT JOIN annotations a ON a.annotation_id = s.annotation_id WHERE s.seq > ? "
+                 "AND " + _NOT_WITHHELD.format(column="s.annotation_id"))
         params: list[Any] = [since_seq]
         if model_version is not None:
             query += " AND s.predicted_version = ?"
@@ -189,8 +217,16 @@ class CorrectionsStore:
 
     def count_regions(self, since_seq: int = 0) -> int:
         """How many stored regions have `seq > since_seq`."""
-        row = self.database.read().execute("SELECT COUNT(*) FROM samples WHERE seq > ?", (since_seq,)).fetchone()
+        row = self.database.read().execute(
+            "SELECT COUNT(*) FROM samples WHERE seq > ? AND " + _NOT_WITHHELD.format(column="samples.annotation_id"),
+            (since_seq,)).fetchone()
         return int(row[0])
+
+    def confirmation_mark(self) -> tuple[int, float]:
+        """Changes whenever an annotation's confirmation does (how many have one, and the latest time)."""
+        row = self.database.read().execute(
+            "SELECT COUNT(confirmation), COALESCE(MAX(confirmed_at), 0) FROM annotations").fetchone()
+        return int(row[0]), float(row[1])
 
     def max_seq(self) -> int:
         """The newest region's sequence number (0 when empty)."""
@@ -205,7 +241,8 @@ class CorrectionsStore:
 
     def annotation_ids(self) -> set[int]:
         """Ids of the annotations that have stored regions."""
-        return {int(row[0]) for row in self.database.read().execute("SELECT DISTINCT annotation_id FROM samples")}
+        return {int(row[0]) for row in self.database.read().execute(
+            "SELECT DISTINCT annotation_id FROM samples WHERE " + _NOT_WITHHELD.format(column="samples.annotation_id"))}
 
 
     def _prune(self, db: Connection, now: float) -> None:
@@ -217,13 +254,42 @@ class CorrectionsStore:
                    (now - self.proposal_retention_s, _PRUNE_STEP))
 
 
-def _contribution(event: Mapping[str, Any],
-                  annotation: Mapping[str, Any]) -> tuple[int, AnnotationSamples | None, str | None]:
+def _contribution(event: Mapping[str, Any], annotation: Mapping[str, Any],
+                  received: float) -> tuple[int, AnnotationSamples | None, str | None]:
     samples = samples_from_annotation(event, annotation)
     annotation_id = int_or_none(annotation.get("id"))
     assert annotation_id is not None  # samples_from_annotation refuses annotations without one
     updated_at = annotation.get("updated_at")
-    return annotation_id, samples, updated_at if isinstance(updated_at, str) else None
+    clamped = clamp_updated_at(updated_at if isinstance(updated_at, str) else None, received)
+    if samples is not None and samples.updated_at != clamped:
+        samples = dataclasses.replace(samples, updated_at=clamped)
+    return annotation_id, samples, clamped
+
+
+def clamp_updated_at(updated_at: str | None, received: float) -> str | None:
+    """An annotation's `updated_at`, or the moment its event arrived (`received`, a Unix time) where it says
+    later: nobody edits an annotation after Label Studio sent it."""
+    moment = _instant(updated_at)
+    if moment is None or moment.timestamp() <= received:
+        return updated_at
+    return dt.datetime.fromtimestamp(received, dt.UTC).isoformat()
+
+
+def _request_deletion(db: Connection, annotation_ids: Sequence[int], event_seq: int, now: float) -> int:
+    """Withhold the stored annotations among `annotation_ids` until Label Studio confirms their deletion;
+    returns how many of their regions are withheld."""
+    if not annotation_ids:
+        return 0
+    db.executemany("INSERT INTO deletion_requests (annotation_id, event_seq, requested_at) SELECT annotation_id, "
+                   "?, ? FROM annotations WHERE annotation_id = ? ON CONFLICT (annotation_id) DO NOTHING",
+                   [(event_seq, now, i) for i in annotation_ids])
+    withheld = 0
+    for start in range(0, len(annotation_ids), 500):
+        chunk = list(annotation_ids[start:start + 500])
+        marks = ", ".join("?" for _ in chunk)
+        withheld += int(db.execute(f"SELECT COUNT(*) FROM samples WHERE annotation_id IN ({marks})",
+                                   chunk).fetchone()[0])
+    return withheld
 
 
 def _standing(db: Connection, annotation_id: int) -> Cursor:
@@ -342,4 +408,5 @@ def _region_from_row(row: Any, plans: dict[str, FillPlan]) -> CorrectedRegion:
         box=(float(x1), float(y1), float(x2), float(y2)), caption=row["caption"], choices=json.loads(row["choices"]),
         label=row["label"], predicted=json.loads(row["predicted"]) if row["predicted"] else None,
         predicted_version=row["predicted_version"], created_at=float(row["created_at"]), plan=plan,
-        ground_truth=bool(row["ground_truth"]))
+        ground_truth=bool(row["ground_truth"]), event_seq=int(row["event_seq"] or 0),
+        confirmation=row["confirmation"])

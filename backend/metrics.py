@@ -6,11 +6,16 @@ the same shared queues; per-request and per-job figures are this replica's. Metr
 `gpt4roi_` whatever REDIS_KEY_PREFIX says, so one dashboard serves every deployment.
 
 Acceptance figures (`backend.acceptance`), scraped from the corrections store and recomputed only when it
-changed:
+changed, count the regions a fine-tune may train on (`backend.confirmation.counted`: confirmed by Label
+Studio); the others are counted apart (`gpt4roi_unconfirmed_regions`). Label values that came with webhooks
+are bounded: a version not registered in MODEL_DIR is counted as `other`, and at most
+`MAX_FIELD_LABELS` fields per version (the most proposed ones), each name made printable and clipped to 40
+characters, so that nobody who posts events chooses how many series a scrape holds.
 
 | metric | labels | meaning |
 |---|---|---|
 | `gpt4roi_corrected_regions` | | regions stored from annotations |
+| `gpt4roi_unconfirmed_regions` | | of those, regions not confirmed by Label Studio (not counted below) |
 | `gpt4roi_corrections_new` | | regions stored since the last finished fine-tune |
 | `gpt4roi_predicted_regions` | `version` | regions whose proposal by `version` is known |
 | `gpt4roi_acceptance_ratio` | `version` | share of those accepted unchanged |
@@ -31,7 +36,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
-from backend.acceptance import AcceptanceStats, acceptance_by_version
+from backend import registry
+from backend.acceptance import AcceptanceStats, acceptance_by_version, label_text
+from backend.confirmation import counted
 from backend.confirmation import counts as confirmation_counts
 from backend.corrections import CorrectionsStore
 from backend.jobs import JobQueue, QueueUnavailable
@@ -39,6 +46,9 @@ from backend.runs import FinetuneRun, FinetuneRuns
 from backend.settings import Settings
 
 PREFIX = "gpt4roi"
+# At most this many `field` label values per version (the most proposed fields).
+MAX_FIELD_LABELS = 32
+OTHER_VERSION = "other"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -118,30 +128,48 @@ class _QueueCollector(Collector):
         yield info
 
 
+def field_labels(item: AcceptanceStats) -> list[tuple[str, float]]:
+    """(label, share kept) of at most MAX_FIELD_LABELS fields of a version, the most proposed ones, their
+    names made printable and clipped (`label_text`)."""
+    busiest = sorted((n for n, (_, total) in item.fields.items() if total),
+                     key=lambda n: (-item.fields[n][1], n))[:MAX_FIELD_LABELS]
+    labels: dict[str, float] = {}
+    for name in sorted(busiest):
+        kept, total = item.fields[name]
+        labels.setdefault(label_text(name), kept / total)
+    return list(labels.items())
+
+
 class _AcceptanceCollector(Collector):
     """Acceptance per version from the corrections store, recomputed only when the store changed."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self._lock = threading.Lock()
-        self._key: tuple[int, int] | None = None
+        self._key: tuple[Any, ...] | None = None
         self._stats: dict[str, AcceptanceStats] = {}
+        self._apart = 0
 
-    def _current(self) -> tuple[dict[str, AcceptanceStats], int, int, FinetuneRun | None]:
+    def _current(self) -> tuple[dict[str, AcceptanceStats], int, int, int, FinetuneRun | None]:
         store = CorrectionsStore.for_settings(self.settings)
         runs = FinetuneRuns.for_settings(self.settings)
-        key = (store.max_seq(), store.count_regions())
+        versions = frozenset(registry.list_versions(self.settings))
+        key = (store.max_seq(), store.count_regions(), store.confirmation_mark(), versions)
         with self._lock:
             if key != self._key:
-                self._stats = acceptance_by_version(store.regions())
+                kept, apart = counted(self.settings, store.regions())
+                self._stats = acceptance_by_version(kept, lambda v: v if v in versions else OTHER_VERSION)
+                self._apart = len(apart)
                 self._key = key
-            stats = self._stats
-        return stats, key[1], runs.new_regions(), runs.last()
+            stats, apart_count = self._stats, self._apart
+        return stats, key[1], apart_count, runs.new_regions(), runs.last()
 
     def collect(self) -> Iterator[Any]:
         """Yield the metric families (called by the Prometheus registry at scrape time)."""
-        stats, total, new, last = self._current()
+        stats, total, apart, new, last = self._current()
         yield GaugeMetricFamily(f"{PREFIX}_corrected_regions", "Regions stored from annotations", value=total)
+        yield GaugeMetricFamily(f"{PREFIX}_unconfirmed_regions", "Stored regions of annotations Label Studio has "
+                                "not confirmed (left out of the acceptance figures)", value=apart)
         yield GaugeMetricFamily(f"{PREFIX}_corrections_new", "Regions stored since the last finished fine-tune",
                                 value=new)
         regions = GaugeMetricFamily(f"{PREFIX}_predicted_regions", "Corrected regions whose proposal is known",
@@ -158,8 +186,8 @@ class _AcceptanceCollector(Collector):
                 accepted.add_metric([version], item.acceptance_rate)
             if item.caption_edit_distance is not None:
                 distance.add_metric([version], item.caption_edit_distance)
-            for name, value in item.field_accuracy.items():
-                fields.add_metric([version, name], value)
+            for label, value in field_labels(item):
+                fields.add_metric([version, label], value)
         yield from (regions, accepted, distance, fields)
         annotations = GaugeMetricFamily(f"{PREFIX}_annotations", "Stored annotations by their confirmation with Label "
                                         "Studio (only confirmed ones are trained on)", labels=["confirmation"])

@@ -7,7 +7,9 @@
   Both take turns with a fine-tune's promotion (`backend.jobs.pointer_lock`, in Redis): while one moves the
   pointer they wait up to two minutes, then give up saying who holds the lock.
 - `python -m backend report [--png FILE]`: acceptance statistics per model version (`backend.acceptance`) as a
-  table, and a PNG plot of them over the versions (matplotlib, Agg backend; default
+  table, over the corrections a fine-tune may train on (confirmed by Label Studio,
+  `backend.confirmation.counted`; the others in a table of their own), and a PNG plot of them over the
+  versions (matplotlib, Agg backend; default
   `DATA_DIR/acceptance.png`); then how reliable each fine-tuned version's confidences are (ECE, AUROC;
   `backend.calibration`), with its reliability diagram beside the plot (`acceptance-reliability.png`); and,
   where regions were proposed, how the proposals fared per version (`backend.proposal_stats`).
@@ -28,7 +30,8 @@ from typing import Any, TextIO
 import redis
 
 from backend import registry
-from backend.acceptance import AcceptanceStats, acceptance_by_version
+from backend.acceptance import AcceptanceStats, acceptance_by_version, label_text
+from backend.confirmation import counted
 from backend.confirmation import counts as confirmation_counts
 from backend.connect import follow_version
 from backend.corrections import CorrectionsStore
@@ -161,10 +164,10 @@ def acceptance_table(stats: dict[str, AcceptanceStats], order: Sequence[str]) ->
     for version in versions:
         item = stats[version]
         accuracy = item.field_accuracy
-        rows.append([version, str(item.regions), _percent(item.acceptance_rate), _number(item.caption_edit_distance),
-                     *[_percent(accuracy.get(name)) for name in fields]])
+        rows.append([label_text(version), str(item.regions), _percent(item.acceptance_rate),
+                     _number(item.caption_edit_distance), *[_percent(accuracy.get(name)) for name in fields]])
     return format_table(["version", "regions", "accepted unchanged", "caption edit distance",
-                         *[f"{name} kept" for name in fields]], rows)
+                         *[f"{label_text(name)} kept" for name in fields]], rows)
 
 
 def proposals_table(stats: Mapping[str, ProposalStats], order: Sequence[str]) -> str:
@@ -249,8 +252,7 @@ def plot_reliability(diagrams: Mapping[str, Sequence[Sequence[float]]], path: Pa
 def _plain(text: str, limit: int = 40) -> str:
     """A string that came with a webhook (a version, a control name), as plot text: `$` shown as itself
     rather than opening math, which matplotlib fails on when malformed; clipped to `limit` characters."""
-    clipped = text if len(text) <= limit else text[:limit - 1] + "…"
-    return clipped.replace("$", r"\$")
+    return label_text(text, limit).replace("$", r"\$")
 
 
 def _save(figure: Any, axis: Any, title: str, legend: str, path: Path) -> Path:
@@ -272,19 +274,24 @@ def print_report(settings: Settings, png: Path | None = None, out: TextIO = sys.
     """`python -m backend report`."""
     store = CorrectionsStore.for_settings(settings)
     runs = FinetuneRuns.for_settings(settings)
-    regions = store.regions()
-    stats = acceptance_by_version(regions)
+    kept, apart = counted(settings, store.regions())
+    stats, unconfirmed = acceptance_by_version(kept), acceptance_by_version(apart)
     order = registry.list_versions(settings)
-    proposals = proposal_stats_by_version(regions, store.recorded_proposals())
+    proposals = proposal_stats_by_version(kept, store.recorded_proposals())
     print(f"corrected regions stored: {store.count_regions()} ({runs.new_regions()} since the last fine-tune)",
           file=out)
     print(f"annotations by confirmation with Label Studio: {_confirmations(settings)}", file=out)
     if proposals:
-        print("proposed regions per version (annotated tasks whose regions were proposed):", file=out)
+        print("proposed regions per version (annotated tasks whose regions were proposed, confirmed):", file=out)
         print(proposals_table(proposals, order), file=out)
+    if unconfirmed:
+        print(f"not confirmed by Label Studio, so not counted below ({len(apart)} regions):", file=out)
+        print(acceptance_table(unconfirmed, order), file=out)
     if not stats:
-        print("no corrected region with a known prediction yet: nothing to compare", file=out)
+        print("no confirmed corrected region with a known prediction yet: nothing to compare", file=out)
         return 0
+    if unconfirmed:
+        print("confirmed corrections:", file=out)
     print(acceptance_table(stats, order), file=out)
     last = runs.last()
     if last is not None:

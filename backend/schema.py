@@ -110,6 +110,21 @@ MIGRATIONS: tuple[str, ...] = (
         reason TEXT
     );
     """,
+    # 3 → 4: deletions Label Studio has not confirmed yet (their annotations are withheld until it does), and
+    # the webhook secrets every process accepts (the current one, and those replaced by a rotation until
+    # `accepted_until`).
+    """
+    CREATE TABLE IF NOT EXISTS deletion_requests (
+        annotation_id INTEGER PRIMARY KEY,
+        event_seq INTEGER NOT NULL,
+        requested_at REAL NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS webhook_secrets (
+        secret TEXT PRIMARY KEY,
+        created_at REAL NOT NULL,
+        accepted_until REAL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

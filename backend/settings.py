@@ -71,7 +71,9 @@ class Settings:
         "", "WEBHOOK_SECRET",
         "/webhook accepts only requests whose `X-Webhook-Secret` header equals it (Label Studio webhooks carry "
         "no Basic auth). Unset: generated on first start and kept in DATA_DIR/webhook-secret; with Label Studio "
-        "credentials the backend adds the header to its webhook in Label Studio itself.", secret=True)
+        "credentials the backend adds the header to its connected projects' webhooks in Label Studio itself. "
+        "Once `python -m backend rotate-secret` ran, the secret it keeps in the database replaces this one.",
+        secret=True)
     allow_unsigned_webhooks: bool = _setting(
         False, "ALLOW_UNSIGNED_WEBHOOKS",
         "Accept webhooks without the secret header (only where nobody else can reach /webhook).")

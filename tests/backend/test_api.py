@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from backend.corrections import CorrectionsStore
 from backend.settings import Settings
+from backend.store import Database
 from tests.support import REPO, capture, config_xml, wait_until
 from tests.support.model_factory import MODEL_VERSION
 from tests.support.processes import backend_env, start_api
@@ -343,7 +344,12 @@ def test_basic_auth_everywhere_but_the_webhook_which_checks_its_secret(base_env,
 def test_an_unsigned_webhook_has_the_secret_header_added_to_label_studios_webhook(base_env, fake_ls, tmp_path):
     # Label Studio may have been down when the API started, or the webhook added since: until the header is
     # there, its events are refused, so the first unsigned one has the API add it.
-    server = start_api(backend_env(base_env), tmp_path / "api.log")
+    # Only connected projects' webhooks get it (tests/security/test_webhook_secret.py).
+    env = backend_env(base_env, DATA_DIR=str(tmp_path / "data"))
+    Database.for_settings(Settings.from_env(env)).write(lambda db: db.execute(
+        "INSERT INTO connected_projects (project_id, label_studio_url, connected_at) VALUES (1, ?, 0)",
+        (fake_ls.url,)))
+    server = start_api(env, tmp_path / "api.log")
     hook = {"id": 9000 + len(fake_ls.webhooks), "project": 1, "url": f"{server.url}/webhook", "headers": {}}
     fake_ls.webhooks.append(hook)
     try:

@@ -21,6 +21,7 @@ from rq.serializers import JSONSerializer
 
 from backend.acceptance import acceptance_by_version, compare_fields, normalized_edit_distance
 from backend.annotations import AnnotationError, parse_annotation_regions
+from backend.confirmation import confirm
 from backend.corrections import CorrectionsStore
 from backend.jobs import JobQueue, connect
 from backend.labelconfig import FillPlan, build_prediction, regions_from_task
@@ -413,13 +414,24 @@ def test_only_proposed_fields_are_compared():
     assert compare_fields({"caption": "x", "choices": {}, "label": None}, {"caption": None}) == {"caption": False}
 
 
-def seed_versions(settings: Settings) -> None:
-    """Two annotations: v1 proposed one right and one wrong region, v2 one right region."""
+def seed_versions(settings: Settings, confirmed: tuple[int, ...] = (1, 2, 3)) -> None:
+    """Three annotations: v1 proposed one right and one wrong region, v2 one right region; Label Studio
+    confirmed those in `confirmed` (as a fine-tune asking it leaves them), and both versions are registered."""
     for annotation_id, task_id, version, caption in ((1, 1, "v1", "a red square"), (2, 2, "v1", "a blue star"),
                                                      (3, 3, "v2", "a red square")):
         proposed = {"caption": caption, "choices": {"attrs": ["occluded"]}, "label": "Object"}
         store_of(settings).record_predictions(task_id, version, {"Reg001": proposed})
         store_of(settings).record_event(annotation(annotation_id, task_id, "a red square"))
+    mark_confirmed(settings, *confirmed)
+    for version in ("v1", "v2"):
+        (Path(settings.model_dir) / version).mkdir(parents=True, exist_ok=True)
+        (Path(settings.model_dir) / version / "config.json").write_text("{}")
+
+
+def mark_confirmed(settings: Settings, *annotation_ids: int) -> None:
+    store_of(settings).database.write(lambda db: db.executemany(
+        "UPDATE annotations SET confirmation = 'confirmed', confirmed_at = ? WHERE annotation_id = ?",
+        [(time.time(), i) for i in annotation_ids]))
 
 
 def test_acceptance_per_version_and_its_prometheus_metrics(settings):
@@ -438,6 +450,64 @@ def test_acceptance_per_version_and_its_prometheus_metrics(settings):
     assert 'gpt4roi_predicted_regions{version="v2"} 1.0' in text
     assert "gpt4roi_corrected_regions 3.0" in text
     assert "gpt4roi_corrections_new 3.0" in text
+
+
+def test_statistics_count_confirmed_corrections_and_show_the_others_apart(settings, tmp_path):
+    """Fails while `report` and `/metrics` counted every stored correction, Label Studio's word or not."""
+    seed_versions(settings, confirmed=(1, 3))  # the wrong proposal's annotation is not confirmed (yet)
+    queue = JobQueue(settings, connect(settings.effective_redis_url, settings))
+    metrics = Metrics(queue, version=lambda: "v2", settings=settings)
+    text = metrics.render()[0].decode()
+    assert 'gpt4roi_acceptance_ratio{version="v1"} 1.0' in text
+    assert 'gpt4roi_predicted_regions{version="v1"} 1.0' in text
+    assert "gpt4roi_unconfirmed_regions 1.0" in text and "gpt4roi_corrected_regions 3.0" in text
+
+    mark_confirmed(settings, 2)  # a later answer is seen at the next scrape
+    assert 'gpt4roi_acceptance_ratio{version="v1"} 0.5' in metrics.render()[0].decode()
+
+    store_of(settings).database.write(lambda db: db.execute(
+        "UPDATE annotations SET confirmation = 'missing' WHERE annotation_id = 2"))
+    env = {"DATA_DIR": str(settings.data_dir), "MODEL_DIR": str(settings.model_dir), "PATH": "/usr/bin:/bin",
+           "PYTHONPATH": str(REPO), "DATABASE_URL": settings.database_url}
+    done = subprocess.run([sys.executable, "-m", "backend", "report", "--png", str(tmp_path / "plot.png")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    apart, _, counted = done.stdout.partition("confirmed corrections:")
+    assert "not confirmed by Label Studio, so not counted below (1 regions)" in apart
+    v1_apart = next(line for line in apart.splitlines() if line.startswith("v1 "))
+    v1 = next(line for line in counted.splitlines() if line.startswith("v1 "))
+    assert v1_apart.split()[1] == "1" and "0.0%" in v1_apart
+    assert v1.split()[1] == "1" and "100.0%" in v1
+
+
+def test_strings_from_webhooks_are_bounded_in_metrics_and_tables(settings, tmp_path):
+    """Fails while a version or control name from a webhook became a Prometheus label and a table cell as
+    sent: any number of series per scrape, terminal escapes in `report`."""
+    from backend.acceptance import AcceptanceStats
+    from backend.metrics import MAX_FIELD_LABELS, field_labels
+
+    for i in range(50):
+        version = f"imported-\x1b[2J{i}-" + "x" * 500
+        store_of(settings).record_predictions(100 + i, version, {"Reg001": {"caption": "a red square"}})
+        store_of(settings).record_event(annotation(100 + i, 100 + i, "a red square"))
+    mark_confirmed(settings, *range(100, 150))
+    queue = JobQueue(settings, connect(settings.effective_redis_url, settings))
+    text = Metrics(queue, version=lambda: "v2", settings=settings).render()[0].decode()
+    assert 'gpt4roi_predicted_regions{version="other"} 50.0' in text
+    assert "imported-" not in text
+
+    many = AcceptanceStats(fields={f"control\x07{i}" + "y" * 300: [1, 100 - i] for i in range(100)})
+    labels = field_labels(many)
+    assert len(labels) == MAX_FIELD_LABELS
+    assert all(len(label) <= 40 and "\x07" not in label for label, _ in labels)
+
+    env = {"DATA_DIR": str(settings.data_dir), "MODEL_DIR": str(settings.model_dir), "PATH": "/usr/bin:/bin",
+           "PYTHONPATH": str(REPO), "DATABASE_URL": settings.database_url}
+    done = subprocess.run([sys.executable, "-m", "backend", "report", "--png", str(tmp_path / "plot.png")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stdout and "imported-?[2J0-" in done.stdout
+    assert max(len(line) for line in done.stdout.splitlines()) < 200
 
 
 def test_report_prints_a_table_and_writes_a_plot(settings, tmp_path):
@@ -476,6 +546,12 @@ def test_a_deleted_annotation_stays_deleted(settings):
     deleted = event("13")
     deleted["annotations"] = [{"id": 5}]
     assert store_of(settings).record_event(deleted)["deleted"] == 1
+
+    class LabelStudioWithoutIt:
+        def annotation(self, annotation_id: int) -> None:
+            return None  # a 404: the deletion is Label Studio's (tests/security/test_confirmation.py)
+
+    confirm(settings, [], client=LabelStudioWithoutIt())
     replayed = store_of(settings).record_event(annotation(5, 5, "kept for now",
                                                           updated_at="2030-01-01T00:00:00Z"))
     assert replayed["samples"] == 0 and "deleted earlier" in replayed["ignored"][0]

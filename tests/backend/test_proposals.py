@@ -196,7 +196,9 @@ def test_the_store_remembers_proposals_and_the_report_shows_how_they_fared(tmp_p
     from backend.report import print_report
     from tests.support.hitl import DEMO_CONFIG, annotation_event, make_tasks
 
-    settings_ = Settings.from_env({}, data_dir=tmp_path / "data", model_dir=tmp_path / "models")
+    # Unconfirmed annotations count in the report only where they may be trained on.
+    settings_ = Settings.from_env({"TRAIN_ON_UNCONFIRMED": "true"}, data_dir=tmp_path / "data",
+                                  model_dir=tmp_path / "models")
     store = CorrectionsStore.for_settings(settings_)
     plan = FillPlan.from_label_config(DEMO_CONFIG)
     [task] = make_tasks(tmp_path / "images", "p", 1, 1, seed=5)

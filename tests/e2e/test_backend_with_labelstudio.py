@@ -361,6 +361,46 @@ def test_corrections_arrive_signed_and_only_confirmed_ones_are_trained_on(connec
     versions = run_backend(env, "versions")
     assert "missing 1" in versions.stdout and "1 left out" in versions.stdout, versions.stdout
 
+    # Deletions are Label Studio's word: its own one removes the annotation for good once its API answers
+    # 404; a forged one withholds the other annotation only until Label Studio is asked.
+    ls_client.delete_annotation(genuine[0])
+    while genuine[0] in store.annotation_ids():
+        assert time.monotonic() < deadline + 30, "Label Studio's ANNOTATIONS_DELETED did not arrive"
+        time.sleep(0.2)
+    forged_deletion = {"action": "ANNOTATIONS_DELETED", "project": {"id": connected.project["id"]},
+                       "annotations": [{"id": genuine[1]}]}
+    assert api.client.post("/webhook", json=forged_deletion).status_code == 200
+    assert genuine[1] not in store.annotation_ids()
+    confirm(settings, store.regions())
+    assert genuine[1] in store.annotation_ids() and genuine[0] not in store.annotation_ids()
+    replayed = next(e for e in store.events() if e["action"] == "ANNOTATION_CREATED"
+                    and e["annotation"]["id"] == genuine[0])
+    assert "deleted earlier" in api.client.post("/webhook", json=replayed).json()["ignored"][0]
+
+
+def test_a_rotated_secret_reaches_label_studio_and_its_events_keep_coming(connected: ConnectedProject,
+                                                                         our_backend: tuple[Api, dict[str, str]],
+                                                                         ls_client: LabelStudioClient):
+    api, env = our_backend
+    store = CorrectionsStore.for_settings(Settings.from_env(env))
+    rotated = run_backend(env, "rotate-secret", "--grace", "3600")
+    assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+    [hook] = [h for h in ls_client.list_webhooks(connected.project["id"]) if h["url"].endswith("/webhook")]
+    new = hook["headers"]["X-Webhook-Secret"]
+    assert new != WEBHOOK_SECRET and new not in rotated.stdout + rotated.stderr
+
+    scene = connected.scenes[UPLOADED]  # the served scene: the uploaded ones stay as later tests expect
+    result = region_result(connected.label_config, scene.region_id, tuple(
+        scene.box_item()["value"][k] for k in ("x", "y", "width", "height")), (scene.width, scene.height),
+        caption=scene.obj.caption)
+    created = ls_client.create_annotation(scene.task_id, result)["id"]
+    deadline = time.monotonic() + 30
+    while created not in store.annotation_ids():
+        assert time.monotonic() < deadline, "Label Studio's webhook signed with the new secret was not accepted"
+        time.sleep(0.2)
+    event = {"action": "PROJECT_UPDATED", "project": {"id": connected.project["id"]}}
+    assert api.client.post("/webhook", json=event).status_code == 200  # the old secret, within the grace window
+
 
 def live_version(ls_client: LabelStudioClient, project_id: int) -> str:
     """The version Label Studio holds for the project's live model (what it last read from /setup)."""

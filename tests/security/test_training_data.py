@@ -19,7 +19,7 @@ from backend.finetune import FinetuneOptions, run_finetune
 from backend.settings import Settings
 from tests.support import REPO
 from tests.support.fake_labelstudio import LS_TOKEN
-from tests.support.hitl import DEMO_CONFIG, annotation_event, make_tasks
+from tests.support.hitl import DEMO_CONFIG, PROJECT_ID, annotation_event, make_tasks
 from tests.support.processes import backend_env
 from tests.support.redis_server import KEY_PREFIX, REDIS_URL
 
@@ -39,6 +39,7 @@ def settings(tmp_path: Path, tiny_checkpoint: Path, fake_ls: Any, redis_db: Any)
 
 def test_forged_and_altered_annotations_are_kept_out_of_the_fine_tune(settings, fake_ls, tmp_path):
     tasks = make_tasks(tmp_path / "images", "b", 1, 8, seed=31)
+    fake_ls.add_project(PROJECT_ID, DEMO_CONFIG, [{"id": t.task_id, "data": {"image": t.reference}} for t in tasks])
     store = CorrectionsStore.for_settings(settings)
     genuine = []
     for i, task in enumerate(tasks):

@@ -2,9 +2,10 @@
 
 Routes: uploads behind a token (`/data/upload/…`), the presign route of cloud URIs (redirecting to a
 public URL with a credential in its query), public and slow images (`/img/…`, `/slow/…`), projects (read
-and their prelabeling version changed), paged task lists, prediction pushes, and registering ML backends
-and webhooks, which a stock Label Studio refuses for loopback and private URLs (ML_BLOCK_LOCAL_IP and
-SSRF_PROTECTION_ENABLED, both on by default) with the 403 that Label Studio 1.23 answers.
+and their prelabeling version changed), paged task lists and single tasks, annotations, prediction
+pushes, and registering ML backends and webhooks, which a stock Label Studio refuses for loopback and
+private URLs (ML_BLOCK_LOCAL_IP and SSRF_PROTECTION_ENABLED, both on by default) with the 403 that Label
+Studio 1.23 answers.
 """
 
 from __future__ import annotations
@@ -180,6 +181,12 @@ def _handler(ls: FakeLabelStudio) -> type[BaseHTTPRequestHandler]:
                 if project is None:
                     return self._json(404, {"detail": "Not found."})
                 return self._json(200, _project_view(project_id, project))
+            if path.startswith("/api/tasks/") and path.strip("/").split("/")[-1].isdigit():
+                task_id = int(path.strip("/").split("/")[2])
+                with ls.lock:
+                    found = next(({**task, "project": pid} for pid, p in ls.projects.items()
+                                  for task in p["tasks"] if task["id"] == task_id), None)
+                return self._json(200, found) if found is not None else self._json(404, {"detail": "Not found."})
             if path == "/api/tasks/":
                 project_id = int(query["project"][0])
                 page = int(query.get("page", ["1"])[0])
