@@ -169,6 +169,10 @@ class Settings:
     image_cache_size: int = _setting(
         32, "IMAGE_CACHE_SIZE",
         "Decoded images a worker keeps (LRU); the model reuses the features of a cached image.")
+    image_cache_bytes: int = _setting(
+        1 << 30, "IMAGE_CACHE_BYTES",
+        "Decoded bytes (width × height × channels) a worker's image cache holds at most, whatever their number: "
+        "32 images of 100 MP would be 9.6 GB. The image being answered is kept even when it alone is larger.")
     image_formats: tuple[str, ...] = _setting(
         ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"), "IMAGE_FORMATS",
         "Image formats decoded (Pillow names; JPEG covers cameras' multi-picture files); other files are refused "
@@ -353,7 +357,7 @@ class Settings:
     def __post_init__(self) -> None:
         if self.model_dir == _DEFAULT_MODEL_DIR:
             object.__setattr__(self, "model_dir", Path(self.data_dir) / "models")
-        for name in ("port", "threads", "max_image_bytes", "max_image_pixels", "image_cache_size",
+        for name in ("port", "threads", "max_image_bytes", "max_image_pixels", "image_cache_size", "image_cache_bytes",
                      "max_new_tokens", "interactive_job_timeout", "batch_job_timeout", "worker_heartbeat_ttl",
                      "worker_maintenance_interval", "batch_max_regions", "result_ttl", "max_request_bytes",
                      "max_tasks_per_request", "max_regions_per_task", "max_choices_per_control", "max_name_length",

@@ -52,12 +52,15 @@ log = logging.getLogger(__name__)
 
 
 class ImageCache:
-    """Decoded images by reference, least recently used dropped first."""
+    """Decoded images by reference, least recently used dropped first once there are more than `size` of them
+    or they hold more than `max_bytes` decoded bytes (the newest is always kept)."""
 
-    def __init__(self, loader: ImageLoader, size: int):
+    def __init__(self, loader: ImageLoader, size: int, max_bytes: int):
         self.loader = loader
         self.size = size
+        self.max_bytes = max_bytes
         self._images: OrderedDict[tuple[str, int | None], Any] = OrderedDict()
+        self.bytes = 0
         self.hits = 0
         self.misses = 0
 
@@ -73,9 +76,15 @@ class ImageCache:
         self.misses += 1
         image = self.loader.load(reference, task_id)
         self._images[key] = image
-        while len(self._images) > self.size:
-            self._images.popitem(last=False)
+        self.bytes += _decoded_bytes(image)
+        while len(self._images) > 1 and (len(self._images) > self.size or self.bytes > self.max_bytes):
+            _, dropped = self._images.popitem(last=False)
+            self.bytes -= _decoded_bytes(dropped)
         return image
+
+
+def _decoded_bytes(image: Any) -> int:
+    return image.width * image.height * len(image.getbands())
 
 
 class Predictor:
@@ -84,7 +93,7 @@ class Predictor:
     def __init__(self, settings: Settings, queue: JobQueue | None = None):
         self.settings = settings
         self.queue = queue
-        self.images = ImageCache(ImageLoader(settings), settings.image_cache_size)
+        self.images = ImageCache(ImageLoader(settings), settings.image_cache_size, settings.image_cache_bytes)
         self.engine: Engine | None = None
         # PROPOSER's engine, resident beside the describing one (it never changes with the version).
         self.proposer: Engine | None = None

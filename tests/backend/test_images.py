@@ -159,3 +159,24 @@ class TestDecoding:
     def test_every_mode_becomes_rgb(self, mode):
         decoded = decode_image(png_bytes(Image.new(mode, (8, 6))), max_pixels=100)
         assert decoded.mode == "RGB" and decoded.size == (8, 6)
+
+
+def test_the_workers_image_cache_is_bounded_by_decoded_bytes_as_well_as_by_count(fake_ls):
+    from backend.worker import ImageCache
+
+    sizes = {"small.png": (40, 30), "large.png": (400, 300), "medium.png": (200, 150)}
+    for name, size in sizes.items():
+        fake_ls.files[name] = png_bytes(scene(size, box=(2, 2, 20, 20)))
+    rgb = {name: w * h * 3 for name, (w, h) in sizes.items()}
+    cache = ImageCache(loader(fake_ls, allowed_image_hosts=("127.0.0.1",)), size=10,
+                       max_bytes=rgb["large.png"] + rgb["small.png"])
+    url = {name: f"{fake_ls.url}/img/{name}" for name in sizes}
+    cache.get(url["small.png"], None)
+    cache.get(url["large.png"], None)
+    assert cache.bytes == rgb["small.png"] + rgb["large.png"]
+    cache.get(url["medium.png"], None)  # over the byte budget: the least recently used go first
+    assert cache.bytes == rgb["medium.png"]
+    assert cache.get(url["medium.png"], None) is cache.get(url["medium.png"], None) and cache.hits == 2
+    tiny = ImageCache(cache.loader, size=10, max_bytes=1)
+    assert tiny.get(url["large.png"], None).size == sizes["large.png"]  # the newest image stays, whatever it weighs
+    assert tiny.bytes == rgb["large.png"]
