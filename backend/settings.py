@@ -250,11 +250,12 @@ class Settings:
     propose_when: str = _setting(
         "", "PROPOSE_WHEN",
         "Which tasks get proposed regions in batch predictions and `prelabel`: `never`, `empty` (tasks without "
-        "regions) or `always` (also beside the regions a task has). Unset: `empty` with a PROPOSER, else `never`.")
+        "regions) or `always` (also beside the regions a task has). Unset: `empty` with a PROPOSER, else `never`. "
+        "With `never` a PROPOSER still answers smart KeyPoint prompts.")
     proposal_min_score: float = _setting(
         0.0, "PROPOSAL_MIN_SCORE",
-        "Proposed regions scored below this are dropped (a score is the geometric mean of the probabilities of "
-        "the region's tokens, not a calibrated detection score).")
+        "Proposed regions scored below this are dropped (the proposer's raw score: the geometric mean of the "
+        "probabilities of the region's tokens, before calibration).")
     proposal_max_regions: int = _setting(
         50, "PROPOSAL_MAX_REGIONS", "Most regions proposed per image (the best scored are kept).")
     proposal_nms_iou: float = _setting(
