@@ -353,6 +353,15 @@ class JobQueue:
                 return True
             return _text(self.connection.get(self._claim_key(job_id))) == CLAIM_PUSH
 
+    def claimed_for_push(self, job_ids: Sequence[str]) -> set[str]:
+        """Those of `job_ids` whose predictions the worker must push (prelabel, or an API that stopped
+        waiting). A claim to push is final, so unlike `claim_return` this only looks: one round trip."""
+        if not job_ids:
+            return set()
+        with self._guard():
+            claims = self.connection.mget([self._claim_key(job_id) for job_id in job_ids])
+        return {job_id for job_id, claim in zip(job_ids, claims, strict=True) if _text(claim) == CLAIM_PUSH}
+
     def claim_return(self, job_id: str) -> bool:
         """The worker's side: True if the API will return this result, False if the worker must push it."""
         with self._guard():

@@ -7,7 +7,9 @@ the answers come back as JSON. When the registry's current version changes, the 
 
 Jobs are answered in batches: with a job the worker takes whatever else is waiting in the same queue, up
 to BATCH_MAX_REGIONS regions (waiting at most BATCH_WAIT_MS for more), and every region of them all goes
-into one `answer` call (captions) and one `score` call (choices and labels). Each job still ends on its
+into one `answer` call (captions) and one `score` call (choices and labels). The predictions the batch's
+jobs push (prelabel's) go to Label Studio in one import request per project rather than one request per
+task; when Label Studio refuses or fails that request, each job pushes its own. Each job still ends on its
 own, through RQ: its own result, its own error (a bad image fails only its job), its own retries. A
 job being retried runs alone, and so does every job of a batch whose model call failed.
 
@@ -42,7 +44,7 @@ from backend.describe import Description, describe_many, load_engine, release_me
 from backend.images import ImageError, ImageLoader
 from backend.jobs import JOB_FUNCTION, JobQueue, connect, restricted_job_class
 from backend.labelconfig import PredictionInvalid
-from backend.labelstudio import LabelStudioClient
+from backend.labelstudio import LabelStudioClient, LabelStudioError
 from backend.payloads import PayloadError, parse_payload, prediction_from_output
 from backend.settings import Settings
 from model.engine import Engine
@@ -88,6 +90,7 @@ class Predictor:
         self.calibration = Calibration()
         self.version: str | None = None
         self._label_studio: LabelStudioClient | None = None
+        self._bulk_refused = False
 
     # ------------------------------------------------------------------ model
     def ensure_model(self) -> str:
@@ -158,11 +161,63 @@ class Predictor:
         if "error" in output or not output.get("regions"):
             return False
         prediction = prediction_from_output(payload, output)
+        self._client().create_prediction(payload["task_id"], prediction["result"], prediction["score"],
+                                         prediction["model_version"])
+        return True
+
+    def push_together(self, jobs: Mapping[str, tuple[Mapping[str, Any], Mapping[str, Any]]]) -> dict[str, dict]:
+        """Store the predictions of several jobs (by id: payload and output) in Label Studio with one request
+        per project instead of one per task; returns, by job id, what each job's output gains (`pushed`, and
+        its share of the request's time in `timing.push_ms`, or the `error` of an invalid prediction).
+
+        A job left out pushes on its own (`push`): one whose project is unknown, one alone in its project,
+        and every job of a request Label Studio refused or failed, so one bad task never fails the others."""
+        outcomes: dict[str, dict] = {}
+        by_project: dict[int, list[tuple[str, dict[str, Any]]]] = {}
+        for job_id, (payload, output) in jobs.items():
+            if "error" in output or not output.get("regions"):
+                outcomes[job_id] = {"pushed": False}
+                continue
+            project = _project_number(payload.get("project"))
+            if project is None:
+                continue
+            try:
+                prediction = prediction_from_output(payload, output)
+            except PredictionInvalid as exc:
+                outcomes[job_id] = {"pushed": False, "error": {"kind": "invalid", "message": str(exc)}}
+                continue
+            by_project.setdefault(project, []).append((job_id, {
+                "task": payload["task_id"], "result": prediction["result"], "score": prediction["score"],
+                "model_version": prediction["model_version"]}))
+        for project, group in by_project.items():
+            if len(group) < 2 or self._bulk_refused:
+                continue
+            started = time.perf_counter()
+            try:
+                self._client().import_predictions(project, [prediction for _, prediction in group])
+            except LabelStudioError as exc:
+                # A Label Studio without the route, or a token that may not change the project: never again.
+                self._bulk_refused = exc.status in (403, 404, 405)
+                log.info("pushing %d predictions of project %s in one request failed (%s); each job pushes "
+                         "its own", len(group), project, exc)
+                continue
+            share_ms = round((time.perf_counter() - started) * 1000 / len(group), 3)
+            for job_id, _ in group:
+                outcomes[job_id] = {"pushed": True, "push_ms": share_ms}
+        return outcomes
+
+    def _client(self) -> LabelStudioClient:
         if self._label_studio is None:
             self._label_studio = LabelStudioClient(self.settings)
-        self._label_studio.create_prediction(payload["task_id"], prediction["result"], prediction["score"],
-                                             prediction["model_version"])
-        return True
+        return self._label_studio
+
+
+def _project_number(project: Any) -> int | None:
+    """A payload's project id as a number (None when it has none)."""
+    try:
+        return int(str(project))
+    except ValueError:
+        return None
 
 
 # ---------------------------------------------------------------------- RQ entry point
@@ -199,9 +254,14 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
         output = predictor.run(payload)
     # Off the answer's path: the proposal record is a disk write the waiting annotator does not need.
     _bookkeeping.submit(_remember_proposals, predictor.settings, payload, dict(output))
-    if predictor.queue is not None and not predictor.queue.claim_return(_current_job_id(job)):
+    # Pushed already with the other jobs of its batch (`PredictionWorker._push_together`), or to push now.
+    if "pushed" not in output and predictor.queue is not None \
+            and not predictor.queue.claim_return(_current_job_id(job)):
+        pushing = time.perf_counter()
         try:
             output["pushed"] = predictor.push(payload, output)
+            if isinstance(output.get("timing"), dict):
+                output["timing"]["push_ms"] = round((time.perf_counter() - pushing) * 1000, 3)
         except PredictionInvalid as exc:
             output["error"] = {"kind": "invalid", "message": str(exc)}
     return output
@@ -263,6 +323,7 @@ class PredictionWorker(SimpleWorker):
         try:
             if len(batch) > 1:
                 self._answer_together([each for each, _ in batch])
+                self._push_together([each for each, _ in batch])
             for each, each_queue, execution in running:
                 self.perform_job(each, each_queue, execution)
         finally:
@@ -311,6 +372,30 @@ class PredictionWorker(SimpleWorker):
             log.warning("a batch of %d jobs failed together; each runs alone", len(jobs), exc_info=True)
             return
         _answered.update({job.id: output for job, output in zip(jobs, outputs, strict=True)})
+
+    def _push_together(self, jobs: Sequence[Job]) -> None:
+        """Push the predictions of the answered jobs that must push (prelabel's) in one request per project;
+        what this does not push, each job pushes on its own when it is performed."""
+        answered = {job.id: job for job in jobs if job.id in _answered}
+        queue = self.predictor.queue
+        if queue is None or len(answered) < 2:
+            return
+        timeout = min(job.timeout or self.queue_class.DEFAULT_TIMEOUT for job in jobs)
+        try:
+            with self.death_penalty_class(timeout, JobTimeoutException, job_id=jobs[0].id):
+                claimed = queue.claimed_for_push(list(answered))
+                outcomes = self.predictor.push_together(
+                    {job_id: (answered[job_id].args[0], _answered[job_id]) for job_id in answered if job_id in claimed})
+        except Exception:
+            log.warning("pushing a batch of %d predictions failed; each job pushes its own", len(answered),
+                        exc_info=True)
+            return
+        for job_id, outcome in outcomes.items():
+            output = _answered[job_id]
+            push_ms = outcome.pop("push_ms", None)
+            output.update(outcome)
+            if push_ms is not None and isinstance(output.get("timing"), dict):
+                output["timing"]["push_ms"] = push_ms
 
     def _beat(self, running: Sequence[tuple[Job, Queue, Any]], stop: threading.Event) -> None:
         while not stop.wait(max(0.5, self.heartbeat_ttl / 3)):
