@@ -41,13 +41,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.exceptions import LockError
-from rq import Queue, Retry
+from rq import Queue, Retry, worker_registration
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
-from rq.worker import Worker
 
 from backend.settings import Settings
 
@@ -386,9 +385,17 @@ class JobQueue:
             return {q.name: FailedJobRegistry(queue=q).count for q in (self.interactive, self.batch)}
 
     def batch_workers(self) -> int:
-        """Workers registered (alive within their TTL) that listen on the batch queue."""
+        """Workers alive that listen on the batch queue. A worker that was killed stays registered with the
+        queue until another worker cleans up, so only those whose own key has not expired count (RQ keeps
+        it while the worker beats: at most 90 s after a worker died in a job)."""
         with self._guard():
-            return Worker.count(queue=self.batch)
+            keys = sorted(worker_registration.get_keys(queue=self.batch))
+            if not keys:
+                return 0
+            with self.connection.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.exists(key)
+                return sum(1 for alive in pipe.execute() if alive)
 
     def ping(self) -> None:
         """Raise `QueueUnavailable` unless Redis answers."""
