@@ -2,8 +2,8 @@
 
 `python -m backend worker` loads the current model version once, then takes jobs from the interactive
 queue first and the batch queue second. Each job is one task: its image is fetched (or taken from the
-LRU cache, keeping the same `PIL.Image` object per URL so the model's per-image feature cache hits), and
-the answers come back as JSON. When the registry's current version changes, the next job loads it.
+LRU cache, keeping the same `PIL.Image` object per URL so the model's per-image feature cache hits; a
+batch's images are fetched several at a time), and the answers come back as JSON. When the registry's current version changes, the next job loads it.
 
 Jobs are answered in batches: with a job the worker takes whatever else is waiting in the same queue, up
 to BATCH_MAX_REGIONS regions (waiting at most BATCH_WAIT_MS for more), and every region of them all goes
@@ -51,6 +51,9 @@ from model.engine import Engine
 
 log = logging.getLogger(__name__)
 
+# Images of one batch downloaded at a time (Label Studio serves uploads one request each).
+PREFETCH_THREADS = 4
+
 
 class ImageCache:
     """Decoded images by reference, least recently used dropped first."""
@@ -59,24 +62,61 @@ class ImageCache:
         self.loader = loader
         self.size = size
         self._images: OrderedDict[tuple[str, int | None], Any] = OrderedDict()
+        # Fetched ahead by `prefetch` for the next `get`: the image, or why it could not be had.
+        self._loaded: dict[tuple[str, int | None], Any] = {}
+        self._failed: dict[tuple[str, int | None], ImageError] = {}
         self.hits = 0
         self.misses = 0
 
     def get(self, reference: str, task_id: int | None) -> Any:
         """The image for `reference`, the same object on every hit."""
-        # Cloud URIs are presigned per task; every other reference names the same bytes for all tasks.
-        key = (reference, task_id if reference.startswith(("s3://", "gs://", "azure-blob://")) else None)
+        key = _cache_key(reference, task_id)
         image = self._images.get(key)
         if image is not None:
             self._images.move_to_end(key)
             self.hits += 1
             return image
         self.misses += 1
-        image = self.loader.load(reference, task_id)
+        failed = self._failed.pop(key, None)
+        if failed is not None:
+            raise failed
+        image = self._loaded.pop(key, None) or self.loader.load(reference, task_id)
         self._images[key] = image
         while len(self._images) > self.size:
             self._images.popitem(last=False)
         return image
+
+    def prefetch(self, wanted: Sequence[tuple[str, int | None]]) -> None:
+        """Download and decode the images of `wanted` that are not cached, `PREFETCH_THREADS` at a time (a
+        batch's images from Label Studio arrive together instead of one after another); each is handed to
+        the next `get` for it, a failure raised there."""
+        missing: dict[tuple[str, int | None], tuple[str, int | None]] = {}
+        for reference, task_id in wanted:
+            key = _cache_key(reference, task_id)
+            if key not in self._images and key not in missing:
+                missing[key] = (reference, task_id)
+        missing = dict(list(missing.items())[:self.size])
+        if len(missing) < 2:
+            return
+        with ThreadPoolExecutor(max_workers=min(PREFETCH_THREADS, len(missing)),
+                                thread_name_prefix="images") as pool:
+            futures = {key: pool.submit(self.loader.load, *item) for key, item in missing.items()}
+        for key, future in futures.items():
+            error = future.exception()
+            if error is None:
+                self._loaded[key] = future.result()
+            elif isinstance(error, ImageError):
+                self._failed[key] = error
+
+    def forget_prefetched(self) -> None:
+        """Drop what `prefetch` fetched and no `get` took."""
+        self._loaded.clear()
+        self._failed.clear()
+
+
+def _cache_key(reference: str, task_id: int | None) -> tuple[str, int | None]:
+    # Cloud URIs are presigned per task; every other reference names the same bytes for all tasks.
+    return reference, task_id if reference.startswith(("s3://", "gs://", "azure-blob://")) else None
 
 
 class Predictor:
@@ -122,6 +162,11 @@ class Predictor:
         version = self.ensure_model()
         outputs: list[dict[str, Any]] = [{} for _ in payloads]
         ready: dict[int, list[tuple[int, Description, float]]] = {}
+        prefetch_started = time.perf_counter()
+        self.images.prefetch([(p["image"], p.get("task_id")) for p in payloads
+                              if isinstance(p, Mapping) and isinstance(p.get("image"), str)])
+        # Shared by the images fetched together; each job's own fetch time is added to it.
+        prefetch_ms = (time.perf_counter() - prefetch_started) * 1000 / len(payloads)
         for index, payload in enumerate(payloads):
             fetch_started = time.perf_counter()
             try:
@@ -133,9 +178,10 @@ class Predictor:
             except ImageError as exc:
                 outputs[index] = {"error": {"kind": "image", "message": str(exc)}, "model_version": version}
                 continue
-            fetch_ms = (time.perf_counter() - fetch_started) * 1000
+            fetch_ms = (time.perf_counter() - fetch_started) * 1000 + prefetch_ms
             ready.setdefault(int(payload.get("max_new_tokens") or 32), []).append(
                 (index, Description(image, plan, regions, keep_drawn), fetch_ms))
+        self.images.forget_prefetched()
         for max_new_tokens, group in ready.items():
             model_started = time.perf_counter()
             answers = describe_many(self.engine, [item for _, item, _ in group], max_new_tokens, self.calibration)

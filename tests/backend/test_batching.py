@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,11 +23,12 @@ from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from backend.describe import Description, describe, describe_many, load_engine
+from backend.images import ImageError
 from backend.jobs import JobQueue, connect
 from backend.labelconfig import FillPlan, Region
 from backend.payloads import make_payload
 from backend.settings import Settings
-from backend.worker import Predictor
+from backend.worker import ImageCache, Predictor
 from tests.support import REPO
 from tests.support.fake_labelstudio import FakeLabelStudio
 from tests.support.images import png_bytes, scene
@@ -130,6 +133,37 @@ def test_a_payload_that_cannot_be_used_gets_its_own_error_and_the_others_their_a
     for index in (0, 3):
         same_answers(outputs[index]["regions"], lone_predictor.run(payloads[index])["regions"])
         assert outputs[index]["batch"] == {"jobs": 2, "regions": 5}
+
+
+def test_a_batchs_images_are_fetched_several_at_a_time_and_each_once():
+    class Loader:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+            self.lock = threading.Lock()
+            self.active = self.most = 0
+
+        def load(self, reference: str, task_id: int | None) -> object:
+            with self.lock:
+                self.calls.append(reference)
+                self.active += 1
+                self.most = max(self.most, self.active)
+            time.sleep(0.2)
+            with self.lock:
+                self.active -= 1
+            if reference == "bad":
+                raise ImageError("no such image")
+            return object()
+
+    loader = Loader()
+    cache = ImageCache(loader, 8)  # type: ignore[arg-type]
+    wanted = [("a", 1), ("b", 2), ("a", 3), ("bad", 4), ("c", 5)]
+    cache.prefetch(wanted)
+    assert sorted(loader.calls) == ["a", "b", "bad", "c"] and loader.most > 1
+    images = [cache.get(reference, task_id) for reference, task_id in wanted if reference != "bad"]
+    assert images[0] is images[2]
+    with pytest.raises(ImageError, match="no such image"):
+        cache.get("bad", 4)
+    assert len(loader.calls) == 4, "nothing is fetched twice"
 
 
 # ---------------------------------------------------------------------- real workers
