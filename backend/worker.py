@@ -3,7 +3,8 @@
 `python -m backend worker` loads the current model version once, then takes jobs from the interactive
 queue first and the batch queue second. Each job is one task: its image is fetched (or taken from the
 LRU cache, keeping the same `PIL.Image` object per URL so the model's per-image feature cache hits; a
-batch's images are fetched several at a time), and the answers come back as JSON. When the registry's current version changes, the next job loads it.
+batch's images are fetched several at a time), and the answers come back as JSON. When the registry's
+current version changes, the next job loads it.
 
 Jobs are answered in batches: with a job the worker takes whatever else is waiting in the same queue, up
 to BATCH_MAX_REGIONS regions (waiting at most BATCH_WAIT_MS for more), and every region of them all goes
