@@ -41,13 +41,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.exceptions import LockError
-from rq import Queue, Retry
+from rq import Queue, Retry, worker_registration
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
-from rq.worker import Worker
 
 from backend.settings import Settings
 
@@ -353,6 +352,15 @@ class JobQueue:
                 return True
             return _text(self.connection.get(self._claim_key(job_id))) == CLAIM_PUSH
 
+    def claimed_for_push(self, job_ids: Sequence[str]) -> set[str]:
+        """Those of `job_ids` whose predictions the worker must push (prelabel, or an API that stopped
+        waiting). A claim to push is final, so unlike `claim_return` this only looks: one round trip."""
+        if not job_ids:
+            return set()
+        with self._guard():
+            claims = self.connection.mget([self._claim_key(job_id) for job_id in job_ids])
+        return {job_id for job_id, claim in zip(job_ids, claims, strict=True) if _text(claim) == CLAIM_PUSH}
+
     def claim_return(self, job_id: str) -> bool:
         """The worker's side: True if the API will return this result, False if the worker must push it."""
         with self._guard():
@@ -377,9 +385,17 @@ class JobQueue:
             return {q.name: FailedJobRegistry(queue=q).count for q in (self.interactive, self.batch)}
 
     def batch_workers(self) -> int:
-        """Workers registered (alive within their TTL) that listen on the batch queue."""
+        """Workers alive that listen on the batch queue. A worker that was killed stays registered with the
+        queue until another worker cleans up, so only those whose own key has not expired count (RQ keeps
+        it while the worker beats: at most 90 s after a worker died in a job)."""
         with self._guard():
-            return Worker.count(queue=self.batch)
+            keys = sorted(worker_registration.get_keys(queue=self.batch))
+            if not keys:
+                return 0
+            with self.connection.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.exists(key)
+                return sum(1 for alive in pipe.execute() if alive)
 
     def ping(self) -> None:
         """Raise `QueueUnavailable` unless Redis answers."""

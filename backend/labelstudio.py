@@ -27,7 +27,7 @@ import enum
 import json
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -290,6 +290,12 @@ class LabelStudioClient:
         """`POST /api/predictions/`: store a prediction on a task."""
         return self.request("POST", "/api/predictions/", json_body={
             "task": task_id, "result": result, "score": score, "model_version": model_version})
+
+    def import_predictions(self, project_id: int, predictions: Sequence[Mapping[str, Any]]) -> None:
+        """`POST /api/projects/{id}/import/predictions`: store predictions on several tasks of one project in one
+        request, each `{"task", "result", "score", "model_version"}`. Label Studio stores all or none: a task
+        that is not in the project refuses the whole request (HTTP 400)."""
+        self.request("POST", f"/api/projects/{project_id}/import/predictions", json_body=list(predictions))
 
     def annotation(self, annotation_id: int) -> dict[str, Any] | None:
         """`GET /api/annotations/{id}`; None when Label Studio has no such annotation (or no longer)."""

@@ -6,11 +6,12 @@ version (so a rerun only does what is missing) and tasks without rectangles, and
 per remaining task. Each job pushes its prediction to Label Studio as soon as it finishes; the command
 shows a progress bar (tasks done, pushed, failed) until every job ended (or `--no-wait`).
 
-The wait never outlasts what a job can take: without a worker listening on the batch queue (a worker on
-another Redis or key prefix, or none started) nothing queued can end, and it stops after `NO_WORKER_GRACE_S`
-saying so; with workers, a wait in which no job ended for longer than a job may run (BATCH_JOB_TIMEOUT, plus
-the time a dead worker's job takes to be noticed) stops too, naming the tasks whose jobs never ended. A rerun
-queues only what is still missing.
+The wait never outlasts what a job can take: without a worker alive on the batch queue (a worker on another
+Redis or key prefix, none started, or the only one killed: RQ forgets it at most 90 s after it died in a job)
+nothing queued can end, and it stops after `NO_WORKER_GRACE_S` saying so; with workers, a wait in which no job
+ended for longer than a job may run (BATCH_JOB_TIMEOUT, plus the time a dead worker's job takes to be
+noticed) stops too. Either way it names the tasks whose jobs never ended, and the command exits with 1. A
+rerun queues only what is still missing.
 
 Label Studio's Data Manager fills its *Prediction score* column (and sorts by it) from the predictions of
 the project's chosen prelabeling version only, which `connect` sets to the live model. `--sort-by-score`
@@ -173,16 +174,21 @@ def _wait(queue: JobQueue, jobs: Mapping[str, Any], summary: PrelabelSummary, ti
             elif now - worker_seen > NO_WORKER_GRACE_S:
                 summary.stalled = (
                     f"no worker has listened on the batch queue {queue.batch.name} (Redis at {queue.url}) for "
-                    f"{NO_WORKER_GRACE_S:.0f} s, so the {len(remaining)} jobs left cannot end. Start `python -m "
-                    "backend worker` with this REDIS_URL and REDIS_KEY_PREFIX (a `serve` without REDIS_URL keeps "
-                    "its Redis to itself: give it and prelabel the same REDIS_URL), then rerun prelabel: it "
-                    "queues only the tasks still without a prediction")
+                    f"{NO_WORKER_GRACE_S:.0f} s, so the jobs of tasks {_some(remaining)} cannot end. Start "
+                    "`python -m backend worker` with this REDIS_URL and REDIS_KEY_PREFIX (a `serve` without "
+                    "REDIS_URL keeps its Redis to itself: give it and prelabel the same REDIS_URL), then rerun "
+                    "prelabel: it queues only the tasks still without a prediction")
                 break
             if now - last_end > stall_timeout:
-                tasks = ", ".join(str(task) for task in list(remaining.values())[:20])
                 summary.stalled = (
                     f"no job ended for {stall_timeout:.0f} s, longer than a job may run (BATCH_JOB_TIMEOUT): "
-                    f"the jobs of tasks {tasks}{' …' if len(remaining) > 20 else ''} never ended. Check the "
-                    "workers' logs; a rerun queues the tasks still without a prediction")
+                    f"the jobs of tasks {_some(remaining)} never ended. Check the workers' logs; a rerun "
+                    "queues the tasks still without a prediction")
                 break
     summary.pending = len(remaining)
+
+
+def _some(remaining: Mapping[str, Any], shown: int = 20) -> str:
+    """The tasks of the jobs left, the first `shown` of them, and how many in all."""
+    tasks = ", ".join(str(task) for task in list(remaining.values())[:shown])
+    return tasks if len(remaining) <= shown else f"{tasks} … ({len(remaining)} in all)"

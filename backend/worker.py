@@ -2,12 +2,15 @@
 
 `python -m backend worker` loads the current model version once, then takes jobs from the interactive
 queue first and the batch queue second. Each job is one task: its image is fetched (or taken from the
-LRU cache, keeping the same `PIL.Image` object per URL so the model's per-image feature cache hits), and
-the answers come back as JSON. When the registry's current version changes, the next job loads it.
+LRU cache, keeping the same `PIL.Image` object per URL so the model's per-image feature cache hits; a
+batch's images are fetched several at a time), and the answers come back as JSON. When the registry's
+current version changes, the next job loads it.
 
 Jobs are answered in batches: with a job the worker takes whatever else is waiting in the same queue, up
 to BATCH_MAX_REGIONS regions (waiting at most BATCH_WAIT_MS for more), and every region of them all goes
-into one `answer` call (captions) and one `score` call (choices and labels). Each job still ends on its
+into one `answer` call (captions) and one `score` call (choices and labels). The predictions the batch's
+jobs push (prelabel's) go to Label Studio in one import request per project rather than one request per
+task; when Label Studio refuses or fails that request, each job pushes its own. Each job still ends on its
 own, through RQ: its own result, its own error (a bad image fails only its job), its own retries. A
 job being retried runs alone, and so does every job of a batch whose model call failed.
 
@@ -42,13 +45,16 @@ from backend.describe import Description, load_engine, release_memory, resolve_d
 from backend.images import ImageError, ImageLoader
 from backend.jobs import JOB_FUNCTION, JobQueue, connect, restricted_job_class
 from backend.labelconfig import PredictionInvalid
-from backend.labelstudio import LabelStudioClient
+from backend.labelstudio import LabelStudioClient, LabelStudioError
 from backend.payloads import PayloadError, parse_payload, prediction_from_output
 from backend.proposals import describe_jobs
 from backend.settings import Settings
 from model.engine import ENGINES, Engine
 
 log = logging.getLogger(__name__)
+
+# Images of one batch downloaded at a time (Label Studio serves uploads one request each).
+PREFETCH_THREADS = 4
 
 
 class ImageCache:
@@ -61,26 +67,63 @@ class ImageCache:
         self.max_bytes = max_bytes
         self._images: OrderedDict[tuple[str, int | None], Any] = OrderedDict()
         self.bytes = 0
+        # Fetched ahead by `prefetch` for the next `get`: the image, or why it could not be had.
+        self._loaded: dict[tuple[str, int | None], Any] = {}
+        self._failed: dict[tuple[str, int | None], ImageError] = {}
         self.hits = 0
         self.misses = 0
 
     def get(self, reference: str, task_id: int | None) -> Any:
         """The image for `reference`, the same object on every hit."""
-        # Cloud URIs are presigned per task; every other reference names the same bytes for all tasks.
-        key = (reference, task_id if reference.startswith(("s3://", "gs://", "azure-blob://")) else None)
+        key = _cache_key(reference, task_id)
         image = self._images.get(key)
         if image is not None:
             self._images.move_to_end(key)
             self.hits += 1
             return image
         self.misses += 1
-        image = self.loader.load(reference, task_id)
+        failed = self._failed.pop(key, None)
+        if failed is not None:
+            raise failed
+        image = self._loaded.pop(key, None) or self.loader.load(reference, task_id)
         self._images[key] = image
         self.bytes += _decoded_bytes(image)
         while len(self._images) > 1 and (len(self._images) > self.size or self.bytes > self.max_bytes):
             _, dropped = self._images.popitem(last=False)
             self.bytes -= _decoded_bytes(dropped)
         return image
+
+    def prefetch(self, wanted: Sequence[tuple[str, int | None]]) -> None:
+        """Download and decode the images of `wanted` that are not cached, `PREFETCH_THREADS` at a time (a
+        batch's images from Label Studio arrive together instead of one after another); each is handed to
+        the next `get` for it, a failure raised there."""
+        missing: dict[tuple[str, int | None], tuple[str, int | None]] = {}
+        for reference, task_id in wanted:
+            key = _cache_key(reference, task_id)
+            if key not in self._images and key not in missing:
+                missing[key] = (reference, task_id)
+        missing = dict(list(missing.items())[:self.size])
+        if len(missing) < 2:
+            return
+        with ThreadPoolExecutor(max_workers=min(PREFETCH_THREADS, len(missing)),
+                                thread_name_prefix="images") as pool:
+            futures = {key: pool.submit(self.loader.load, *item) for key, item in missing.items()}
+        for key, future in futures.items():
+            error = future.exception()
+            if error is None:
+                self._loaded[key] = future.result()
+            elif isinstance(error, ImageError):
+                self._failed[key] = error
+
+    def forget_prefetched(self) -> None:
+        """Drop what `prefetch` fetched and no `get` took."""
+        self._loaded.clear()
+        self._failed.clear()
+
+
+def _cache_key(reference: str, task_id: int | None) -> tuple[str, int | None]:
+    # Cloud URIs are presigned per task; every other reference names the same bytes for all tasks.
+    return reference, task_id if reference.startswith(("s3://", "gs://", "azure-blob://")) else None
 
 
 def _decoded_bytes(image: Any) -> int:
@@ -100,6 +143,7 @@ class Predictor:
         self.calibration = Calibration()
         self.version: str | None = None
         self._label_studio: LabelStudioClient | None = None
+        self._bulk_refused = False
 
     # ------------------------------------------------------------------ model
     def ensure_model(self) -> str:
@@ -142,6 +186,11 @@ class Predictor:
         version = self.ensure_model()
         outputs: list[dict[str, Any]] = [{} for _ in payloads]
         ready: dict[int, list[tuple[int, Description, float]]] = {}
+        prefetch_started = time.perf_counter()
+        self.images.prefetch([(p["image"], p.get("task_id")) for p in payloads
+                              if isinstance(p, Mapping) and isinstance(p.get("image"), str)])
+        # Shared by the images fetched together; each job's own fetch time is added to it.
+        prefetch_ms = (time.perf_counter() - prefetch_started) * 1000 / len(payloads)
         for index, payload in enumerate(payloads):
             fetch_started = time.perf_counter()
             try:
@@ -153,9 +202,10 @@ class Predictor:
             except ImageError as exc:
                 outputs[index] = {"error": {"kind": "image", "message": str(exc)}, "model_version": version}
                 continue
-            fetch_ms = (time.perf_counter() - fetch_started) * 1000
+            fetch_ms = (time.perf_counter() - fetch_started) * 1000 + prefetch_ms
             ready.setdefault(int(payload.get("max_new_tokens") or 32), []).append(
                 (index, Description(image, plan, regions, keep_drawn), fetch_ms))
+        self.images.forget_prefetched()
         for max_new_tokens, group in ready.items():
             model_started = time.perf_counter()
             # Jobs whose payload asks for proposals get the proposer's regions too (backend.proposals).
@@ -186,11 +236,63 @@ class Predictor:
         if "error" in output or not output.get("regions"):
             return False
         prediction = prediction_from_output(payload, output)
+        self._client().create_prediction(payload["task_id"], prediction["result"], prediction["score"],
+                                         prediction["model_version"])
+        return True
+
+    def push_together(self, jobs: Mapping[str, tuple[Mapping[str, Any], Mapping[str, Any]]]) -> dict[str, dict]:
+        """Store the predictions of several jobs (by id: payload and output) in Label Studio with one request
+        per project instead of one per task; returns, by job id, what each job's output gains (`pushed`, and
+        its share of the request's time in `timing.push_ms`, or the `error` of an invalid prediction).
+
+        A job left out pushes on its own (`push`): one whose project is unknown, one alone in its project,
+        and every job of a request Label Studio refused or failed, so one bad task never fails the others."""
+        outcomes: dict[str, dict] = {}
+        by_project: dict[int, list[tuple[str, dict[str, Any]]]] = {}
+        for job_id, (payload, output) in jobs.items():
+            if "error" in output or not output.get("regions"):
+                outcomes[job_id] = {"pushed": False}
+                continue
+            project = _project_number(payload.get("project"))
+            if project is None:
+                continue
+            try:
+                prediction = prediction_from_output(payload, output)
+            except PredictionInvalid as exc:
+                outcomes[job_id] = {"pushed": False, "error": {"kind": "invalid", "message": str(exc)}}
+                continue
+            by_project.setdefault(project, []).append((job_id, {
+                "task": payload["task_id"], "result": prediction["result"], "score": prediction["score"],
+                "model_version": prediction["model_version"]}))
+        for project, group in by_project.items():
+            if len(group) < 2 or self._bulk_refused:
+                continue
+            started = time.perf_counter()
+            try:
+                self._client().import_predictions(project, [prediction for _, prediction in group])
+            except LabelStudioError as exc:
+                # A Label Studio without the route, or a token that may not change the project: never again.
+                self._bulk_refused = exc.status in (403, 404, 405)
+                log.info("pushing %d predictions of project %s in one request failed (%s); each job pushes "
+                         "its own", len(group), project, exc)
+                continue
+            share_ms = round((time.perf_counter() - started) * 1000 / len(group), 3)
+            for job_id, _ in group:
+                outcomes[job_id] = {"pushed": True, "push_ms": share_ms}
+        return outcomes
+
+    def _client(self) -> LabelStudioClient:
         if self._label_studio is None:
             self._label_studio = LabelStudioClient(self.settings)
-        self._label_studio.create_prediction(payload["task_id"], prediction["result"], prediction["score"],
-                                             prediction["model_version"])
-        return True
+        return self._label_studio
+
+
+def _project_number(project: Any) -> int | None:
+    """A payload's project id as a number (None when it has none)."""
+    try:
+        return int(str(project))
+    except ValueError:
+        return None
 
 
 # ---------------------------------------------------------------------- RQ entry point
@@ -227,9 +329,14 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
         output = predictor.run(payload)
     # Off the answer's path: the proposal record is a disk write the waiting annotator does not need.
     _bookkeeping.submit(_remember_proposals, predictor.settings, payload, dict(output))
-    if predictor.queue is not None and not predictor.queue.claim_return(_current_job_id(job)):
+    # Pushed already with the other jobs of its batch (`PredictionWorker._push_together`), or to push now.
+    if "pushed" not in output and predictor.queue is not None \
+            and not predictor.queue.claim_return(_current_job_id(job)):
+        pushing = time.perf_counter()
         try:
             output["pushed"] = predictor.push(payload, output)
+            if isinstance(output.get("timing"), dict):
+                output["timing"]["push_ms"] = round((time.perf_counter() - pushing) * 1000, 3)
         except PredictionInvalid as exc:
             output["error"] = {"kind": "invalid", "message": str(exc)}
     return output
@@ -291,6 +398,7 @@ class PredictionWorker(SimpleWorker):
         try:
             if len(batch) > 1:
                 self._answer_together([each for each, _ in batch])
+                self._push_together([each for each, _ in batch])
             for each, each_queue, execution in running:
                 self.perform_job(each, each_queue, execution)
         finally:
@@ -339,6 +447,30 @@ class PredictionWorker(SimpleWorker):
             log.warning("a batch of %d jobs failed together; each runs alone", len(jobs), exc_info=True)
             return
         _answered.update({job.id: output for job, output in zip(jobs, outputs, strict=True)})
+
+    def _push_together(self, jobs: Sequence[Job]) -> None:
+        """Push the predictions of the answered jobs that must push (prelabel's) in one request per project;
+        what this does not push, each job pushes on its own when it is performed."""
+        answered = {job.id: job for job in jobs if job.id in _answered}
+        queue = self.predictor.queue
+        if queue is None or len(answered) < 2:
+            return
+        timeout = min(job.timeout or self.queue_class.DEFAULT_TIMEOUT for job in jobs)
+        try:
+            with self.death_penalty_class(timeout, JobTimeoutException, job_id=jobs[0].id):
+                claimed = queue.claimed_for_push(list(answered))
+                outcomes = self.predictor.push_together(
+                    {job_id: (answered[job_id].args[0], _answered[job_id]) for job_id in answered if job_id in claimed})
+        except Exception:
+            log.warning("pushing a batch of %d predictions failed; each job pushes its own", len(answered),
+                        exc_info=True)
+            return
+        for job_id, outcome in outcomes.items():
+            output = _answered[job_id]
+            push_ms = outcome.pop("push_ms", None)
+            output.update(outcome)
+            if push_ms is not None and isinstance(output.get("timing"), dict):
+                output["timing"]["push_ms"] = push_ms
 
     def _beat(self, running: Sequence[tuple[Job, Queue, Any]], stop: threading.Event) -> None:
         while not stop.wait(max(0.5, self.heartbeat_ttl / 3)):

@@ -89,3 +89,16 @@ def test_redis_down_is_a_clear_error_without_the_password():
     assert f"127.0.0.1:{port}" in str(error.value) and "hunter2" not in str(error.value)
     assert "unreachable" in str(error.value)
     assert redacted(url) == f"redis://:***@127.0.0.1:{port}/0"
+
+
+def test_a_worker_whose_key_expired_no_longer_counts_as_listening(queue, redis_db):
+    # A killed worker stays in the queue's worker set until another worker cleans up; its own key expires.
+    registered = f"rq:workers:{queue.batch.name}"
+    redis_db.sadd(registered, "rq:worker:gpt4roi-jobs-test-alive", "rq:worker:gpt4roi-jobs-test-killed")
+    redis_db.hset("rq:worker:gpt4roi-jobs-test-alive", "state", "idle")
+    try:
+        assert queue.batch_workers() == 1
+        redis_db.delete("rq:worker:gpt4roi-jobs-test-alive")
+        assert queue.batch_workers() == 0
+    finally:
+        redis_db.delete(registered, "rq:worker:gpt4roi-jobs-test-alive")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,7 @@ from backend.settings import Settings
 from tests.support import REPO, capture
 from tests.support.fake_labelstudio import LS_TOKEN
 from tests.support.model_factory import MODEL_VERSION
-from tests.support.processes import backend_env
+from tests.support.processes import backend_env, start_worker
 from tests.support.redis_server import KEY_PREFIX, REDIS_URL
 from tests.support.requests import CAPTURED_CONFIG, batch_task, check_prediction
 
@@ -127,3 +130,39 @@ def test_a_rerun_after_its_predictions_were_deleted_counts_its_new_jobs_not_the_
     assert (again.enqueued, again.pushed, again.pending, again.failed) == (2, 2, 0, [])
     # Counted as pushed once pushed, not before.
     assert sorted(p["task"] for p in fake_ls.predictions_for(project)) == [6500, 6501]
+
+
+@pytest.mark.parametrize("how", [signal.SIGSTOP, signal.SIGKILL], ids=["frozen", "killed"])
+def test_prelabel_names_the_tasks_whose_jobs_never_end_and_exits_with_1(fake_ls, base_env, tmp_path, how):
+    # The only worker freezes, or is killed, in the middle of a job: no worker is left to notice, so the job
+    # never ends. Once no job ended for longer than a job may run (BATCH_JOB_TIMEOUT, plus the heartbeat
+    # grace), prelabel stops waiting, says which tasks were left and exits with 1.
+    project = 606 if how == signal.SIGSTOP else 607
+    first = project * 10
+    tasks = [batch_task(first + i, f"{fake_ls.url}/slow/red.png?delay=30", "predictions") for i in range(2)]
+    fake_ls.add_project(project, CAPTURED_CONFIG, tasks)
+    prefix = f"{KEY_PREFIX}-stuck-{uuid.uuid4().hex[:6]}"
+    env = backend_env(base_env, REDIS_KEY_PREFIX=prefix, BATCH_JOB_TIMEOUT="4", WORKER_HEARTBEAT_TTL="2",
+                      JOB_RETRIES="0")
+    settings = Settings.from_env(env)
+    queue = JobQueue(settings, connect(REDIS_URL, settings), REDIS_URL)
+    worker = start_worker(env, tmp_path / "worker.log", f"{prefix}-worker")
+    try:
+        started = time.monotonic()
+        run = subprocess.Popen([sys.executable, "-m", "backend", "prelabel", "--project", str(project)], cwd=REPO,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while not queue.running()[queue.batch.name]:
+            assert time.monotonic() - started < 60 and run.poll() is None, worker.tail()
+            time.sleep(0.1)
+        worker.popen.send_signal(how)
+        out, err = run.communicate(timeout=120)
+        elapsed = time.monotonic() - started
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            worker.popen.send_signal(signal.SIGCONT)
+        worker.stop(signal.SIGKILL)
+    assert run.returncode == 1, out + err[-2000:]
+    assert "stopped waiting: no job ended for 11 s" in out, out
+    assert f"the jobs of tasks {first}, {first + 1} never ended" in out, out
+    assert "still running: 2" in out and elapsed < 60, (elapsed, out)
+    assert fake_ls.predictions_for(project) == []

@@ -3,7 +3,8 @@
 Routes: uploads behind a token (`/data/upload/…`), the presign route of cloud URIs (redirecting to a
 public URL with a credential in its query), public and slow images (`/img/…`, `/slow/…`), projects (read
 and their prelabeling version changed), paged task lists and single tasks, annotations, prediction
-pushes, and registering ML backends and webhooks, which a stock Label Studio refuses for loopback and
+pushes (one, or many in one import request), and registering ML backends and webhooks, which a stock Label
+Studio refuses for loopback and
 private URLs (ML_BLOCK_LOCAL_IP and SSRF_PROTECTION_ENABLED, both on by default) with the 403 that Label
 Studio 1.23 answers.
 """
@@ -14,6 +15,7 @@ import base64
 import contextlib
 import ipaddress
 import json
+import re
 import socket
 import sys
 import threading
@@ -64,6 +66,8 @@ class FakeLabelStudio:
     predictions: list[dict[str, Any]] = field(default_factory=list)
     # Task id → how many more prediction pushes for it are answered 503 (a Label Studio having a bad moment).
     failing_pushes: dict[int, int] = field(default_factory=dict)
+    # Whether `POST /api/projects/{id}/import/predictions` (many predictions in one request) is served.
+    bulk_predictions: bool = True
     # How many more predictions are stored before every access token expires (None: no such plan), and
     # how many exchanges there had been when they did.
     expire_after_predictions: int | None = None
@@ -232,6 +236,9 @@ def _handler(ls: FakeLabelStudio) -> type[BaseHTTPRequestHandler]:
                     ls.predictions.append(record)
                     ls._stored_prediction()
                 return self._json(201, record)
+            bulk = re.fullmatch(r"/api/projects/(\d+)/import/predictions", urlsplit(self.path).path)
+            if bulk:
+                return self._import_predictions(int(bulk.group(1)), json.loads(body))
             if urlsplit(self.path).path.rstrip("/") in ("/api/ml", "/api/webhooks"):
                 data = json.loads(body)
                 if ls.block_local_ip and _reserved(data.get("url", "")):
@@ -243,6 +250,25 @@ def _handler(ls: FakeLabelStudio) -> type[BaseHTTPRequestHandler]:
                     rows.append(record)
                 return self._json(201, record)
             return self._json(404, {"detail": "Not found."})
+
+        def _import_predictions(self, project_id: int, items: list[dict[str, Any]]) -> None:
+            # All or none, as Label Studio: a task outside the project refuses the whole request.
+            with ls.lock:
+                if not ls.bulk_predictions:
+                    return self._json(404, {"detail": "Not found."})
+                tasks = {t["id"] for t in ls.projects.get(project_id, {}).get("tasks", [])}
+                missing = [item.get("task") for item in items if item.get("task") not in tasks]
+                if missing:
+                    return self._json(400, {"detail": f"task ID {missing[0]} not found in project {project_id}"})
+                failing = [item["task"] for item in items if ls.failing_pushes.get(item["task"], 0) > 0]
+                for task in failing:
+                    ls.failing_pushes[task] -= 1
+                if failing:
+                    return self._json(503, {"detail": "Service Unavailable"})
+                for item in items:
+                    ls.predictions.append({"id": len(ls.predictions) + 1, "project": project_id, **item})
+                    ls._stored_prediction()
+            return self._json(201, {"created": len(items)})
 
         def do_PATCH(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
