@@ -50,6 +50,7 @@ class PrelabelSummary:
     proposing: int = 0  # tasks whose regions the proposer finds (PROPOSE_WHEN)
     enqueued: int = 0
     pushed: int = 0
+    nothing_found: int = 0  # tasks where the proposer found no region: nothing to push
     failed: list[str] = field(default_factory=list)
     pending: int = 0
     # Why the wait stopped before every job ended (no worker, or jobs that never end); empty otherwise.
@@ -63,6 +64,7 @@ class PrelabelSummary:
             f"  already predicted by this version: {self.already_predicted}",
             f"  without rectangles (nothing to describe): {self.without_boxes}",
             *([f"  with proposed regions (PROPOSE_WHEN): {self.proposing}"] if self.proposing else []),
+            *([f"  where the proposer found nothing: {self.nothing_found}"] if self.nothing_found else []),
             f"  enqueued: {self.enqueued}, pushed: {self.pushed}, still running: {self.pending}, "
             f"failed: {len(self.failed)}",
         ]
@@ -161,6 +163,8 @@ def _wait(queue: JobQueue, jobs: Mapping[str, Any], summary: PrelabelSummary, ti
                     summary.failed.append(f"task {task_id}: {error}")
                 elif value.get("pushed"):
                     summary.pushed += 1
+                elif not value.get("regions"):
+                    summary.nothing_found += 1
                 else:
                     summary.failed.append(f"task {task_id}: finished but was not pushed")
                 last_end = time.monotonic()

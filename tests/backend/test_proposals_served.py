@@ -99,6 +99,16 @@ def test_proposed_regions_through_the_api_the_queue_prelabel_and_a_smart_keypoin
         assert sorted(p["task"] for p in pushed) == [41, 42]
         for prediction in pushed:
             check_proposed(prediction, BOXES, "rectanglelabels", version)
+
+        # Where the proposer finds nothing (it names none of these labels) nothing is pushed, and nothing failed.
+        others = ('<View><Image name="image" value="$image"/><RectangleLabels name="bbox" toName="image">'
+                  '<Label value="tree"/><Label value="house"/></RectangleLabels></View>')
+        fake_ls.add_project(702, others, [batch_task(51, f"{fake_ls.url}/img/red.png", None)])
+        done = subprocess.run([sys.executable, "-m", "backend", "prelabel", "--project", "702", "--timeout", "120"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "where the proposer found nothing: 1" in done.stdout and "failed: 0" in done.stdout, done.stdout
+        assert fake_ls.predictions_for(702) == []
     finally:
         client.close()
         proc.stop()
