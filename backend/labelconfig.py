@@ -132,7 +132,7 @@ class Tool:
     labels_control: str | None = None
     # Labels that come from each task's data (`value="$objects"`): the data key they are read from.
     labels_key: str | None = None
-    # A smart tool (`smart="true"` or `smartOnly="true"`): what it draws asks the backend for suggestions.
+    # A smart KeyPoint tool (`smart="true"` or `smartOnly="true"`): its points ask for the region found there.
     smart: bool = False
 
     @property
@@ -742,7 +742,9 @@ def _plan_of_image(label_config: str, image: Any, controls: list[Any], reasons: 
     for control in on_image:
         if control.tag not in SHAPE_OF_TAG:
             continue
-        smart = any(str(control.attr.get(key, "")).lower() == "true" for key in ("smart", "smartOnly"))
+        # A smart KeyPoint tool's points are prompts (`is_prompt`); other smart tools draw regions as usual.
+        smart = SHAPE_OF_TAG[control.tag] == "keypoint" and any(
+            str(control.attr.get(key, "")).lower() == "true" for key in ("smart", "smartOnly"))
         if control.tag.endswith("Labels"):
             tools.append(Tool(control.name, control.tag.lower(), tuple(getattr(control, "labels", None) or ()),
                               labels_key=_data_key(control), smart=smart))

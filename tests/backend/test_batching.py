@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import redis
+from PIL import Image
 from rq.job import Job, JobStatus
 from rq.results import Result
 from rq.serializers import JSONSerializer
@@ -142,7 +143,7 @@ def test_a_batchs_images_are_fetched_several_at_a_time_and_each_once():
             self.lock = threading.Lock()
             self.active = self.most = 0
 
-        def load(self, reference: str, task_id: int | None) -> object:
+        def load(self, reference: str, task_id: int | None) -> Image.Image:
             with self.lock:
                 self.calls.append(reference)
                 self.active += 1
@@ -152,10 +153,10 @@ def test_a_batchs_images_are_fetched_several_at_a_time_and_each_once():
                 self.active -= 1
             if reference == "bad":
                 raise ImageError("no such image")
-            return object()
+            return scene()
 
     loader = Loader()
-    cache = ImageCache(loader, 8)  # type: ignore[arg-type]
+    cache = ImageCache(loader, 8, 1 << 30)  # type: ignore[arg-type]
     wanted = [("a", 1), ("b", 2), ("a", 3), ("bad", 4), ("c", 5)]
     cache.prefetch(wanted)
     assert sorted(loader.calls) == ["a", "b", "bad", "c"] and loader.most > 1
